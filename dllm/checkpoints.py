@@ -1,0 +1,278 @@
+"""Checkpoints: Hugging Face safetensors import and our own orbax format.
+
+`from_pretrained(path)` accepts either
+* an HF folder: `config.json` (LLaDA or Dream), `model.safetensors` or
+  `model.safetensors.index.json` + shards, `tokenizer.json`; or
+* one of our folders: `config.json` with `"model_type": "dllm"`,
+  `tokenizer.json`, and orbax parameters under `params/`.
+
+HF shards are memory-mapped and read tensor by tensor; each stacked parameter
+(e.g. all layers' q_proj) is assembled on the host, moved to the device and
+freed before the next one, so an 8B checkpoint never needs two full copies in
+host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from dllm.models import hf_names
+from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, to_own_config_dict
+from dllm.models.transformer import Transformer, layer_param_shapes
+from dllm.tokenizer import Tokenizer
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsFile:
+    """A memory-mapped .safetensors file: header parsed once, tensors are views."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: safetensors shard is missing")
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data_start = 8 + header_len
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        raw = self._mmap[self.data_start + begin:self.data_start + end]
+        return raw.view(dtype).reshape(info["shape"])
+
+
+class SafetensorsIndex:
+    """All tensors of an HF folder, single file or sharded with an index."""
+
+    def __init__(self, folder: Path):
+        folder = Path(folder)
+        index_path = folder / "model.safetensors.index.json"
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise FileNotFoundError(
+                        f"{folder / shard}: shard named in {index_path.name} is missing "
+                        f"(it holds e.g. {next(k for k, v in weight_map.items() if v == shard)!r})"
+                    )
+            self.where = dict(weight_map)
+        elif (folder / "model.safetensors").is_file():
+            single = SafetensorsFile(folder / "model.safetensors")
+            self.files["model.safetensors"] = single
+            self.where = {name: "model.safetensors" for name in single.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{folder}: no model.safetensors or model.safetensors.index.json in the checkpoint folder"
+            )
+        self.folder = folder
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> tuple[np.ndarray, Path]:
+        if name not in self.where:
+            raise KeyError(f"{self.folder}: tensor {name!r} not found in any safetensors file")
+        shard = self.where[name]
+        if shard not in self.files:
+            self.files[shard] = SafetensorsFile(self.folder / shard)
+        return self.files[shard].get(name), self.files[shard].path
+
+
+def _abstract_model(config: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, jax.Array]:
+    """Reads HF safetensors into our parameter dict, one stacked parameter at a time.
+
+    Args:
+      place: optional `fn(name, host_array) -> jax.Array` that puts a finished
+        parameter on the device(s) (e.g. with its NamedSharding); default
+        `jnp.asarray`.
+    """
+    index = SafetensorsIndex(folder)
+    layer_names, global_names = hf_names.NAMES[config.arch]
+    dtype = config.weight_dtype
+    place = place or (lambda name, array: jnp.asarray(array))
+
+    def read(hf_name: str, name: str, our_shape) -> np.ndarray:
+        try:
+            array, path = index.get(hf_name)
+        except KeyError as e:
+            raise KeyError(f"{e.args[0]} (needed for parameter {name!r})") from None
+        expected = hf_names.hf_shape(name, our_shape)
+        if tuple(array.shape) != tuple(expected):
+            raise ValueError(
+                f"{path}: tensor {hf_name!r} has shape {tuple(array.shape)}, expected {tuple(expected)} "
+                f"from config.json (arch={config.arch}, d_model={config.d_model}, heads={config.n_heads}, "
+                f"kv_heads={config.n_kv_heads}, mlp_hidden={config.mlp_hidden}, vocab={config.vocab_size})"
+            )
+        return hf_names.hf_to_ours(name, array, our_shape)
+
+    params: dict[str, jax.Array] = {}
+    for name, shape in layer_param_shapes(config).items():
+        stacked = np.empty((config.n_layers, *shape), dtype=dtype)
+        for i in range(config.n_layers):
+            stacked[i] = read(layer_names[name].format(i=i), name, shape)
+        params[name] = place(name, stacked)
+        del stacked
+    globals_ = {"embed": (config.vocab_size, config.d_model), "final_norm": (config.d_model,)}
+    if not config.tie_embeddings:
+        globals_["lm_head"] = (config.d_model, config.vocab_size)
+    for name, shape in globals_.items():
+        params[name] = place(name, read(global_names[name], name, shape).astype(dtype))
+    return params
+
+
+def model_from_params(config: ModelConfig, params: dict) -> Transformer:
+    """Builds a Transformer whose parameters are `params` (no random init)."""
+    graphdef, state = _abstract_model(config)
+    expected = {k: v for k, v in nnx.to_pure_dict(state).items()}
+    missing = set(expected) - set(params)
+    extra = set(params) - set(expected)
+    if missing or extra:
+        raise ValueError(f"parameters do not match the config: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for name, struct_ in expected.items():
+        if tuple(params[name].shape) != tuple(struct_.shape):
+            raise ValueError(
+                f"parameter {name!r} has shape {tuple(params[name].shape)}, the config expects {tuple(struct_.shape)}"
+            )
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: allowed {tuple(DTYPES)}")
+        return dtype
+    for name, value in DTYPES.items():
+        if jnp.dtype(value) == jnp.dtype(dtype):
+            return name
+    raise ValueError(f"dtype={dtype!r}: allowed {tuple(DTYPES)}")
+
+
+def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_overrides):
+    """Loads `(model, tokenizer)` from an HF folder or one of our orbax folders.
+
+    Args:
+      path: the checkpoint folder.
+      dtype: compute dtype ("float32", "bfloat16" or a jnp dtype). The
+        parameter dtype follows it unless `param_dtype` is given.
+      place: optional `fn(name, host_array) -> jax.Array` placing each
+        parameter (used by `dllm.sharding` to load directly into shards).
+      config_overrides: any other `ModelConfig` field (e.g. scan_layers=False).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: checkpoint folder does not exist")
+    raw = read_hf_config(folder)
+    overrides = dict(config_overrides)
+    if (name := _dtype_name(dtype)) is not None:
+        overrides["dtype"] = name
+        overrides.setdefault("param_dtype", name)
+    if (name := _dtype_name(param_dtype)) is not None:
+        overrides["param_dtype"] = name
+    config = from_hf_config(raw, folder / "config.json", **overrides)
+    tokenizer = Tokenizer.from_folder(folder)
+    if raw.get("model_type") == "dllm":
+        params = restore_params(folder / "params", config)
+        if place is not None:
+            params = {k: place(k, v) for k, v in params.items()}
+    else:
+        params = load_hf_params(folder, config, place)
+    return model_from_params(config, params), tokenizer
+
+
+def _params_dict(model: Transformer) -> dict[str, jax.Array]:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra: dict | None = None) -> Path:
+    """Writes our own checkpoint folder atomically (temp folder, then rename).
+
+    Layout: config.json (model_type "dllm"), tokenizer.json (+ its config),
+    params/ (an orbax PyTree checkpoint), optional metadata.json.
+    """
+    import orbax.checkpoint as ocp
+
+    final = Path(path).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(to_own_config_dict(model.config), indent=2))
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        if extra:
+            (staging / "metadata.json").write_text(json.dumps(extra, indent=2))
+        params = jax.tree.map(np.asarray, _params_dict(model))
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(staging / "params", params)
+            checkpointer.wait_until_finished()
+        if final.exists():
+            backup = final.with_name(f".{final.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(final, backup)
+            os.replace(staging, final)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def restore_params(params_dir: Path, config: ModelConfig) -> dict[str, jax.Array]:
+    """Restores orbax parameters, checking them against `config` first."""
+    import orbax.checkpoint as ocp
+
+    params_dir = Path(params_dir).absolute()
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir}: no orbax parameters folder")
+    _, state = _abstract_model(config)
+    target = nnx.to_pure_dict(state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(params_dir)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        stored_tree = getattr(stored_tree, "tree", stored_tree)
+        for name, struct_ in target.items():
+            if name not in stored_tree:
+                raise ValueError(f"{params_dir}: parameter {name!r} missing from the checkpoint")
+            found = tuple(stored_tree[name].shape)
+            if found != tuple(struct_.shape):
+                raise ValueError(
+                    f"{params_dir}: parameter {name!r} has shape {found}, config.json expects {tuple(struct_.shape)}"
+                )
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, config.weight_dtype) for k, v in target.items()}
+        return checkpointer.restore(params_dir, abstract)

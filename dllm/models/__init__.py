@@ -1,0 +1,6 @@
+"""LLaDA/Dream-architecture models (one bidirectional transformer)."""
+
+from dllm.models.config import ModelConfig, from_hf_config
+from dllm.models.transformer import Transformer, count_params
+
+__all__ = ["ModelConfig", "Transformer", "count_params", "from_hf_config"]

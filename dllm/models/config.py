@@ -1,0 +1,210 @@
+"""Model configuration: one bidirectional transformer covers LLaDA and Dream.
+
+`ModelConfig` is a frozen dataclass that Hydra fills (see `configs/model/`).
+`from_hf_config` reads the two Hugging Face layouts:
+
+* LLaDA (`LLaDAModelLM`, OLMo-style field names: `d_model`, `n_layers`,
+  `n_heads`, `n_kv_heads`, `mlp_hidden_size`, `rope_theta`, `embedding_size`,
+  `mask_token_id`, ...).
+* Dream (`DreamModel`, Qwen2-style: `hidden_size`, `num_hidden_layers`,
+  `num_attention_heads`, `num_key_value_heads`, `intermediate_size`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+ARCHITECTURES = ("llada", "dream")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the bidirectional transformer.
+
+    Attributes:
+      arch: "llada" (LLaMA-style blocks, no biases) or "dream" (Qwen2-style:
+        q/k/v biases and token-shifted logits).
+      vocab_size: rows of the embedding and of the output head.
+      d_model: residual width.
+      n_layers: transformer blocks.
+      n_heads: query heads.
+      n_kv_heads: key/value heads (== n_heads for multi-head attention, fewer
+        for grouped-query attention).
+      head_dim: width of one head; defaults to d_model // n_heads.
+      mlp_hidden: hidden width of the SwiGLU MLP.
+      rope_theta: RoPE base frequency (500000 for LLaDA-8B, 1e6 for Dream-7B).
+      rms_norm_eps: epsilon of every RMSNorm.
+      qkv_bias: whether q/k/v projections carry a bias (Dream).
+      token_shift: position i is predicted from hidden state i-1 (Dream,
+        Fast-dLLM v2); position 0 reuses its own hidden state.
+      tie_embeddings: the output head is the transposed input embedding.
+      max_seq_len: longest canvas (prompt + generation) the model accepts.
+      dtype: compute dtype of activations ("float32" or "bfloat16").
+      param_dtype: storage dtype of the parameters.
+      scan_layers: run the blocks with `lax.scan` (fast compile) instead of a
+        Python loop (faster at batch 1 on GPU, see reference/gpu.md).
+      attention_impl: passed to `jax.nn.dot_product_attention`
+        ("xla", "cudnn" or None for automatic).
+      mask_token_id / eos_token_id / pad_token_id: the ids stored in the
+        checkpoint's config.json; the tokenizer wrapper is the one place the
+        algorithms read special ids from.
+    """
+
+    arch: str = "llada"
+    vocab_size: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_hidden: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    token_shift: bool = False
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    attention_impl: str | None = None
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"ModelConfig.arch={self.arch!r}: allowed {ARCHITECTURES}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive int")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed {tuple(DTYPES)}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: allowed None, 'xla', 'cudnn'")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(config: dict, path: Path, *names: str):
+    """Returns the first present field among `names`, or raises naming them."""
+    for name in names:
+        if name in config and config[name] is not None:
+            return config[name]
+    raise ValueError(f"{path}: missing config field {' or '.join(repr(n) for n in names)}")
+
+
+def detect_architecture(config: dict, path: Path) -> str:
+    """'llada' or 'dream' from an HF config.json dict, or a clear error."""
+    names = [a.lower() for a in config.get("architectures") or []]
+    model_type = str(config.get("model_type", "")).lower()
+    if model_type == "llada" or any("llada" in a for a in names):
+        return "llada"
+    if model_type == "dream" or any("dream" in a for a in names):
+        return "dream"
+    if model_type == "dllm":  # our own config.json, written by save_hf / orbax export
+        return config["arch"]
+    raise ValueError(
+        f"{path}: unknown architecture (model_type={config.get('model_type')!r}, "
+        f"architectures={config.get('architectures')!r}); allowed: LLaDA (model_type 'llada') "
+        "or Dream (model_type 'Dream')"
+    )
+
+
+def from_hf_config(config: dict, path: Path | str = "config.json", **overrides) -> ModelConfig:
+    """Builds a `ModelConfig` from a Hugging Face config.json dict."""
+    path = Path(path)
+    arch = detect_architecture(config, path)
+    if config.get("model_type") == "dllm":
+        fields = {k: v for k, v in config.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    elif arch == "llada":
+        n_heads = _require(config, path, "n_heads")
+        d_model = _require(config, path, "d_model")
+        mlp_hidden = config.get("mlp_hidden_size") or _require(config, path, "mlp_ratio") * d_model
+        fields = dict(
+            arch="llada",
+            vocab_size=config.get("embedding_size") or _require(config, path, "vocab_size"),
+            d_model=d_model,
+            n_layers=_require(config, path, "n_layers"),
+            n_heads=n_heads,
+            n_kv_heads=config.get("n_kv_heads") or n_heads,
+            mlp_hidden=mlp_hidden,
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            qkv_bias=bool(config.get("include_qkv_bias", False) or config.get("include_bias", False)),
+            token_shift=False,
+            tie_embeddings=bool(config.get("weight_tying", False)),
+            max_seq_len=int(config.get("max_sequence_length", 4096)),
+            mask_token_id=_require(config, path, "mask_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+            pad_token_id=config.get("pad_token_id"),
+        )
+    else:
+        n_heads = _require(config, path, "num_attention_heads")
+        fields = dict(
+            arch="dream",
+            vocab_size=_require(config, path, "vocab_size"),
+            d_model=_require(config, path, "hidden_size"),
+            n_layers=_require(config, path, "num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim"),
+            mlp_hidden=_require(config, path, "intermediate_size"),
+            rope_theta=float(config.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            qkv_bias=True,
+            token_shift=True,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_seq_len=int(config.get("max_position_embeddings", 32768)),
+            mask_token_id=config.get("mask_token_id"),
+            eos_token_id=config.get("eos_token_id"),
+            pad_token_id=config.get("pad_token_id"),
+        )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def read_hf_config(folder: Path | str) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json in the checkpoint folder")
+    return json.loads(path.read_text())
+
+
+def to_own_config_dict(config: ModelConfig) -> dict:
+    """config.json payload for our own checkpoints (model_type 'dllm')."""
+    return {"model_type": "dllm", **config.to_dict()}

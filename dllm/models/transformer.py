@@ -1,0 +1,228 @@
+"""One bidirectional transformer for LLaDA and Dream, in Flax NNX.
+
+The network (Nie et al. 2025, "Large Language Diffusion Models", arXiv
+2502.09992, §2.4 and Table 5; Ye et al. 2025, "Dream 7B", arXiv 2508.15487) is
+a LLaMA/Qwen2 decoder with the causal mask removed:
+
+    x = embed(tokens)
+    for each block:  x += Attention(RMSNorm(x))  (RoPE, MHA or GQA, optional qkv bias)
+                     x += SwiGLU(RMSNorm(x))     (silu(x W_gate) * (x W_up)) W_down
+    logits = RMSNorm(x) W_head
+
+Dream (and Fast-dLLM v2) predict position i from hidden state i-1 ("token
+shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`.
+
+Parameters of all blocks are stacked along a leading `layers` axis, so the
+blocks run either under `lax.scan` (fast compile) or unrolled (faster at batch
+1 on GPU). Every parameter carries logical axis names in its
+`logical_axes` metadata; `dllm.sharding` maps them to mesh axes.
+
+Padding: rows are left-padded. `attention_mask` hides padded keys, and RoPE
+positions count only real tokens (`cumsum(mask) - 1`), so a padded row
+computes exactly what it computes alone. (LLaDA's own modeling file uses
+`arange` positions, which makes a left-padded row see shifted positions; we
+deviate on purpose.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dllm.models.config import ModelConfig
+
+# Name -> logical axes of every per-layer parameter (the leading "layers" axis
+# is added when stacked). One table: the HF weight maps and the sharding rules
+# read it.
+LAYER_PARAM_AXES = {
+    "attn_norm": ("embed",),
+    "q_proj": ("embed", "heads", "head_dim"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "o_proj": ("heads", "head_dim", "embed"),
+    "mlp_norm": ("embed",),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+
+def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-layer parameter (without the layers axis)."""
+    d, h, kv, hd, f = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.mlp_hidden
+    shapes = {
+        "attn_norm": (d,),
+        "q_proj": (d, h, hd),
+        "k_proj": (d, kv, hd),
+        "v_proj": (d, kv, hd),
+        "o_proj": (h, hd, d),
+        "mlp_norm": (d,),
+        "gate_proj": (d, f),
+        "up_proj": (d, f),
+        "down_proj": (f, d),
+    }
+    if config.qkv_bias:
+        shapes.update(q_bias=(h, hd), k_bias=(kv, hd), v_bias=(kv, hd))
+    return shapes
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, cast back before the scale (as LLaMA and OLMo do)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, L, head_dim] in float32 for the rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding (Su et al. 2021), rotate-half layout as in LLaMA/Qwen2."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """RoPE positions that count only real tokens of a left-padded row."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_qkv(x, p, config: ModelConfig, cos, sin):
+    """Projects x [B, L, d] to rotated q [B,L,H,D] and k, v [B,L,KV,D]."""
+    dtype = config.compute_dtype
+    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+    q = jnp.einsum("bld,dhk->blhk", h, p["q_proj"].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", h, p["k_proj"].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", h, p["v_proj"].astype(dtype))
+    if config.qkv_bias:
+        q = q + p["q_bias"].astype(dtype)
+        k = k + p["k_bias"].astype(dtype)
+        v = v + p["v_bias"].astype(dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention_out_and_mlp(x, attended, p, config: ModelConfig):
+    """Residual adds of the attention output and the SwiGLU MLP."""
+    dtype = config.compute_dtype
+    x = x + jnp.einsum("blhk,hkd->bld", attended, p["o_proj"].astype(dtype))
+    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("bld,df->blf", h, p["gate_proj"].astype(dtype))
+    up = jnp.einsum("bld,df->blf", h, p["up_proj"].astype(dtype))
+    return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
+
+
+def attend(q, k, v, key_mask, config: ModelConfig):
+    """Bidirectional attention of q over k/v; key_mask [B, S] hides padding."""
+    mask = key_mask[:, None, None, :].astype(bool)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)
+
+
+def transformer_block(x, p, config: ModelConfig, cos, sin, key_mask):
+    """One full (uncached) block over all positions."""
+    q, k, v = attention_qkv(x, p, config, cos, sin)
+    return attention_out_and_mlp(x, attend(q, k, v, key_mask, config), p, config)
+
+
+def run_layers(block_fn, x, layer_params: dict, config: ModelConfig):
+    """Applies `block_fn(x, params_of_layer_i)` for every layer, scanned or unrolled."""
+    if config.scan_layers:
+        x, _ = jax.lax.scan(lambda carry, p: (block_fn(carry, p), None), x, layer_params)
+        return x
+    for i in range(config.n_layers):
+        x = block_fn(x, jax.tree.map(lambda a: a[i], layer_params))
+    return x
+
+
+class Transformer(nnx.Module):
+    """Bidirectional LLaDA/Dream transformer: `model(tokens) -> logits`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        pdt = c.weight_dtype
+        normal = jax.nn.initializers.normal(0.02)
+        # Output projections scaled down with depth (GPT-2 / nanoGPT init).
+        out_std = 0.02 / (2 * c.n_layers) ** 0.5
+
+        def param(value, axes):
+            return nnx.Param(value.astype(pdt), logical_axes=axes)
+
+        self.embed = param(normal(rngs.params(), (c.vocab_size, c.d_model)), ("vocab", "embed"))
+        for name, shape in layer_param_shapes(c).items():
+            full = (c.n_layers, *shape)
+            if name.endswith("norm"):
+                value = jnp.ones(full)
+            elif name.endswith("bias"):
+                value = jnp.zeros(full)
+            elif name in ("o_proj", "down_proj"):
+                value = jax.random.normal(rngs.params(), full) * out_std
+            else:
+                value = normal(rngs.params(), full)
+            setattr(self, name, param(value, ("layers", *LAYER_PARAM_AXES[name])))
+        self.final_norm = param(jnp.ones((c.d_model,)), ("embed",))
+        if not c.tie_embeddings:
+            self.lm_head = param(normal(rngs.params(), (c.d_model, c.vocab_size)), ("embed", "vocab"))
+
+    def layer_params(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in layer_param_shapes(self.config)}
+
+    def head_weight(self) -> jax.Array:
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
+
+    def hidden_to_logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and output head, logits in float32."""
+        h = rms_norm(hidden, self.final_norm[...], self.config.rms_norm_eps)
+        logits = jnp.einsum("bld,dv->blv", h, self.head_weight().astype(self.config.compute_dtype))
+        return logits.astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        logits_start: int = 0,
+        logits_length: int | None = None,
+    ) -> jax.Array:
+        """tokens int32[B, L] -> float32 logits [B, logits_length or L, V].
+
+        Args:
+          attention_mask: [B, L], 1 for real tokens, 0 for left padding.
+          positions: RoPE positions [B, L]; default counts real tokens only.
+          logits_start, logits_length: static slice of positions whose logits
+            are computed (the output head dominates at large vocabularies, so
+            the decoder asks only for the generation region).
+        """
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        x = self.embed_tokens(tokens)
+        block = lambda carry, p: transformer_block(carry, p, c, cos, sin, attention_mask)
+        hidden = run_layers(block, x, self.layer_params(), c)
+        if c.token_shift:
+            hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
+        length = tokens.shape[1] - logits_start if logits_length is None else logits_length
+        hidden = jax.lax.slice_in_dim(hidden, logits_start, logits_start + length, axis=1)
+        return self.hidden_to_logits(hidden)
+
+
+def count_params(model: Transformer) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,163 @@
+"""Shared pieces of the synthetic task suite: examples, tasks and splits.
+
+A task is two pure functions plus a word list:
+
+* `sample(rng) -> (prompt, answer)` draws one example from a numpy generator;
+* `is_correct(prompt_words, answer_words, output_words) -> bool` says whether a
+  decoded answer is right (exact match, or a validity check for tasks with
+  many right answers);
+* `words` is every word the task can write, which fixes the vocabulary.
+
+`Task` wraps them with what every task shares:
+
+* the random seed derives from (task name, split), so the same call always
+  gives the same examples, and a shorter call is a prefix of a longer one;
+* a prompt belongs to the test split if and only if a stable hash of its text
+  falls in one bucket out of `TEST_BUCKETS`; train draws skip those prompts and
+  test draws keep only them, so the two splits are disjoint by construction
+  whatever sizes are asked for. Test prompts are also unique within the split.
+
+Text is whitespace-separated words, one word per token of the word-level
+tokenizer in `dllm.tasks.vocab`. Every prompt ends with `ANSWER_DELIMITER`; the
+answer span starts right after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ANSWER_DELIMITER = "=>"
+# Upper bounds, in tokens, that hold for every example of every task (tested).
+# Actual maxima are lower (22 prompt tokens and 19 answer tokens, the puzzles);
+# these are the budgets a model's sequence length is sized against.
+MAX_PROMPT_TOKENS = 40
+MAX_ANSWER_TOKENS = 24
+MIN_ANSWER_TOKENS = 8
+
+SPLITS = ("train", "test")
+DEFAULT_SPLIT_SIZES = {"train": 20_000, "test": 200}
+# One prompt in TEST_BUCKETS (by hash of its text) is reserved for the test split.
+TEST_BUCKETS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One prompt and its reference answer.
+
+    Attributes:
+      task: name of the task that made it (a key of `dllm.tasks.TASKS`).
+      prompt: the question, ending with `ANSWER_DELIMITER`,
+        e.g. "reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>".
+      answer: one correct answer, e.g. "Hal Gus Fay Eve Dan Cid Bob Ann". For
+        tasks scored by validity it is one of several correct answers.
+    """
+
+    task: str
+    prompt: str
+    answer: str
+
+
+Sampler = Callable[[np.random.Generator], tuple[str, str]]
+Checker = Callable[[list[str], list[str], list[str]], bool]
+
+
+def exact_match(prompt_words: list[str], answer_words: list[str], output_words: list[str]) -> bool:
+    """The checker of deterministic tasks: the output is the reference answer, word for word."""
+    del prompt_words
+    return output_words == answer_words
+
+
+def check_split(split: str) -> None:
+    """Raises ValueError naming `split` and the allowed splits if it is not one of them."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed splits: {', '.join(SPLITS)}")
+
+
+def split_seed(task_name: str, split: str) -> int:
+    """The numpy seed of one (task, split): a stable hash, the same on every machine and run."""
+    digest = hashlib.blake2b(f"{task_name}/{split}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def is_test_prompt(prompt: str) -> bool:
+    """Whether `prompt` is reserved for the test split (one prompt in `TEST_BUCKETS`, by hash)."""
+    digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % TEST_BUCKETS == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A named task: how to draw examples and how to score an answer.
+
+    Attributes:
+      name: the task's key in `dllm.tasks.TASKS`.
+      deterministic: True if each prompt has exactly one correct answer (scored
+        by exact match); False if several answers are correct (shuffle, latin
+        square, sudoku) and the scorer checks validity instead.
+      sample: draws one (prompt, answer) pair from a numpy generator.
+      is_correct: (prompt words, reference answer words, output words) -> bool.
+      words: every word the task can write in a prompt or an answer.
+    """
+
+    name: str
+    deterministic: bool
+    sample: Sampler
+    is_correct: Checker
+    words: tuple[str, ...]
+
+    def examples(self, split: str, n: int | None = None) -> list[Example]:
+        """The first `n` examples of `split` ("train" or "test"); the same on every call.
+
+        `n=None` gives the split's default size (`DEFAULT_SPLIT_SIZES`).
+        Examples of a shorter call are a prefix of those of a longer call.
+        """
+        check_split(split)
+        if n is None:
+            n = DEFAULT_SPLIT_SIZES[split]
+        if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
+        rng = np.random.default_rng(split_seed(self.name, split))
+        want_test = split == "test"
+        # Guards against an endless loop if a task's prompt space is too small.
+        max_draws = 1000 + 100 * TEST_BUCKETS * n
+        seen_test_prompts: set[str] = set()
+        examples: list[Example] = []
+        for _ in range(max_draws):
+            if len(examples) == n:
+                return examples
+            prompt, answer = self.sample(rng)
+            if is_test_prompt(prompt) != want_test:
+                continue
+            if want_test:
+                if prompt in seen_test_prompts:
+                    continue
+                seen_test_prompts.add(prompt)
+            examples.append(Example(task=self.name, prompt=prompt, answer=answer))
+        if len(examples) == n:
+            return examples
+        raise RuntimeError(
+            f"task {self.name!r} found only {len(examples)} distinct {split} prompts "
+            f"of {n} asked in {max_draws} draws"
+        )
+
+    def score(self, example: Example, output: str) -> float:
+        """1.0 if `output` (the decoded answer text, already cut at the answer's end) is correct, else 0.0.
+
+        Whitespace is not significant: the output is compared word by word.
+        """
+        if example.task != self.name:
+            raise ValueError(f"task {self.name!r} cannot score an example of task {example.task!r}")
+        correct = self.is_correct(example.prompt.split(), example.answer.split(), output.split())
+        return 1.0 if correct else 0.0
+
+
+def prompt_payload(prompt_words: Sequence[str]) -> list[str]:
+    """The words of a prompt between its first ":" and the final `ANSWER_DELIMITER`.
+
+    Every prompt reads "<instruction words> : <payload words> =>".
+    """
+    return list(prompt_words[list(prompt_words).index(":") + 1 : -1])

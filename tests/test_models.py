@@ -1,0 +1,176 @@
+"""Logits parity with PyTorch transformers, checkpoint round trips, bad input."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dllm
+from tests import hf_fixtures
+
+PAD = 0
+
+
+def batch_with_padding(vocab, mask_id, seed=0):
+    """Row 0: 10 real tokens. Row 1: 3 pads, then 7 real tokens (some masked)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab - 4, size=(2, 10))
+    tokens[1, :3] = PAD
+    tokens[:, 6:8] = mask_id
+    mask = np.ones((2, 10), np.int32)
+    mask[1, :3] = 0
+    return tokens, mask
+
+
+def max_relative_error(ours, reference, keep):
+    ours, reference = ours[keep], reference[keep]
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_llada_logits_match_transformers_llama(tmp_path, n_kv_heads):
+    ref = hf_fixtures.make_llada(tmp_path, n_kv_heads=n_kv_heads)
+    model, tokenizer = dllm.from_pretrained(tmp_path, dtype="float32")
+    assert model.config.arch == "llada" and model.config.rope_theta == 500000.0
+    tokens, mask = batch_with_padding(model.config.vocab_size, tokenizer.mask_id)
+    expected = hf_fixtures.reference_logits(ref, tokens, mask)
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    assert max_relative_error(ours, expected, mask.astype(bool)) <= 1e-4
+    # Without padding too, and the default arguments are the unpadded case.
+    full = tokens[:1]
+    expected = hf_fixtures.reference_logits(ref, full, np.ones_like(full))
+    assert max_relative_error(np.asarray(model(jnp.asarray(full))), expected, np.ones(full.shape, bool)) <= 1e-4
+
+
+def test_dream_logits_match_transformers_qwen2_shifted(tmp_path):
+    ref = hf_fixtures.make_dream(tmp_path)
+    model, tokenizer = dllm.from_pretrained(tmp_path, dtype="float32")
+    assert model.config.token_shift and model.config.qkv_bias and model.config.n_kv_heads == 2
+    tokens, mask = batch_with_padding(model.config.vocab_size, tokenizer.mask_id)
+    unshifted = hf_fixtures.reference_logits(ref, tokens, mask)
+    expected = np.concatenate([unshifted[:, :1], unshifted[:, :-1]], axis=1)
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+    keep = mask.astype(bool)
+    keep[1, 3] = False  # first real token of the padded row is predicted from a pad position
+    assert max_relative_error(ours, expected, keep) <= 1e-4
+
+
+def test_padded_row_equals_row_alone(tmp_path):
+    hf_fixtures.make_llada(tmp_path)
+    model, _ = dllm.from_pretrained(tmp_path)
+    tokens, mask = batch_with_padding(model.config.vocab_size, 95)
+    batched = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))[1, 3:]
+    alone = np.asarray(model(jnp.asarray(tokens[1:, 3:])))[0]
+    np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_slice_matches_full(tmp_path):
+    hf_fixtures.make_dream(tmp_path)
+    model, _ = dllm.from_pretrained(tmp_path)
+    tokens = jnp.arange(4, 16)[None]
+    full = model(tokens)
+    np.testing.assert_allclose(model(tokens, logits_start=5, logits_length=4), full[:, 5:9], rtol=1e-6)
+
+
+def test_unrolled_layers_match_scanned(tmp_path):
+    hf_fixtures.make_llada(tmp_path)
+    scanned, _ = dllm.from_pretrained(tmp_path)
+    unrolled, _ = dllm.from_pretrained(tmp_path, scan_layers=False)
+    tokens = jnp.arange(4, 14)[None]
+    np.testing.assert_allclose(scanned(tokens), unrolled(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_tokenizer_special_ids_come_from_the_checkpoint(tmp_path):
+    hf_fixtures.make_llada(tmp_path / "llada")
+    hf_fixtures.make_dream(tmp_path / "dream")
+    _, llada = dllm.from_pretrained(tmp_path / "llada")
+    _, dream = dllm.from_pretrained(tmp_path / "dream")
+    assert llada.special_ids == {"mask": 95, "eos": 93, "eot": 94, "pad": 93}
+    assert dream.special_ids == {"mask": 95, "eos": 93, "eot": 94, "pad": 92}
+    assert llada.decode(llada.encode("w5 w7")) == "w5 w7"
+
+
+def test_round_trip_hf_orbax_gives_identical_logits(tmp_path):
+    hf_fixtures.make_dream(tmp_path / "hf")
+    model, tokenizer = dllm.from_pretrained(tmp_path / "hf")
+    dllm.save_pretrained(model, tokenizer, tmp_path / "ours")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    again, tokenizer2 = dllm.from_pretrained(tmp_path / "ours")
+    assert again.config == model.config
+    assert tokenizer2.special_ids == tokenizer.special_ids
+    tokens = jnp.arange(3, 15)[None]
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(again(tokens)))
+
+
+def test_bfloat16_load(tmp_path):
+    hf_fixtures.make_llada(tmp_path)
+    model, _ = dllm.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert model.q_proj[...].dtype == jnp.bfloat16
+    assert model(jnp.arange(4, 10)[None]).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    hf_fixtures.make_llada(tmp_path, n_shards=2)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        dllm.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_names_tensor_expected_and_found(tmp_path):
+    hf_fixtures.make_llada(tmp_path, n_shards=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["mlp_hidden_size"] = 128  # tensors hold 160
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ff_proj.weight.*\(160, 64\).*expected \(128, 64\)"):
+        dllm.from_pretrained(tmp_path)
+
+
+def test_unknown_architecture(tmp_path):
+    hf_fixtures.make_llada(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unknown architecture.*gpt2"):
+        dllm.from_pretrained(tmp_path)
+
+
+def test_missing_config_field(tmp_path):
+    hf_fixtures.make_llada(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: missing config field 'n_layers'"):
+        dllm.from_pretrained(tmp_path)
+
+
+def test_tokenizer_without_mask_token(tmp_path):
+    hf_fixtures.make_dream(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["mask_token_id"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf_fixtures.write_tokenizer(tmp_path, 96, {"<|endoftext|>": 93})
+    with pytest.raises(ValueError, match="no mask token"):
+        dllm.from_pretrained(tmp_path)
+
+
+def test_orbax_checkpoint_of_another_shape(tmp_path):
+    hf_fixtures.make_llada(tmp_path / "hf")
+    model, tokenizer = dllm.from_pretrained(tmp_path / "hf")
+    dllm.save_pretrained(model, tokenizer, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    config["d_model"] = 32
+    config["head_dim"] = 8
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="has shape .*config.json expects"):
+        dllm.from_pretrained(tmp_path / "ours")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dllm.from_pretrained(tmp_path / "nope")
+    shutil.rmtree(tmp_path)
