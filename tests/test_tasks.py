@@ -153,7 +153,11 @@ def test_hand_worked_examples():
         ("insert_index", "insert Zoe at 3 : Ann Bob Cid Dan Eve Fay Gus Hal =>", "Ann Bob Zoe Cid Dan Eve Fay Gus Hal"),
         ("insert_index", "insert Zoe at 9 : Ann Bob Cid Dan Eve Fay Gus Hal =>", "Ann Bob Cid Dan Eve Fay Gus Hal Zoe"),
         ("remove_index", "remove at 1 : Ann Bob Cid Dan Eve Fay Gus Hal Ivy =>", "Bob Cid Dan Eve Fay Gus Hal Ivy"),
-        ("replace_index", "replace at 8 with Zoe : Ann Bob Cid Dan Eve Fay Gus Hal =>", "Ann Bob Cid Dan Eve Fay Gus Zoe"),
+        (
+            "replace_index",
+            "replace at 8 with Zoe : Ann Bob Cid Dan Eve Fay Gus Hal =>",
+            "Ann Bob Cid Dan Eve Fay Gus Zoe",
+        ),
         ("addition", "add : 4 5 7 1 2 0 3 9 + 1 9 3 0 8 4 4 1 =>", "6 5 0 2 0 4 8 0"),
     ]
     for task_name, prompt, answer in cases:
@@ -243,7 +247,8 @@ def test_puzzle_references_solve_their_puzzles(task_name, all_examples):
         rows = [grid[r * 5 : r * 5 + 4] for r in range(4)]
         assert all(sorted(line) == ["1", "2", "3", "4"] for line in rows + [list(c) for c in zip(*rows)])
         if task_name == "sudoku":
-            boxes = [[rows[r][c] for r in (top, top + 1) for c in (left, left + 1)] for top in (0, 2) for left in (0, 2)]
+            corners = [(0, 0), (0, 2), (2, 0), (2, 2)]
+            boxes = [[rows[r][c] for r in (top, top + 1) for c in (left, left + 1)] for top, left in corners]
             assert all(sorted(box) == ["1", "2", "3", "4"] for box in boxes)
         assert task.score(example, example.answer) == 1.0
 
@@ -318,18 +323,31 @@ def test_tokenizer_vocabulary():
     assert tokenizer.encode("Ann Beyonce").ids == [vocab["Ann"], 3]
 
 
-def test_tokenizer_round_trips_every_example_and_every_word_is_used(all_examples):
+def test_tokenizer_round_trips_examples_and_every_word_is_used(all_examples):
+    """Encode -> decode gives the text back, with no <|unk|>, for every test example and 2000
+    train examples per task; every word of every train example is in the vocabulary (with a
+    word-level tokenizer this is what makes the rest round-trip too; encoding all 200k
+    train examples would take ~5 s)."""
     tokenizer = build_task_tokenizer()
     unk = tokenizer.token_to_id("<|unk|>")
     texts = [
-        f"{e.prompt} {e.answer}" for splits in all_examples.values() for examples in splits.values() for e in examples
+        f"{e.prompt} {e.answer}"
+        for splits in all_examples.values()
+        for examples in (splits["test"], splits["train"][:2000])
+        for e in examples
     ]
     encodings = tokenizer.encode_batch(texts)
-    decoded = tokenizer.decode_batch([encoding.ids for encoding in encodings])
-    assert decoded == texts
-    assert all(unk not in encoding.ids and len(encoding.ids) == len(text.split()) for encoding, text in zip(encodings, texts))
+    assert tokenizer.decode_batch([encoding.ids for encoding in encodings]) == texts
+    for encoding, text in zip(encodings, texts):
+        assert unk not in encoding.ids and len(encoding.ids) == len(text.split())
     # The vocabulary is exactly the words the tasks write: none missing, none unused.
-    used = {word for text in texts for word in text.split()}
+    used = {
+        word
+        for splits in all_examples.values()
+        for examples in splits.values()
+        for e in examples
+        for word in f"{e.prompt} {e.answer}".split()
+    }
     assert used == set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
 
 

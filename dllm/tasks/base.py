@@ -126,9 +126,14 @@ class Task:
         max_draws = 1000 + 100 * TEST_BUCKETS * n
         seen_test_prompts: set[str] = set()
         examples: list[Example] = []
-        for _ in range(max_draws):
-            if len(examples) == n:
-                return examples
+        draws = 0
+        while len(examples) < n:
+            if draws == max_draws:
+                raise RuntimeError(
+                    f"task {self.name!r} found only {len(examples)} distinct {split} prompts "
+                    f"of {n} asked in {max_draws} draws"
+                )
+            draws += 1
             prompt, answer = self.sample(rng)
             if is_test_prompt(prompt) != want_test:
                 continue
@@ -137,12 +142,7 @@ class Task:
                     continue
                 seen_test_prompts.add(prompt)
             examples.append(Example(task=self.name, prompt=prompt, answer=answer))
-        if len(examples) == n:
-            return examples
-        raise RuntimeError(
-            f"task {self.name!r} found only {len(examples)} distinct {split} prompts "
-            f"of {n} asked in {max_draws} draws"
-        )
+        return examples
 
     def score(self, example: Example, output: str) -> float:
         """1.0 if `output` (the decoded answer text, already cut at the answer's end) is correct, else 0.0.

@@ -1,0 +1,174 @@
+"""Decoding configuration, the state the engine loop carries, and its result."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+EOS_POLICIES = ("none", "logits_eos_inf", "confidence_eos_eot_inf")
+NOISE_DTYPES = ("float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Engine settings, independent of the sampler (hashable: a jit static).
+
+    Attributes:
+      gen_length: positions generated after the prompt.
+      block_length: semi-autoregressive block size; gen_length means pure
+        diffusion (one block). gen_length must be a multiple of it.
+      temperature: 0 is greedy; > 0 samples x0 from softmax(logits / T) by
+        Gumbel-max (LLaDA `add_gumbel_noise`).
+      noise_dtype: dtype of the Gumbel noise and of the confidence softmax;
+        "float64" (as LLaDA / Fast-dLLM) needs `jax.config.update("jax_enable_x64", True)`.
+      cfg_scale: LLaDA's unsupervised classifier-free guidance; 0 disables it.
+        logits = l_uncond + (cfg_scale + 1) * (l - l_uncond), where the
+        unconditional canvas has every prompt token replaced by [MASK].
+      eos_policy: "none"; "logits_eos_inf" (EOS can never be proposed);
+        "confidence_eos_eot_inf" (EOS / end-of-turn may be proposed but get
+        confidence -inf, so they are committed last: LLaDA Appendix B.4, as
+        intended; the reference code only suppresses end-of-turn, issue #137).
+      max_steps: bound on loop iterations (forward passes); default gen_length,
+        enough for any sampler that commits >= 1 token per step.
+      record_confidence: keep every step's confidence [max_steps, B, gen_length]
+        in the trace (memory grows with max_steps).
+    """
+
+    gen_length: int = 128
+    block_length: int = 32
+    temperature: float = 0.0
+    noise_dtype: str = "float32"
+    cfg_scale: float = 0.0
+    eos_policy: str = "none"
+    max_steps: int | None = None
+    record_confidence: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.gen_length, int) or self.gen_length <= 0:
+            raise ValueError(f"gen_length={self.gen_length!r}: must be a positive int")
+        if not isinstance(self.block_length, int) or self.block_length <= 0:
+            raise ValueError(f"block_length={self.block_length!r}: must be a positive int")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
+                f"allowed block lengths divide gen_length (e.g. {self.gen_length} or a divisor of it)"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale}: must be >= 0")
+        if self.eos_policy not in EOS_POLICIES:
+            raise ValueError(f"eos_policy={self.eos_policy!r}: allowed {EOS_POLICIES}")
+        if self.noise_dtype not in NOISE_DTYPES:
+            raise ValueError(f"noise_dtype={self.noise_dtype!r}: allowed {NOISE_DTYPES}")
+        if self.noise_dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError('noise_dtype="float64" needs jax.config.update("jax_enable_x64", True)')
+        if self.max_steps is None:
+            object.__setattr__(self, "max_steps", self.gen_length)
+        if self.max_steps <= 0:
+            raise ValueError(f"max_steps={self.max_steps}: must be positive")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the engine needs, read from the tokenizer (never literals)."""
+
+    mask: int
+    eos: int
+    eot: int
+    pad: int
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the jitted loop carries. Positions are in generation
+    coordinates: column j is canvas column prompt_width + j.
+
+    tokens:          int32 [B, prompt_width + gen_length], the canvas.
+    attention_mask:  int32 [B, prompt_width + gen_length], 0 on left padding.
+    block_start/end: int32 [B], the active window [start, end) of each row.
+    step_in_block:   int32 [B], steps taken inside the current window.
+    step:            int32 [], loop iteration (= forward passes so far).
+    nfe:             int32 [B], forward passes while the row was unfinished.
+    done:            bool [B], the row is finished (no mask left, or stopped).
+    commit_step:     int32 [B, gen_length], step that committed each position (-1: never).
+    committed_per_step: int32 [B, max_steps].
+    confidence_history: float32 [max_steps, B, gen_length] or None.
+    key:             the PRNG key of the whole decode; step s uses fold_in(key, s).
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    block_start: jax.Array
+    block_end: jax.Array
+    step_in_block: jax.Array
+    step: jax.Array
+    nfe: jax.Array
+    done: jax.Array
+    commit_step: jax.Array
+    committed_per_step: jax.Array
+    confidence_history: jax.Array | None
+    key: jax.Array
+    config: DecodeConfig = struct.field(pytree_node=False)
+    special: SpecialIds = struct.field(pytree_node=False)
+    prompt_width: int = struct.field(pytree_node=False)
+
+    @property
+    def gen_tokens(self) -> jax.Array:
+        return self.tokens[:, self.prompt_width:]
+
+    @property
+    def is_masked(self) -> jax.Array:
+        """bool [B, G]: generation positions still holding [MASK]."""
+        return self.gen_tokens == self.special.mask
+
+    @property
+    def in_window(self) -> jax.Array:
+        """bool [B, G]: positions inside each row's active block."""
+        j = jnp.arange(self.config.gen_length)
+        return (j >= self.block_start[:, None]) & (j < self.block_end[:, None])
+
+    @property
+    def step_key(self) -> jax.Array:
+        return jax.random.fold_in(self.key, self.step)
+
+    @property
+    def progress(self) -> jax.Array:
+        """float [B]: fraction of generation positions already committed."""
+        return 1.0 - self.is_masked.mean(axis=-1)
+
+
+@struct.dataclass
+class Trace:
+    """What happened during a decode.
+
+    commit_step: int32 [B, G], the step at which each generation position was
+      committed (-1 if never).
+    committed_per_step: int32 [B, max_steps], tokens committed at each step.
+    confidence: float32 [max_steps, B, G] per-step confidence, or None.
+    """
+
+    commit_step: jax.Array
+    committed_per_step: jax.Array
+    confidence: jax.Array | None = None
+
+
+@struct.dataclass
+class DecodeResult:
+    """tokens: int32 [B, gen_length]; nfe: int32 [B]; trace: `Trace`."""
+
+    tokens: jax.Array
+    nfe: jax.Array
+    trace: Trace
+
+    @property
+    def tokens_per_forward(self) -> jax.Array:
+        committed = (self.trace.commit_step >= 0).sum(axis=-1)
+        return committed / jnp.maximum(self.nfe, 1)

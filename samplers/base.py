@@ -1,0 +1,184 @@
+"""The sampler contract and the shared scoring helpers.
+
+A sampler is an immutable config object (a frozen dataclass Hydra can build)
+with two pure, jit-able functions:
+
+* `init(state) -> carry`: its own memory (a pytree of fixed shape).
+* `step(logits, state, carry) -> (Commit, carry)`: `logits` float32
+  [B, gen_length, V] for the generation region of the canvas; `Commit` says
+  which masked positions to fill with which tokens.
+
+Contract: for every unfinished row, at least one masked position is committed
+per step (so every decode terminates); the engine also bounds the loop by
+`DecodeConfig.max_steps`. The engine ignores commits on positions that are not
+masked and on finished rows.
+
+Composition is by wrapping: a sampler may hold an `inner` sampler and call its
+`step` (early commit, adaptive blocks), or reshape the logits it passes on
+(credit).
+
+Randomness: step s of a decode draws from `state.step_key` =
+fold_in(key, s); `sample_tokens` uses fold_in(step_key, 0) and random
+remasking fold_in(step_key, 1), so a reference implementation can reproduce
+the exact draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dllm.decoding.state import DecodeConfig, DecodeState
+
+NEG_INF = -jnp.inf
+
+
+@struct.dataclass
+class Commit:
+    """One step's decision.
+
+    tokens: int32 [B, G], proposed token for every generation position.
+    commit: bool [B, G], positions to fill now.
+    stop: bool [B] or None, the row is finished after this step (early exit).
+    truncate_at: int32 [B] or None, end-of-text prediction: positions after
+      this one become EOS and are never decoded (G means no truncation).
+    block_end: int32 [B] or None, the end of the active window from now on
+      (adaptive block size).
+    confidence: float32 [B, G] or None, recorded in the trace when asked.
+    """
+
+    tokens: jax.Array
+    commit: jax.Array
+    stop: jax.Array | None = None
+    truncate_at: jax.Array | None = None
+    block_end: jax.Array | None = None
+    confidence: jax.Array | None = None
+
+
+class Sampler:
+    """Base class of every sampler: subclasses are frozen dataclasses."""
+
+    def validate(self, config: DecodeConfig) -> None:
+        """Raises ValueError when this sampler cannot run with `config`."""
+
+    def init(self, state: DecodeState) -> Any:
+        return ()
+
+    def step(self, logits: jax.Array, state: DecodeState, carry: Any) -> tuple[Commit, Any]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """All fields, nested for wrapped samplers: what a results row records."""
+        out = {"name": getattr(self, "name", type(self).__name__)}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = value.settings() if isinstance(value, Sampler) else value
+        return out
+
+
+# ----------------------------------------------------------------- proposals
+
+
+def noise_dtype(state: DecodeState):
+    return jnp.float64 if state.config.noise_dtype == "float64" else jnp.float32
+
+
+def apply_eos_policy(logits: jax.Array, state: DecodeState) -> jax.Array:
+    """`logits_eos_inf`: EOS can never be proposed (LLaDA generate.py)."""
+    if state.config.eos_policy == "logits_eos_inf":
+        logits = logits.at[..., state.special.eos].set(NEG_INF)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, state: DecodeState) -> jax.Array:
+    """x0 = argmax of Gumbel-perturbed logits (LLaDA `add_gumbel_noise`).
+
+    LLaDA computes argmax(exp(l) / (-log u)^T) in float64; we take the argmax
+    of the monotone equivalent l - T * log(-log u), which cannot overflow in
+    float32. u ~ U(0, 1) is drawn from fold_in(step_key, 0) in `noise_dtype`.
+    """
+    temperature = state.config.temperature
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    dtype = noise_dtype(state)
+    u = jax.random.uniform(jax.random.fold_in(state.step_key, 0), logits.shape, dtype,
+                           minval=jnp.finfo(dtype).tiny, maxval=1.0)
+    perturbed = logits.astype(dtype) - temperature * jnp.log(-jnp.log(u))
+    return jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
+
+
+def probabilities(logits: jax.Array, state: DecodeState) -> jax.Array:
+    """softmax(logits) in `noise_dtype`, without temperature (LLaDA issue #37)."""
+    return jax.nn.softmax(logits.astype(noise_dtype(state)), axis=-1)
+
+
+def deprioritize_eos(confidence: jax.Array, tokens: jax.Array, state: DecodeState) -> jax.Array:
+    """`confidence_eos_eot_inf`: proposals of EOS or end-of-turn get -inf confidence."""
+    if state.config.eos_policy != "confidence_eos_eot_inf":
+        return confidence
+    is_end = (tokens == state.special.eos) | (tokens == state.special.eot)
+    return jnp.where(is_end, NEG_INF, confidence)
+
+
+# ----------------------------------------------------------------- confidences
+
+
+def max_prob_confidence(probs: jax.Array, tokens: jax.Array) -> jax.Array:
+    """p(x0) under the model: the confidence of LLaDA, Fast-dLLM, AdaBlock."""
+    return jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+
+
+def top2(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    best2 = jax.lax.top_k(values, 2)[0]
+    return best2[..., 0], best2[..., 1]
+
+
+def margin_confidence(probs: jax.Array) -> jax.Array:
+    """Top-1 minus top-2 probability (Dream `margin_confidence`, ParallelBench `topk_margin`)."""
+    first, second = top2(probs)
+    return first - second
+
+
+def neg_entropy_confidence(probs: jax.Array) -> jax.Array:
+    """Negative entropy in nats (Dream `alg=entropy`); 0 is a one-hot prediction."""
+    return jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=-1)
+
+
+def top2_logit_gap(logits: jax.Array) -> jax.Array:
+    """Top-1 minus top-2 raw logit (Prophet's early-commit signal)."""
+    first, second = top2(logits)
+    return first - second
+
+
+# ----------------------------------------------------------------- selection
+
+
+def masked_in_window(state: DecodeState) -> jax.Array:
+    """bool [B, G]: positions a block-restricted sampler may commit now."""
+    return state.is_masked & state.in_window
+
+
+def rank_desc(scores: jax.Array, eligible: jax.Array) -> jax.Array:
+    """int32 [B, G]: rank of each eligible position by descending score
+    (ties broken by lower position first); ineligible positions rank last."""
+    # Primary key: eligible first; secondary: score descending (-inf last
+    # among the eligible); lexsort is stable, so ties keep position order.
+    order = jnp.lexsort((-scores, ~eligible), axis=-1)
+    ranks = jnp.argsort(order, axis=-1, stable=True)
+    return jnp.where(eligible, ranks, scores.shape[-1]).astype(jnp.int32)
+
+
+def top_k_commit(scores: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Array:
+    """bool [B, G]: the k[b] highest-scoring eligible positions of each row."""
+    return (rank_desc(scores, eligible) < k[:, None]) & eligible
+
+
+def threshold_commit(scores: jax.Array, eligible: jax.Array, threshold) -> jax.Array:
+    """Every eligible position with score >= threshold, plus the single best
+    one so every row with an eligible position makes progress (Fast-dLLM v1)."""
+    best = rank_desc(scores, eligible) == 0
+    return eligible & ((scores >= threshold) | best)

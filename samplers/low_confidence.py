@@ -1,0 +1,99 @@
+"""LLaDA's fixed-step sampler: low-confidence (or random) remasking.
+
+Nie et al. 2025, "Large Language Diffusion Models" (arXiv 2502.09992),
+Algorithm 5 (low-confidence remasking) and Algorithm 4 (random remasking),
+as implemented in ML-GSAI/LLaDA `generate.py` (reference/samplers.md §1):
+
+* `steps` are split equally across the gen_length / block_length blocks
+  (steps must be a multiple of the number of blocks).
+* Inside a block with n masked positions at its start and S steps per block,
+  step i commits `n // S + (1 if i < n % S else 0)` positions: the remainder is
+  front-loaded (`get_num_transfer_tokens`).
+* Low confidence: commit the k masked positions of the block whose proposed
+  token has the highest probability softmax(logits)[x0] (no temperature, no
+  noise: LLaDA issue #37). Random: the k positions with the highest U(0, 1)
+  score. Committed tokens are never re-masked.
+
+NFE is exactly `steps`. Ties are broken by lower position first (torch.topk's
+order is unspecified). We require steps_per_block <= block_length, so every
+step commits at least one token; LLaDA would allow idle steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dllm.decoding.state import DecodeConfig, DecodeState
+from samplers import base
+
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LowConfidence(base.Sampler):
+    """Fixed number of commits per step (LLaDA baseline).
+
+    Attributes:
+      steps: total forward passes over the whole generation (LLaDA `steps`);
+        None means one token per step (steps = gen_length).
+      remasking: "low_confidence" (default) or "random".
+    """
+
+    steps: int | None = None
+    remasking: str = "low_confidence"
+    name: str = dataclasses.field(default="low_confidence", init=False, repr=False)
+
+    def __post_init__(self):
+        if self.remasking not in REMASKING:
+            raise ValueError(f"LowConfidence.remasking={self.remasking!r}: allowed {REMASKING}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
+            raise ValueError(f"LowConfidence.steps={self.steps!r}: must be a positive int or None")
+
+    def steps_per_block(self, config: DecodeConfig) -> int:
+        steps = config.gen_length if self.steps is None else self.steps
+        return steps // config.num_blocks
+
+    def validate(self, config: DecodeConfig) -> None:
+        steps = config.gen_length if self.steps is None else self.steps
+        if steps % config.num_blocks:
+            raise ValueError(
+                f"steps={steps} does not divide over {config.num_blocks} blocks "
+                f"(gen_length={config.gen_length} / block_length={config.block_length}); "
+                f"allowed: a multiple of {config.num_blocks}"
+            )
+        if steps // config.num_blocks > config.block_length:
+            raise ValueError(
+                f"steps={steps} gives {steps // config.num_blocks} steps per block of "
+                f"{config.block_length} positions; allowed: at most block_length steps per block "
+                f"(steps <= {config.block_length * config.num_blocks})"
+            )
+        if steps > config.max_steps:
+            raise ValueError(f"steps={steps} exceeds max_steps={config.max_steps}")
+
+    def init(self, state: DecodeState):
+        # Masked positions of the current block at its first step.
+        return jnp.zeros(state.block_start.shape, jnp.int32)
+
+    def commit_count(self, state: DecodeState, masked_at_start: jax.Array) -> jax.Array:
+        """k for this step: LLaDA's `get_num_transfer_tokens`, remainder first."""
+        steps = self.steps_per_block(state.config)
+        base_count, remainder = masked_at_start // steps, masked_at_start % steps
+        return base_count + (state.step_in_block < remainder).astype(jnp.int32)
+
+    def step(self, logits, state: DecodeState, masked_at_start):
+        logits = base.apply_eos_policy(logits, state)
+        tokens = base.sample_tokens(logits, state)
+        eligible = base.masked_in_window(state)
+        if self.remasking == "low_confidence":
+            confidence = base.max_prob_confidence(base.probabilities(logits, state), tokens)
+        else:
+            key = jax.random.fold_in(state.step_key, 1)
+            confidence = jax.random.uniform(key, tokens.shape, base.noise_dtype(state))
+        confidence = base.deprioritize_eos(confidence, tokens, state)
+        masked_at_start = jnp.where(state.step_in_block == 0, eligible.sum(-1), masked_at_start)
+        k = self.commit_count(state, masked_at_start)
+        commit = base.top_k_commit(confidence, eligible, k)
+        return base.Commit(tokens=tokens, commit=commit, confidence=confidence.astype(jnp.float32)), masked_at_start
