@@ -93,6 +93,9 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[io
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -181,15 +184,15 @@ def fetch_debian_sources(cache_dir: str | Path, packages: Sequence[str] = DEBIAN
 # --------------------------------------------------------------------------- #
 
 # SEXP type codes and the serialization pseudo-types (R: src/main/serialize.c).
-_NILSXP, _SYMSXP, _LISTSXP, _CLOSXP, _ENVSXP, _PROMSXP, _LANGSXP = 0, 1, 2, 3, 4, 5, 6
+_SYMSXP, _LISTSXP, _CLOSXP, _ENVSXP, _PROMSXP, _LANGSXP = 1, 2, 3, 4, 5, 6
 _SPECIALSXP, _BUILTINSXP, _CHARSXP, _LGLSXP, _INTSXP, _REALSXP, _CPLXSXP = 7, 8, 9, 10, 13, 14, 15
-_STRSXP, _DOTSXP, _VECSXP, _EXPRSXP, _BCODESXP = 16, 17, 19, 20, 21
+_STRSXP, _DOTSXP, _VECSXP, _EXPRSXP = 16, 17, 19, 20  # 21, BCODESXP (compiled code), is not supported
 _EXTPTRSXP, _WEAKREFSXP, _RAWSXP, _S4SXP = 22, 23, 24, 25
 _REFSXP, _NILVALUE_SXP, _PERSISTSXP, _PACKAGESXP, _NAMESPACESXP = 255, 254, 247, 248, 249
 _ATTRLANGSXP, _ATTRLISTSXP, _ALTREP_SXP = 240, 239, 238
 _SINGLETON_SXPS = frozenset({253, 252, 251, 250, 242, 241})  # global/base/empty env, unbound, missing
 _PAIRLIST_TYPES = frozenset({_LISTSXP, _LANGSXP, _CLOSXP, _PROMSXP, _DOTSXP, _ATTRLANGSXP, _ATTRLISTSXP})
-_LATIN1_MASK, _UTF8_MASK, _ASCII_MASK = 1 << 2, 1 << 3, 1 << 6  # CHARSXP encoding bits in `levels`
+_LATIN1_MASK = 1 << 2  # CHARSXP encoding bit in `levels`; UTF-8, ASCII and native are read as UTF-8
 
 
 @dataclasses.dataclass
@@ -440,35 +443,46 @@ def read_austen(root: str | Path) -> list[str]:
 # 2b. Bible: SWORD zText module
 # --------------------------------------------------------------------------- #
 
+_NOTE_GAP = "\x00"  # where a footnote was, until we know whether a space belongs there
+_PARAGRAPH = "\x01"  # a paragraph break (blank line); a plain "\n" is a line break (poetry)
 _OSIS_RULES = [  # (pattern, replacement), applied in order
-    (re.compile(r"<note\b[^>]*/>|<note\b.*?</note>", re.S), ""),  # footnotes, cross references
-    (re.compile(r"<milestone\b[^>]*/>"), ""),  # running heads, toc entries
-    (re.compile(r"</?title\b[^>]*>|</?speaker\b[^>]*>"), "\n"),
-    (re.compile(r"<chapter\b[^>]*\bsID=[^>]*>"), "\n\n"),
-    (re.compile(r'<div\b[^>]*type="(?:book|x-p|introduction|section)"[^>]*>|<lb\b[^>]*>|</?(?:lg|p|list)\b[^>]*>'), "\n"),
-    (re.compile(r"<l\b[^>]*>|</l>|</?item\b[^>]*>"), "\n"),
-    (re.compile(r"<[^>]*>"), ""),  # every other tag: keep its text
+    (re.compile(r"<note\b[^>]*/>|<note\b.*?</note>", re.S), _NOTE_GAP),  # footnotes, cross references
+    (re.compile(r'<milestone\b[^>]*/>|<div\b[^>]*type="x-milestone"[^>]*>'), ""),  # running heads, toc
+    (re.compile(r"</?title\b[^>]*>|<chapter\b[^>]*>|<div\b[^>]*>|</?(?:lg|p|list)\b[^>]*>"), _PARAGRAPH),
+    (re.compile(r"</?l\b[^>]*>|<lb\b[^>]*>|</?(?:item|speaker)\b[^>]*>"), "\n"),
+    (re.compile(r"<[^>]*>"), ""),  # every other tag (w, q, seg, name, ...): keep its text
+    # The module writes notes with no space around them ("Yahweh's<note>..</note><w>word"):
+    # a removed note becomes a space unless punctuation or a space follows.
+    (re.compile(_NOTE_GAP + r"+(?=[\s,.;:!?\u2019\u201d)\]" + _PARAGRAPH + r"]|$)"), ""),
+    (re.compile(_NOTE_GAP + "+"), " "),
+    (re.compile(r"[^\S\n]+"), " "),
+    (re.compile(r" ?[\n" + _PARAGRAPH + r"][\s" + _PARAGRAPH + r"]*"), lambda m: "\n\n" if _PARAGRAPH in m.group() else "\n"),
 ]
+_BOOK_START = re.compile(r'<div\b(?=[^>]*\btype="book")(?=[^>]*\bsID=)[^>]*>')
 
 
 def osis_to_text(markup: str) -> str:
-    """Strips OSIS markup to plain text: drops notes and tags, keeps titles,
-    paragraphs and poetry lines as lines."""
+    """Strips OSIS markup to plain text: drops notes and tags; titles,
+    chapters and paragraphs end with a blank line, poetry lines with a newline."""
+    markup = markup.replace(_NOTE_GAP, "").replace(_PARAGRAPH, "")
     for pattern, replacement in _OSIS_RULES:
         markup = pattern.sub(replacement, markup)
-    text = html.unescape(markup)
-    lines = (" ".join(line.split()) for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return html.unescape(markup).strip()
 
 
-def _ztext_blocks(index_path: Path) -> list[bytes]:
-    """Uncompressed blocks of one testament (``ot``/``nt``) of a zText module.
+def read_ztext_testament(index_path: str | Path) -> str:
+    """The OSIS markup of one testament (``ot.bzs`` / ``nt.bzs``) of a zText module.
 
     ``.bzs``: 12 bytes per block, little-endian (offset, compressed size,
-    uncompressed size) into ``.bzz``. ``.bzv`` (optional): 10 bytes per verse
-    (block, offset, size); where present a space goes at every verse start so
-    the last word of a verse never fuses with the first of the next.
+    uncompressed size) into ``.bzz``, each block zlib-compressed. ``.bzv``:
+    10 bytes per verse slot in versification order, little-endian (block,
+    offset in the uncompressed block, size). Blocks may hold stale copies of
+    verses that were rewritten while the module was built, so when the
+    ``.bzv`` exists the text is assembled verse by verse from it (each stored
+    entry once, linked verses share one), joined with spaces; without it the
+    blocks are concatenated.
     """
+    index_path = Path(index_path)
     index = index_path.read_bytes()
     data = index_path.with_suffix(".bzz").read_bytes()
     blocks = []
@@ -479,34 +493,36 @@ def _ztext_blocks(index_path: Path) -> list[bytes]:
             raise ValueError(f"{index_path}: block {i // 12} is {len(block)} bytes, index says {full_size}")
         blocks.append(block)
     verse_index = index_path.with_suffix(".bzv")
-    if verse_index.exists():
-        raw = verse_index.read_bytes()
-        starts: dict[int, set[int]] = {}
-        for i in range(0, len(raw) - len(raw) % 10, 10):
-            block, start, size = struct.unpack_from("<IIH", raw, i)
-            if size and block < len(blocks) and 0 < start < len(blocks[block]):
-                starts.setdefault(block, set()).add(start)
-        for block, cuts in starts.items():
-            bounds = [0, *sorted(cuts), len(blocks[block])]
-            blocks[block] = b" ".join(blocks[block][a:b] for a, b in zip(bounds, bounds[1:]))
-    return blocks
+    if not verse_index.exists():
+        return " ".join(b.decode("utf-8", errors="replace") for b in blocks)
+    raw, seen, verses = verse_index.read_bytes(), set(), []
+    for i in range(0, len(raw) - len(raw) % 10, 10):
+        block, start, size = struct.unpack_from("<IIH", raw, i)
+        if size == 0 or (block, start) in seen:
+            continue
+        if block >= len(blocks) or start + size > len(blocks[block]):
+            raise ValueError(f"{verse_index}: entry {i // 10} points outside block {block}")
+        seen.add((block, start))
+        verses.append(blocks[block][start : start + size].decode("utf-8", errors="replace"))
+    return " ".join(verses)
 
 
 def read_bible(root: str | Path) -> list[str]:
     """The World English Bible in `root` (an unpacked sword-text-web), one
-    document per book (zText modules with BlockType=BOOK store one book per
-    block), Old Testament first."""
+    document per book (split at the OSIS ``<div type="book">`` starts; front
+    matter before the first book is a document of its own), Old Testament
+    first."""
     root = Path(root)
     documents = []
     for module in sorted({p.parent for p in root.rglob("*.bzs")}):
         for testament in ("ot", "nt"):
-            index = module / f"{testament}.bzs"
-            if not index.exists():
-                continue
-            for block in _ztext_blocks(index):
-                text = osis_to_text(block.decode("utf-8", errors="replace"))
-                if text:
-                    documents.append(text)
+            if (module / f"{testament}.bzs").exists():
+                markup = read_ztext_testament(module / f"{testament}.bzs")
+                cuts = [0, *(m.start() for m in _BOOK_START.finditer(markup)), len(markup)]
+                for a, b in zip(cuts, cuts[1:]):
+                    text = osis_to_text(markup[a:b])
+                    if text:
+                        documents.append(text)
     return documents
 
 
@@ -691,8 +707,8 @@ def train_bpe_tokenizer(
     split off and never trained on. Special tokens ``<|pad|>``,
     ``<|endoftext|>``, ``<|mask|>`` get ids 0, 1, 2; then the 256 byte symbols,
     then merges. No normalizer, so decode(encode(text)) == text for any text.
-    `out_path` may be a folder (then ``tokenizer.json`` inside it). Returns the
-    path written.
+    `out_path`: a ``.json`` file, or else a folder to write ``tokenizer.json``
+    into. Returns the path written.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -701,7 +717,7 @@ def train_bpe_tokenizer(
         raise ValueError(f"vocab_size must be > {n_reserved} (3 specials + 256 bytes), got {vocab_size}")
     files = _text_files(text_files)
     out_path = Path(out_path)
-    if out_path.is_dir():
+    if out_path.is_dir() or out_path.suffix != ".json":
         out_path = out_path / "tokenizer.json"
 
     tokenizer = Tokenizer(models.BPE())
