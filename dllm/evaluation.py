@@ -1,0 +1,148 @@
+"""Run (model x task x sampler) and report accuracy with NFE, tokens per
+forward, latency and throughput.
+
+Every batch has the same shape (prompts left-padded to one width, the last
+batch filled with repeats that are not scored), so a whole evaluation
+compiles once; the compile is done by a warm-up batch that is not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dllm.decoding import DecodeConfig, generate
+
+
+def answer_text(tokenizer, tokens) -> str:
+    """Decoded generation up to (excluding) the first EOS / end-of-turn."""
+    ids = []
+    for t in np.asarray(tokens).tolist():
+        if t in (tokenizer.eos_id, tokenizer.eot_id):
+            break
+        ids.append(t)
+    return tokenizer.decode(ids).strip()
+
+
+def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > width:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the prompt width {width}")
+        tokens[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return tokens, mask
+
+
+def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeConfig, *, batch_size: int = 64,
+                 key=None, prompt_width: int | None = None) -> tuple[list[dict], dict]:
+    """Decodes every prompt; returns per-prompt rows and timing figures."""
+    if hasattr(sampler, "bind"):
+        sampler = sampler.bind(tokenizer)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if not encoded:
+        raise ValueError("no prompts to decode")
+    width = prompt_width or max(len(e) for e in encoded)
+    batch_size = min(batch_size, len(encoded))
+    key = jax.random.key(0) if key is None else key
+    fields = {k: getattr(decode, k) for k in ("temperature", "noise_dtype", "cfg_scale", "eos_policy",
+                                              "max_steps", "record_confidence")}
+
+    def run(batch_prompts, batch_key):
+        tokens, mask = left_pad(batch_prompts, width, tokenizer.pad_id)
+        return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
+                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, **fields)
+
+    jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),
+                              key).tokens)  # compile
+    rows, seconds = [], 0.0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        filled = chunk + [chunk[0]] * (batch_size - len(chunk))
+        began = time.perf_counter()
+        result = run(filled, jax.random.fold_in(key, start))
+        tokens = np.asarray(jax.block_until_ready(result.tokens))
+        seconds += time.perf_counter() - began
+        nfe = np.asarray(result.nfe)
+        committed = np.asarray((result.trace.commit_step >= 0).sum(-1))
+        for i in range(len(chunk)):
+            rows.append({
+                "prompt": prompts[start + i], "output": answer_text(tokenizer, tokens[i]),
+                "tokens": tokens[i].tolist(), "nfe": int(nfe[i]),
+                "tokens_per_forward": float(committed[i] / max(nfe[i], 1)),
+            })
+    n_batches = -(-len(encoded) // batch_size)
+    timing = {
+        "seconds": seconds, "batches": n_batches, "batch_size": batch_size,
+        "latency_per_sample_s": seconds / len(encoded),
+        "latency_per_batch_s": seconds / n_batches,
+        "tokens_per_s": len(encoded) * decode.gen_length / seconds if seconds else float("nan"),
+    }
+    return rows, timing
+
+
+def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig, *, batch_size: int = 64,
+                      key=None, prompt_width: int | None = None) -> dict:
+    """Scores a list of `dllm.tasks.Example` (any mix of tasks)."""
+    from dllm.tasks import get_task
+
+    rows, timing = decode_texts(model, tokenizer, sampler, [e.prompt for e in examples], decode,
+                                batch_size=batch_size, key=key, prompt_width=prompt_width)
+    per_task: dict[str, dict] = {}
+    for example, row in zip(examples, rows):
+        row["task"] = example.task
+        row["answer"] = example.answer
+        row["score"] = get_task(example.task).score(example, row["output"])
+        entry = per_task.setdefault(example.task, {"n": 0, "correct": 0.0, "nfe": []})
+        entry["n"] += 1
+        entry["correct"] += row["score"]
+        entry["nfe"].append(row["nfe"])
+    nfe = np.array([r["nfe"] for r in rows])
+    summary = {
+        "n": len(rows),
+        "accuracy": float(np.mean([r["score"] for r in rows])),
+        "mean_nfe": float(nfe.mean()),
+        "median_nfe": float(np.median(nfe)),
+        "tokens_per_forward": float(np.mean([r["tokens_per_forward"] for r in rows])),
+        **timing,
+        "per_task": {
+            name: {"n": e["n"], "accuracy": e["correct"] / e["n"], "mean_nfe": float(np.mean(e["nfe"]))}
+            for name, e in sorted(per_task.items())
+        },
+    }
+    return {"summary": summary, "rows": rows}
+
+
+def environment() -> dict:
+    """Versions and device, recorded with every result."""
+    import flax
+
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version(),
+            "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count()}
+
+
+def write_json_atomic(path: Path | str, payload, *, lines: bool = False, append: bool = False) -> Path:
+    """Writes JSON (or appends one JSON line) without ever leaving a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, default=str) + "\n" if lines else json.dumps(payload, indent=2, default=str)
+    if append and path.exists():
+        text = path.read_text() + text
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

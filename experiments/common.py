@@ -1,0 +1,62 @@
+"""Pieces the Hydra entry points share: model, sampler, task and decode settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import hydra
+from flax import nnx
+from omegaconf import DictConfig, OmegaConf
+
+import dllm
+from dllm.decoding import DecodeConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return REPO_ROOT / p
+
+
+def model_config(cfg: DictConfig) -> dllm.ModelConfig:
+    fields = {f.name for f in dataclasses.fields(dllm.ModelConfig)}
+    values = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k in fields}
+    return dllm.ModelConfig(**values)
+
+
+def load_model(cfg: DictConfig):
+    """(model, tokenizer, description): the checkpoint, else a random model."""
+    path = resolve_path(cfg.checkpoint) if cfg.get("checkpoint") else None
+    if path is not None and path.exists():
+        model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"))
+        return model, tokenizer, str(path)
+    from dllm.tasks.vocab import build_task_tokenizer
+
+    warnings.warn(f"checkpoint {cfg.get('checkpoint')!r} not found: using a RANDOMLY INITIALISED model")
+    backend = build_task_tokenizer()
+    tokenizer = dllm.Tokenizer(backend, mask_id=backend.token_to_id("<|mask|>"),
+                               eos_id=backend.token_to_id("<|endoftext|>"), pad_id=backend.token_to_id("<|pad|>"))
+    config = model_config(cfg).replace(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id,
+                                       eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return dllm.Transformer(config, rngs=nnx.Rngs(cfg.get("seed", 0))), tokenizer, "random-init"
+
+
+def build_sampler(cfg: DictConfig):
+    return hydra.utils.instantiate(cfg.sampler, _convert_="all")
+
+
+def decode_config(cfg: DictConfig) -> DecodeConfig:
+    return DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
+
+
+def task_examples(cfg: DictConfig):
+    from dllm.tasks import suite_examples
+
+    task = cfg.task
+    tasks = list(task.tasks) if task.get("tasks") else None
+    return suite_examples(task.split, task.n_per_task, tasks=tasks)

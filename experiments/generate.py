@@ -1,0 +1,52 @@
+"""Main job: decode prompts with the bundled model and print what happened.
+
+    python -m experiments.generate
+    python -m experiments.generate sampler=threshold sampler.tau=0.7 n=4
+    python -m experiments.generate 'prompts=["reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>"]'
+
+Prints each prompt, its output, NFE, tokens per forward and wall time, and
+writes the same to `generate.json` in the Hydra run directory.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+import jax
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from dllm import evaluation
+from experiments.common import build_sampler, decode_config, load_model, task_examples
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> dict:
+    model, tokenizer, source = load_model(cfg)
+    sampler = build_sampler(cfg)
+    decode = decode_config(cfg)
+    if cfg.prompts:
+        prompts = list(cfg.prompts)
+    else:
+        prompts = [e.prompt for e in task_examples(cfg)[: cfg.n]]
+    began = time.perf_counter()
+    rows, timing = evaluation.decode_texts(model, tokenizer, sampler, prompts, decode,
+                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed))
+    total = time.perf_counter() - began
+    print(f"model: {source}\nsampler: {sampler.settings()}\n")
+    for row in rows:
+        print(f"prompt : {row['prompt']}\noutput : {row['output']}\n"
+              f"nfe {row['nfe']}  tokens/forward {row['tokens_per_forward']:.2f}\n")
+    print(f"wall time {total:.2f}s (incl. compile); decode {timing['seconds']:.3f}s, "
+          f"{timing['tokens_per_s']:.0f} tokens/s")
+    payload = {"model": source, "sampler": sampler.settings(), "decode": OmegaConf.to_container(cfg.decode),
+               "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows],
+               "timing": {**timing, "wall_s_including_compile": total}, "environment": evaluation.environment()}
+    out = evaluation.write_json_atomic(f"{HydraConfig.get().runtime.output_dir}/generate.json", payload)
+    print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
