@@ -12,6 +12,24 @@ per block, and rows move through blocks independently (a threshold sampler
 may finish row 0's block before row 1's). Rows are left-padded: the
 generation region is the same columns for every row, and RoPE positions
 count only real tokens, so a padded row decodes exactly as it does alone.
+
+KV cache (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618, §3.2 and Fig. 3):
+one mechanism for every sampler. A *refresh* step runs the full forward,
+stores K/V (after RoPE) of every position and also decodes (it counts as an
+NFE). A refresh happens whenever some unfinished row is at the first step of
+its block (rows move through blocks independently, so a batch may refresh
+more often than a single row would), and every `cache_refresh_every` steps if
+set. Between refreshes, a *window* step recomputes per row
+  - "prefix": gen positions [block_start, block_start + gen_length) (the
+    active block and everything after it; padded to a static length, so the
+    query count does not shrink in later blocks as Fast-dLLM's does), or
+  - "dual": gen positions [block_start, block_start + cache_window),
+against the cache, writing the recomputed K/V in place (DualCache's
+`replace_position`). Both caches are approximate: K/V outside the
+recomputed range are stale until the next refresh (with a one-layer model
+they are exact, which the tests use). In window steps only the recomputed
+positions have logits (others get zeros), commits elsewhere are dropped and
+`stop` is ignored until the next refresh.
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
+from dllm.models.transformer import KVCache, positions_from_mask
 
 
 def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +97,7 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         commit_step=jnp.full((batch, g), -1, jnp.int32),
         committed_per_step=jnp.zeros((batch, config.max_steps), jnp.int32),
         confidence_history=history,
-        key=key, config=config, special=special, prompt_width=width,
+        key=key, cache=None, config=config, special=special, prompt_width=width,
     )
 
 
@@ -105,6 +124,56 @@ def _guided_logits(model, state: DecodeState) -> jax.Array:
     return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
 
 
+def window_length(config: DecodeConfig) -> int:
+    return config.gen_length if config.cache == "prefix" else config.cache_window
+
+
+def cache_length(state: DecodeState) -> int:
+    """Canvas plus a tail so every window slice stays in bounds."""
+    return state.tokens.shape[1] + window_length(state.config) + 1
+
+
+def refresh_forward(model, state: DecodeState):
+    """Full forward: logits of the whole generation and a fresh cache."""
+    logits, cache = model.forward_with_cache(
+        state.tokens, state.attention_mask, logits_start=state.prompt_width,
+        logits_length=state.config.gen_length, cache_length=cache_length(state))
+    return logits, cache, jnp.ones(state.gen_tokens.shape, bool)
+
+
+def window_forward(model, state: DecodeState):
+    """Recompute each row's window against the cache (see module docstring)."""
+    config, width = state.config, state.prompt_width
+    q = window_length(config)
+    shift = 1 if model.config.token_shift else 0  # position i is predicted from hidden i-1
+    tail = cache_length(state) - state.tokens.shape[1]
+    tokens = jnp.pad(state.tokens, ((0, 0), (0, tail)), constant_values=state.special.mask)
+    key_mask = jnp.pad(state.attention_mask, ((0, 0), (0, tail)))
+    positions = positions_from_mask(state.attention_mask)
+    positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(tail)[None, :]], axis=1)
+    start = width + state.block_start - shift
+    take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, q + shift))
+    logits, cache = model.forward_window(take(tokens, start), take(positions, start), start, state.cache,
+                                         key_mask, logits_count=q)
+    full = jnp.zeros((logits.shape[0], config.gen_length + q, logits.shape[-1]), logits.dtype)
+    full = jax.vmap(lambda f, l, s: jax.lax.dynamic_update_slice_in_dim(f, l, s, axis=0))(
+        full, logits, state.block_start)[:, :config.gen_length]
+    j = jnp.arange(config.gen_length)[None, :]
+    computed = (j >= state.block_start[:, None]) & (j < state.block_start[:, None] + q)
+    return full, cache, computed
+
+
+def cached_logits(model, state: DecodeState):
+    """(logits, new cache, computed positions) for a cached engine step."""
+    config = state.config
+    refresh = jnp.any((state.step_in_block == 0) & ~state.done)
+    if config.cache_refresh_every:
+        refresh = refresh | (state.step % config.cache_refresh_every == 0)
+    logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s),
+                                           lambda s: window_forward(model, s), state)
+    return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
+
+
 def next_window(state: DecodeState, gen_tokens, block_end):
     """Moves a row whose window is fully decoded to the next block that still
     has a MASK (blocks already filled, e.g. by an early commit, are skipped)."""
@@ -122,13 +191,19 @@ def next_window(state: DecodeState, gen_tokens, block_end):
     return new_start, new_end, step_in_block
 
 
-def apply_commit(state: DecodeState, commit) -> DecodeState:
-    """Writes committed tokens, updates the trace, the windows and `done`."""
+def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
+    """Writes committed tokens, updates the trace, the windows and `done`.
+
+    `computed` (cached window steps): positions that have logits this step;
+    commits elsewhere are dropped and `stop` waits for a full forward.
+    """
     special, g = state.special, state.config.gen_length
     active = ~state.done
     gen = state.gen_tokens
     masked = gen == special.mask
     chosen = commit.commit & masked & active[:, None]
+    if computed is not None:
+        chosen = chosen & computed
     gen = jnp.where(chosen, commit.tokens, gen)
     commit_step = jnp.where(chosen, state.step, state.commit_step)
     if commit.truncate_at is not None:  # end-of-text prediction
@@ -137,10 +212,13 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
         commit_step = jnp.where(beyond, state.step, commit_step)
         chosen = chosen | beyond
     block_end = state.block_end if commit.block_end is None else jnp.where(active, commit.block_end, state.block_end)
+    if state.config.cache == "dual":  # a window must fit in the recomputed range
+        block_end = jnp.minimum(block_end, state.block_start + state.config.cache_window)
     block_start, block_end, step_in_block = next_window(state, gen, block_end)
     finished = ~jnp.any(gen == special.mask, axis=-1)
     if commit.stop is not None:
-        finished = finished | commit.stop
+        stop = commit.stop if computed is None else commit.stop & jnp.all(computed, axis=-1)
+        finished = finished | stop
     history = state.confidence_history
     if history is not None and commit.confidence is not None:
         history = history.at[state.step].set(commit.confidence.astype(jnp.float32))
@@ -160,6 +238,11 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
 def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special):
     model = nnx.merge(graphdef, params)
     state = initial_state(tokens, attention_mask, key, config, special)
+    if config.cache != "none":
+        c = model.config
+        shape = (c.n_layers, tokens.shape[0], cache_length(state), c.n_kv_heads, c.head_dim)
+        empty = jnp.zeros(shape, c.compute_dtype)
+        state = state.replace(cache=KVCache(empty, empty))
     carry = sampler.init(state)
 
     def cond(loop):
@@ -168,9 +251,13 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
 
     def body(loop):
         state, carry = loop
-        logits = forward_logits(model, state)
+        if config.cache == "none":
+            logits, computed = forward_logits(model, state), None
+        else:
+            logits, cache, computed = cached_logits(model, state)
+            state = state.replace(cache=cache)
         commit, carry = sampler.step(logits, state, carry)
-        return apply_commit(state, commit), carry
+        return apply_commit(state, commit, computed), carry
 
     state, _ = jax.lax.while_loop(cond, body, (state, carry))
     trace = Trace(state.commit_step, state.committed_per_step, state.confidence_history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import struct
 
 EOS_POLICIES = ("none", "logits_eos_inf", "confidence_eos_eot_inf")
 NOISE_DTYPES = ("float32", "float64")
+CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,18 @@ class DecodeConfig:
         enough for any sampler that commits >= 1 token per step.
       record_confidence: keep every step's confidence [max_steps, B, gen_length]
         in the trace (memory grows with max_steps).
+      cache: KV caching (Fast-dLLM, arXiv 2505.22618, §3.2): "none"; "prefix"
+        (between refreshes, recompute the active block and everything after
+        it against cached K/V of the prefix); "dual" (recompute only the
+        active window against cached prefix *and* suffix). Both are
+        approximate: K/V outside the recomputed range are stale until the next
+        refresh. See `dllm/decoding/engine.py`.
+      cache_refresh_every: besides the refresh at every block start, refresh
+        every k-th step (0 = only at block starts; 1 = every step, which
+        makes cached decoding exact).
+      cache_window: queries recomputed per cached step in "dual" mode
+        (default block_length); every window (adaptive blocks included) must
+        fit in it.
     """
 
     gen_length: int = 128
@@ -45,6 +59,9 @@ class DecodeConfig:
     eos_policy: str = "none"
     max_steps: int | None = None
     record_confidence: bool = False
+    cache: str = "none"
+    cache_refresh_every: int = 0
+    cache_window: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or self.gen_length <= 0:
@@ -66,6 +83,17 @@ class DecodeConfig:
             raise ValueError(f"noise_dtype={self.noise_dtype!r}: allowed {NOISE_DTYPES}")
         if self.noise_dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError('noise_dtype="float64" needs jax.config.update("jax_enable_x64", True)')
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache={self.cache!r}: allowed {CACHE_MODES}")
+        if self.cache != "none" and self.cfg_scale > 0:
+            raise ValueError(f"cache={self.cache!r} with cfg_scale={self.cfg_scale}: classifier-free guidance "
+                             "runs without a cache; allowed cache='none' when cfg_scale > 0")
+        if not isinstance(self.cache_refresh_every, int) or self.cache_refresh_every < 0:
+            raise ValueError(f"cache_refresh_every={self.cache_refresh_every!r}: must be an int >= 0")
+        if self.cache_window is None:
+            object.__setattr__(self, "cache_window", self.block_length)
+        if not 0 < self.cache_window <= self.gen_length:
+            raise ValueError(f"cache_window={self.cache_window}: allowed 1..gen_length={self.gen_length}")
         if self.max_steps is None:
             object.__setattr__(self, "max_steps", self.gen_length)
         if self.max_steps <= 0:
@@ -102,6 +130,7 @@ class DecodeState:
     committed_per_step: int32 [B, max_steps].
     confidence_history: float32 [max_steps, B, gen_length] or None.
     key:             the PRNG key of the whole decode; step s uses fold_in(key, s).
+    cache:           a `KVCache` when DecodeConfig.cache != "none", else None.
     """
 
     tokens: jax.Array
@@ -116,6 +145,7 @@ class DecodeState:
     committed_per_step: jax.Array
     confidence_history: jax.Array | None
     key: jax.Array
+    cache: Any
     config: DecodeConfig = struct.field(pytree_node=False)
     special: SpecialIds = struct.field(pytree_node=False)
     prompt_width: int = struct.field(pytree_node=False)

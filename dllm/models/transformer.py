@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from dllm.models.config import ModelConfig
 
@@ -135,14 +135,38 @@ def transformer_block(x, p, config: ModelConfig, cos, sin, key_mask):
     return attention_out_and_mlp(x, attend(q, k, v, key_mask, config), p, config)
 
 
-def run_layers(block_fn, x, layer_params: dict, config: ModelConfig):
-    """Applies `block_fn(x, params_of_layer_i)` for every layer, scanned or unrolled."""
+def run_layers(block_fn, x, layer_params: dict, config: ModelConfig, per_layer=None):
+    """Applies `x, out_i = block_fn(x, params_i, per_layer_i)` for every layer,
+    scanned or unrolled; returns x and the per-layer outputs stacked."""
     if config.scan_layers:
-        x, _ = jax.lax.scan(lambda carry, p: (block_fn(carry, p), None), x, layer_params)
-        return x
+        return jax.lax.scan(lambda carry, xs: block_fn(carry, *xs), x, (layer_params, per_layer))
+    outputs = []
     for i in range(config.n_layers):
-        x = block_fn(x, jax.tree.map(lambda a: a[i], layer_params))
-    return x
+        take = lambda a: a[i]
+        x, out = block_fn(x, jax.tree.map(take, layer_params), jax.tree.map(take, per_layer))
+        outputs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys (after RoPE) and values of every canvas position.
+
+    k, v: [layers, B, S, kv_heads, head_dim], logical axes
+    ("layers", "batch", "length", "kv_heads", "head_dim"); S may exceed the
+    canvas by a padding tail that is never attended to.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def write_rows(cache_layer, update, start):
+    """Writes update [B, Q, ...] into cache_layer [B, S, ...] at per-row offsets."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache_layer, update, start)
 
 
 class Transformer(nnx.Module):
@@ -215,13 +239,65 @@ class Transformer(nnx.Module):
             positions = positions_from_mask(attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         x = self.embed_tokens(tokens)
-        block = lambda carry, p: transformer_block(carry, p, c, cos, sin, attention_mask)
-        hidden = run_layers(block, x, self.layer_params(), c)
+        block = lambda carry, p, _: (transformer_block(carry, p, c, cos, sin, attention_mask), None)
+        hidden, _ = run_layers(block, x, self.layer_params(), c)
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         length = tokens.shape[1] - logits_start if logits_length is None else logits_length
         hidden = jax.lax.slice_in_dim(hidden, logits_start, logits_start + length, axis=1)
         return self.hidden_to_logits(hidden)
+
+
+    def forward_with_cache(self, tokens, attention_mask, positions=None, *, logits_start: int,
+                           logits_length: int, cache_length: int | None = None):
+        """Full forward that also returns every position's K/V (a cache refresh).
+
+        Returns (logits [B, logits_length, V], KVCache with S = cache_length or L).
+        """
+        c = self.config
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        pad = (cache_length or tokens.shape[1]) - tokens.shape[1]
+
+        def block(x, p, _):
+            q, k, v = attention_qkv(x, p, c, cos, sin)
+            x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c), p, c)
+            widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+            return x, (widen(k), widen(v))
+
+        hidden, (k, v) = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c)
+        if c.token_shift:
+            hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
+        hidden = jax.lax.slice_in_dim(hidden, logits_start, logits_start + logits_length, axis=1)
+        return self.hidden_to_logits(hidden), KVCache(k, v)
+
+    def forward_window(self, tokens, positions, start, cache: KVCache, key_mask, *, logits_count: int):
+        """Recomputes a window of queries against cached K/V (Fast-dLLM caches).
+
+        Args:
+          tokens, positions: [B, Q] the window's tokens and RoPE positions.
+          start: int32 [B], canvas column of each row's first window position.
+          cache: K/V of every position; the window's fresh K/V are written into
+            it at `start` (in place, as DualCache's replace_position).
+          key_mask: [B, S] 1 for keys that may be attended (real, non-padding).
+          logits_count: logits for the first `logits_count` queries (no token
+            shift here: the caller picks the query range).
+
+        Returns (logits [B, logits_count, V], updated cache).
+        """
+        c = self.config
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+
+        def block(x, p, layer_cache):
+            cache_k, cache_v = layer_cache
+            q, k, v = attention_qkv(x, p, c, cos, sin)
+            cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
+            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c), p, c)
+            return x, (cache_k, cache_v)
+
+        hidden, (k, v) = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, (cache.k, cache.v))
+        return self.hidden_to_logits(hidden[:, :logits_count]), KVCache(k, v)
 
 
 def count_params(model: Transformer) -> int:
