@@ -1,10 +1,19 @@
 """Pluggable commit rules: one file per rule, the contract in `base.py`."""
 
 from samplers.base import Commit, Sampler
+from samplers.adaptive_block import AdaptiveBlock
+from samplers.credit import Credit
+from samplers.early_commit import EarlyCommit
 from samplers.low_confidence import LowConfidence
+from samplers.threshold import Factor, Threshold
 
 SAMPLERS = {
     "low_confidence": LowConfidence,
+    "threshold": Threshold,
+    "factor": Factor,
+    "credit": Credit,
+    "early_commit": EarlyCommit,
+    "adaptive_block": AdaptiveBlock,
 }
 
 
@@ -15,4 +24,5 @@ def get_sampler(name: str, **settings) -> Sampler:
     return SAMPLERS[name](**settings)
 
 
-__all__ = ["Commit", "SAMPLERS", "Sampler", "get_sampler", "LowConfidence"]
+__all__ = ["AdaptiveBlock", "Commit", "Credit", "EarlyCommit", "Factor", "LowConfidence", "SAMPLERS", "Sampler",
+           "Threshold", "get_sampler"]

@@ -71,6 +71,10 @@ class Sampler:
     def step(self, logits: jax.Array, state: DecodeState, carry: Any) -> tuple[Commit, Any]:
         raise NotImplementedError
 
+    def bind(self, tokenizer) -> "Sampler":
+        """A copy with token texts (delimiters) resolved to ids of `tokenizer`."""
+        return self
+
     def settings(self) -> dict:
         """All fields, nested for wrapped samplers: what a results row records."""
         out = {"name": getattr(self, "name", type(self).__name__)}
@@ -78,6 +82,39 @@ class Sampler:
             value = getattr(self, field.name)
             out[field.name] = value.settings() if isinstance(value, Sampler) else value
         return out
+
+
+# ----------------------------------------------------------------- token ids
+
+
+def vocabulary_size(tokenizer) -> int:
+    """Vocabulary size of a `dllm.Tokenizer` or a raw `tokenizers.Tokenizer`."""
+    size = getattr(tokenizer, "vocab_size", None)
+    return int(size if size is not None else tokenizer.get_vocab_size())
+
+
+def describe_tokenizer(tokenizer) -> str:
+    source = getattr(tokenizer, "source", type(tokenizer).__name__)
+    return f"tokenizer {source} (vocabulary {vocabulary_size(tokenizer)})"
+
+
+def text_to_id(tokenizer, text: str, where: str) -> int:
+    """The id of the single token `text`; ValueError naming it and the tokenizer when absent."""
+    token_id = tokenizer.token_to_id(text)
+    if token_id is None:
+        raise ValueError(f"{where}={text!r} is not a token of {describe_tokenizer(tokenizer)}; "
+                         "allowed: a text that is one token of the vocabulary, or give the id directly")
+    return int(token_id)
+
+
+def check_id_in_vocabulary(token_id: int, size: int, where: str) -> None:
+    if not 0 <= token_id < size:
+        raise ValueError(f"{where}={token_id} lies outside the vocabulary of size {size}; allowed 0..{size - 1}")
+
+
+def bind_inner(inner, tokenizer):
+    bind = getattr(inner, "bind", None)
+    return bind(tokenizer) if bind is not None else inner
 
 
 # ----------------------------------------------------------------- proposals

@@ -169,8 +169,9 @@ class ConstantLogits(nnx.Module):
 
 
 def adversarial_samplers():
-    """Every registered sampler with its default settings."""
-    return [(name, cls()) for name, cls in samplers.SAMPLERS.items()]
+    """Every registered sampler with its default settings (token texts bound to ids)."""
+    bound = {"early_commit": dict(answer_delimiter_id=3), "adaptive_block": dict(delimiter_ids=(EOS,))}
+    return [(name, cls(**bound.get(name, {}))) for name, cls in samplers.SAMPLERS.items()]
 
 
 @pytest.mark.parametrize("fake", ["uniform", "all_eos"])

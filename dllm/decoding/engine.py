@@ -288,6 +288,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler={sampler!r} is not a samplers.base.Sampler; build one with samplers.get_sampler(name)")
     config = DecodeConfig(gen_length=gen_length, block_length=block_length, **config_fields)
+    if tokenizer is not None:
+        sampler = sampler.bind(tokenizer)  # token texts in sampler settings -> ids
     sampler.validate(config)
     special = resolve_special_ids(model, tokenizer, special)
     tokens, mask = pad_prompts(prompt_tokens, special.pad)
