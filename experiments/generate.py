@@ -29,7 +29,11 @@ def main(cfg: DictConfig) -> dict:
     if cfg.prompts:
         prompts = list(cfg.prompts)
     else:
-        prompts = [e.prompt for e in task_examples(cfg)[: cfg.n]]
+        by_task: dict[str, list] = {}
+        for example in task_examples(cfg):
+            by_task.setdefault(example.task, []).append(example)
+        rounds = zip(*by_task.values())  # one prompt of each task in turn
+        prompts = [e.prompt for batch in rounds for e in batch][: cfg.n]
     began = time.perf_counter()
     rows, timing = evaluation.decode_texts(model, tokenizer, sampler, prompts, decode,
                                            batch_size=cfg.batch_size, key=jax.random.key(cfg.seed))
