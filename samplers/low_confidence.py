@@ -14,7 +14,7 @@ as implemented in ML-GSAI/LLaDA `generate.py` (reference/samplers.md §1):
   noise: LLaDA issue #37). Random: the k positions with the highest U(0, 1)
   score. Committed tokens are never re-masked.
 
-NFE is exactly `steps`. Ties are broken by lower position first (torch.topk's
+NFE is exactly `steps` (unless DecodeConfig.max_steps cuts the decode short). Ties are broken by lower position first (torch.topk's
 order is unspecified). We require steps_per_block <= block_length, so every
 step commits at least one token; LLaDA would allow idle steps.
 """
@@ -70,8 +70,6 @@ class LowConfidence(base.Sampler):
                 f"{config.block_length} positions; allowed: at most block_length steps per block "
                 f"(steps <= {config.block_length * config.num_blocks})"
             )
-        if steps > config.max_steps:
-            raise ValueError(f"steps={steps} exceeds max_steps={config.max_steps}")
 
     def init(self, state: DecodeState):
         # Masked positions of the current block at its first step.

@@ -1,0 +1,113 @@
+"""Decoding speed at LLaDA-8B / Dream-7B geometry with random bf16 weights.
+
+    python -m experiments.benchmark                       # LLaDA-8B, batch 1/8/32, cache none/prefix/dual
+    python -m experiments.benchmark model=dream_7b batch_sizes=[1] caches=[dual]
+
+Each configuration decodes a batch of random prompts with a fixed
+one-token-per-step schedule (LowConfidence, steps = gen_length, so NFE is
+known) for `timed_steps` forward passes (max_steps; the first block: the
+refresh step plus window steps), after one untimed compile run. Prints one
+JSON line per configuration: ms per NFE, tokens/s, achieved TFLOP/s (model
+FLOPs of the tokens the step recomputes) and weight-read bandwidth, against
+the floors in reference/gpu.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import hydra
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from omegaconf import DictConfig
+
+import dllm
+import samplers
+from dllm.decoding import SpecialIds
+from dllm.evaluation import environment, write_json_atomic
+from experiments.common import model_config
+
+
+def random_model(cfg: DictConfig) -> dllm.Transformer:
+    config = model_config(cfg).replace(dtype=cfg.dtype, param_dtype=cfg.dtype, scan_layers=cfg.scan_layers,
+                                       attention_impl=cfg.attention_impl,
+                                       max_seq_len=cfg.prompt_length + cfg.gen_length)
+
+    @nnx.jit
+    def create():
+        return dllm.Transformer(config, rngs=nnx.Rngs(0))
+
+    return create()
+
+
+def step_flops(config, batch: int, queries: int, keys: int) -> float:
+    """Matmul FLOPs of one forward over `queries` positions attending to `keys`."""
+    d, f, layers = config.d_model, config.mlp_hidden, config.n_layers
+    qkv = d * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    per_token = 2 * layers * (qkv + config.n_heads * config.head_dim * d + 3 * d * f)
+    attention = 4 * layers * config.n_heads * config.head_dim * keys
+    return batch * queries * (per_token + attention)
+
+
+def weight_bytes(model) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
+def main(cfg: DictConfig) -> list[dict]:
+    began = time.perf_counter()
+    model = random_model(cfg)
+    c = model.config
+    special = SpecialIds(mask=c.vocab_size - 1, eos=c.vocab_size - 2, eot=c.vocab_size - 2, pad=0)
+    sampler = samplers.LowConfidence(steps=cfg.gen_length)
+    total_len = cfg.prompt_length + cfg.gen_length
+    rows = []
+    for batch in cfg.batch_sizes:
+        prompts = np.random.default_rng(0).integers(1, c.vocab_size - 3, (batch, cfg.prompt_length))
+        for cache in cfg.caches:
+            if time.perf_counter() - began > cfg.deadline_s:
+                print(json.dumps({"skipped": {"batch": batch, "cache": cache}, "reason": "deadline"}), flush=True)
+                continue
+            kwargs = dict(gen_length=cfg.gen_length, block_length=cfg.block_length, special=special, cache=cache,
+                          max_steps=cfg.timed_steps, key=jax.random.key(0))
+            t0 = time.perf_counter()
+            jax.block_until_ready(dllm.generate(model, prompts, sampler, **kwargs).tokens)
+            compile_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = dllm.generate(model, prompts, sampler, **kwargs)
+            jax.block_until_ready(result.tokens)
+            seconds = time.perf_counter() - t0
+            nfe = int(np.asarray(result.nfe).max())
+            ms = 1000 * seconds / nfe
+            refreshes = -(-nfe // cfg.block_length) if cache != "none" else nfe
+            window = cfg.gen_length if cache == "prefix" else cfg.block_length
+            flops = (refreshes * step_flops(c, batch, total_len, total_len)
+                     + (nfe - refreshes) * step_flops(c, batch, window, total_len))
+            row = {
+                "model": cfg.model.get("arch"), "batch": batch, "cache": cache, "nfe_timed": nfe,
+                "ms_per_nfe": round(ms, 3), "tokens_per_s": round(batch * nfe / seconds, 1),
+                "tflops": round(flops / seconds / 1e12, 1),
+                "fraction_of_peak": round(flops / seconds / 1e12 / cfg.peak_tflops, 3),
+                "weight_tb_s": round(weight_bytes(model) * nfe / seconds / 1e12, 3),
+                "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
+                "attention_impl": cfg.attention_impl,
+                "floor_ms_full_step": round(step_flops(c, batch, total_len, total_len) / cfg.peak_tflops / 1e9, 2),
+                "floor_ms_weights": round(weight_bytes(model) / cfg.peak_tb_s / 1e9, 2),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    ratios = {}
+    for batch in cfg.batch_sizes:
+        by_cache = {r["cache"]: r["ms_per_nfe"] for r in rows if r["batch"] == batch}
+        if "none" in by_cache:
+            ratios[batch] = {f"none/{k}": round(by_cache["none"] / v, 2) for k, v in by_cache.items() if k != "none"}
+            print(f"batch {batch}: ms per NFE {by_cache}; speedup of the caches over no cache {ratios[batch]}")
+    write_json_atomic(cfg.out, {"rows": rows, "cache_speedup": ratios, "environment": environment()})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
