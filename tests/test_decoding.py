@@ -9,6 +9,7 @@ from flax import nnx
 import dllm
 import samplers
 from dllm.decoding import SpecialIds
+from tests.helpers import tiny_random_model
 
 VOCAB, MASK, EOS, PAD = 40, 39, 38, 0
 SPECIAL = SpecialIds(mask=MASK, eos=EOS, eot=EOS, pad=PAD)
@@ -16,12 +17,7 @@ SPECIAL = SpecialIds(mask=MASK, eos=EOS, eot=EOS, pad=PAD)
 
 @pytest.fixture(scope="module")
 def model():
-    config = dllm.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64,
-                              max_seq_len=64, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD)
-    m = dllm.Transformer(config, rngs=nnx.Rngs(0))
-    # Spread the logits so confidences are far from ties (a fresh init is near uniform).
-    m.lm_head[...] = m.lm_head[...] * 40.0
-    return m
+    return tiny_random_model(VOCAB, MASK, EOS, PAD)
 
 
 def reference_generate(model, prompt, *, steps, gen_length, block_length, temperature=0.0, cfg_scale=0.0,

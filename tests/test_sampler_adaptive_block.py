@@ -24,6 +24,7 @@ from samplers.adaptive_block import AdaptiveBlock
 from samplers.early_commit import EarlyCommit
 from samplers.low_confidence import LowConfidence
 from samplers.threshold import Threshold
+from tests.helpers import tiny_random_model
 
 # ------------------------------------------------------------ hand-worked steps
 # A tiny vocabulary: 0 pad, 1..3 words, 4 the delimiter "/", 5 "=>", 6 EOS, 7 [MASK].
@@ -217,12 +218,7 @@ SPECIAL = SpecialIds(mask=MASK, eos=EOS, eot=EOS, pad=PAD)
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny random model of tests/test_decoding.py (copied, not imported)."""
-    config = dllm.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64,
-                              max_seq_len=64, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD)
-    m = dllm.Transformer(config, rngs=nnx.Rngs(0))
-    m.lm_head[...] = m.lm_head[...] * 40.0
-    return m
+    return tiny_random_model(VOCAB, MASK, EOS, PAD)
 
 
 def reference_adablock(model, prompt, *, gen_length, default_block_length, delimiter_ids, delimiter_threshold,

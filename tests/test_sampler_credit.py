@@ -7,6 +7,8 @@ q = p (1 + C)^alpha / sum_u p_u (1 + C_u)^alpha (the sampler uses the logit
 form l + alpha log(1 + C)), independent of the implementation.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,48 +18,21 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import dllm
-from dllm.decoding import DecodeConfig, SpecialIds, pad_prompts
-from dllm.decoding.engine import initial_state
+from dllm.decoding import SpecialIds, pad_prompts
 from samplers.credit import Credit, CreditHistory, credit_fused_logits
 from samplers.threshold import Threshold
+from tests import helpers
+from tests.helpers import logits_of, marks, top
 
 V, EOS, MASK = 6, 4, 5
 M = MASK
 SPECIAL = SpecialIds(mask=MASK, eos=EOS, eot=EOS, pad=0)
+make_state = functools.partial(helpers.make_state, special=SPECIAL)
 ALPHA, BETA, GAMMA, TAU = 0.65, 0.7, 0.2, 0.95
-
-
-def make_state(gen_tokens, block_start, block_end, *, block_length, step=0, step_in_block=0, **config):
-    """A DecodeState with the given generation canvas and windows (prompt: 2 tokens)."""
-    gen = jnp.asarray(gen_tokens, jnp.int32)
-    batch, g = gen.shape
-    config = DecodeConfig(gen_length=g, block_length=block_length, **config)
-    prompt = jnp.ones((batch, 2), jnp.int32)
-    state = initial_state(prompt, jnp.ones_like(prompt), jax.random.key(0), config, SPECIAL)
-    as_row = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.int32), (batch,))
-    return state.replace(tokens=state.tokens.at[:, 2:].set(gen), block_start=as_row(block_start),
-                         block_end=as_row(block_end), step_in_block=as_row(step_in_block),
-                         step=jnp.asarray(step, jnp.int32))
-
-
-def top(c, token=0):
-    """Probability c on `token`, the rest spread evenly over the other three ordinary tokens."""
-    p = [(1.0 - c) / 3] * 4 + [0.0, 0.0]
-    p[token] = c
-    return p
 
 
 def dist(*probs):
     return list(probs) + [0.0] * (V - len(probs))
-
-
-def logits_of(rows):
-    with np.errstate(divide="ignore"):
-        return jnp.asarray(np.log(np.asarray(rows, np.float64)), jnp.float32)
-
-
-def marks(*rows):
-    return np.array([[c == "1" for c in row] for row in rows])
 
 
 def fused_top(p, c, rest):

@@ -21,6 +21,7 @@ from dllm.decoding import DecodeConfig, SpecialIds
 from dllm.decoding.engine import apply_commit, initial_state
 from samplers.early_commit import EarlyCommit
 from samplers.low_confidence import LowConfidence
+from tests.helpers import tiny_random_model
 
 # ------------------------------------------------------------ hand-worked steps
 # A tiny vocabulary: 0 pad, 1..4 words, 5 the answer delimiter "=>", 6 EOS, 7 [MASK].
@@ -258,12 +259,7 @@ ARROW = 9  # the answer delimiter in the end-to-end prompts
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny random model of tests/test_decoding.py (copied, not imported)."""
-    config = dllm.ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64,
-                              max_seq_len=64, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD)
-    m = dllm.Transformer(config, rngs=nnx.Rngs(0))
-    m.lm_head[...] = m.lm_head[...] * 40.0
-    return m
+    return tiny_random_model(VOCAB, MASK, EOS, PAD)
 
 
 class ConstantLogits(nnx.Module):

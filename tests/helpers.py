@@ -1,0 +1,53 @@
+"""Small builders shared by the tests (not a test module)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import dllm
+from dllm.decoding import DecodeConfig, SpecialIds
+from dllm.decoding.engine import initial_state
+
+
+def tiny_random_model(vocab=40, mask=39, eos=38, pad=0, seed=0):
+    """A 2-layer random LLaDA-style model whose logits are spread away from ties
+    (a fresh init is near uniform, which would make confidence rankings fragile)."""
+    config = dllm.ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64,
+                              max_seq_len=64, mask_token_id=mask, eos_token_id=eos, pad_token_id=pad)
+    model = dllm.Transformer(config, rngs=nnx.Rngs(seed))
+    model.lm_head[...] = model.lm_head[...] * 40.0
+    return model
+
+
+def make_state(gen_tokens, block_start, block_end, *, special: SpecialIds, block_length, step=0, step_in_block=0,
+               **config):
+    """A DecodeState with the given generation canvas and windows (prompt: 2 tokens)."""
+    gen = jnp.asarray(gen_tokens, jnp.int32)
+    batch, g = gen.shape
+    config = DecodeConfig(gen_length=g, block_length=block_length, **config)
+    prompt = jnp.ones((batch, 2), jnp.int32)
+    state = initial_state(prompt, jnp.ones_like(prompt), jax.random.key(0), config, special)
+    as_row = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.int32), (batch,))
+    return state.replace(tokens=state.tokens.at[:, 2:].set(gen), block_start=as_row(block_start),
+                         block_end=as_row(block_end), step_in_block=as_row(step_in_block),
+                         step=jnp.asarray(step, jnp.int32))
+
+
+def logits_of(rows):
+    """Logits whose softmax is exactly the given probability rows (0 -> -inf)."""
+    with np.errstate(divide="ignore"):
+        return jnp.asarray(np.log(np.asarray(rows, np.float64)), jnp.float32)
+
+
+def marks(*rows):
+    """'1' = committed, '.' = not: one string per batch row."""
+    return np.array([[c == "1" for c in row] for row in rows])
+
+
+def top(c, token=0):
+    """Probabilities over 6 tokens (4 ordinary, then EOS and MASK at 0): c on
+    `token`, the rest spread evenly over the other three ordinary tokens."""
+    p = [(1.0 - c) / 3] * 4 + [0.0, 0.0]
+    p[token] = c
+    return p
