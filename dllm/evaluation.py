@@ -96,11 +96,21 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
 
     rows, timing = decode_texts(model, tokenizer, sampler, [e.prompt for e in examples], decode,
                                 batch_size=batch_size, key=key, prompt_width=prompt_width)
+    by_task: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        by_task.setdefault(example.task, []).append(i)
+    for name, index in by_task.items():  # score_many: code benchmarks run their sandboxes in parallel
+        task = get_task(name)
+        if hasattr(task, "score_many"):
+            scores = task.score_many([examples[i] for i in index], [rows[i]["output"] for i in index])
+        else:
+            scores = [task.score(examples[i], rows[i]["output"]) for i in index]
+        for i, score in zip(index, scores):
+            rows[i]["score"] = score
     per_task: dict[str, dict] = {}
     for example, row in zip(examples, rows):
         row["task"] = example.task
         row["answer"] = example.answer
-        row["score"] = get_task(example.task).score(example, row["output"])
         entry = per_task.setdefault(example.task, {"n": 0, "correct": 0.0, "nfe": []})
         entry["n"] += 1
         entry["correct"] += row["score"]

@@ -54,9 +54,16 @@ def decode_config(cfg: DictConfig) -> DecodeConfig:
     return DecodeConfig(**OmegaConf.to_container(cfg.decode, resolve=True))
 
 
-def task_examples(cfg: DictConfig):
+def task_examples(cfg: DictConfig, tokenizer=None):
+    """The examples of `cfg.task`: the synthetic suite, or a benchmark of `dllm.tasks.benchmarks`
+    (prompts rendered with `tokenizer`'s chat template when the task config asks for it)."""
     from dllm.tasks import suite_examples
+    from dllm.tasks.benchmarks import BENCHMARKS, benchmark_examples
 
     task = cfg.task
+    if task.name in BENCHMARKS:
+        return benchmark_examples(OmegaConf.to_container(task, resolve=True), tokenizer)
+    if task.name != "suite":
+        raise ValueError(f"unknown task config name {task.name!r}; allowed: suite, {', '.join(BENCHMARKS)}")
     tasks = list(task.tasks) if task.get("tasks") else None
     return suite_examples(task.split, task.n_per_task, tasks=tasks)

@@ -25,12 +25,13 @@ def main(cfg: DictConfig) -> dict:
     model, tokenizer, source = load_model(cfg)
     sampler = build_sampler(cfg)
     decode = decode_config(cfg)
-    examples = task_examples(cfg)
+    examples = task_examples(cfg, tokenizer)
     result = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed))
     summary = result["summary"]
     line = {
         "task": cfg.task.name, "tasks": sorted(summary["per_task"]), "split": cfg.task.split,
+        "task_config": OmegaConf.to_container(cfg.task),
         "model": source, "sampler": sampler.settings(), "decode": OmegaConf.to_container(cfg.decode),
         **{k: v for k, v in summary.items()}, **evaluation.environment(),
     }

@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> dict:
         prompts = list(cfg.prompts)
     else:
         by_task: dict[str, list] = {}
-        for example in task_examples(cfg):
+        for example in task_examples(cfg, tokenizer):
             by_task.setdefault(example.task, []).append(example)
         rounds = zip(*by_task.values())  # one prompt of each task in turn
         prompts = [e.prompt for batch in rounds for e in batch][: cfg.n]

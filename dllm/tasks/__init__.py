@@ -57,10 +57,14 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
-    """The task called `name`; ValueError naming it and the allowed names if there is none."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; allowed tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+    """The suite task or real benchmark (`dllm.tasks.benchmarks`) called `name`; ValueError naming the allowed names."""
+    if name in TASKS:
+        return TASKS[name]
+    from dllm.tasks.benchmarks import BENCHMARKS
+
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    raise ValueError(f"unknown task {name!r}; allowed tasks: {', '.join(TASKS)}; benchmarks: {', '.join(BENCHMARKS)}")
 
 
 def suite_examples(split: str, n_per_task: int | None, tasks: Sequence[str] | None = None) -> list[Example]:
