@@ -190,7 +190,10 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_
       dtype: compute dtype ("float32", "bfloat16" or a jnp dtype). The
         parameter dtype follows it unless `param_dtype` is given.
       place: optional `fn(name, host_array) -> jax.Array` placing each
-        parameter (used by `dllm.sharding` to load directly into shards).
+        parameter, e.g. `dllm.sharding.Placer(mesh, rules)` to load directly
+        into shards. If it also has `sharding(name, shape)` (as `Placer`
+        does), our orbax checkpoints are restored straight into those
+        shardings instead of being placed after the read.
       config_overrides: any other `ModelConfig` field (e.g. scan_layers=False).
     """
     folder = Path(path)
@@ -206,8 +209,9 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_
     config = from_hf_config(raw, folder / "config.json", **overrides)
     tokenizer = Tokenizer.from_folder(folder)
     if raw.get("model_type") == "dllm":
-        params = restore_params(folder / "params", config)
-        if place is not None:
+        target_sharding = getattr(place, "sharding", None)
+        params = restore_params(folder / "params", config, target_sharding)
+        if place is not None and target_sharding is None:
             params = {k: place(k, v) for k, v in params.items()}
     else:
         params = load_hf_params(folder, config, place)
@@ -253,8 +257,12 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra
     return final
 
 
-def restore_params(params_dir: Path, config: ModelConfig) -> dict[str, jax.Array]:
-    """Restores orbax parameters, checking them against `config` first."""
+def restore_params(params_dir: Path, config: ModelConfig, sharding=None) -> dict[str, jax.Array]:
+    """Restores orbax parameters, checking them against `config` first.
+
+    `sharding`: optional `fn(name, shape) -> jax.sharding.Sharding`; each
+    parameter is then restored directly into it (a sharded target).
+    """
     import orbax.checkpoint as ocp
 
     params_dir = Path(params_dir).absolute()
@@ -274,5 +282,7 @@ def restore_params(params_dir: Path, config: ModelConfig) -> dict[str, jax.Array
                 raise ValueError(
                     f"{params_dir}: parameter {name!r} has shape {found}, config.json expects {tuple(struct_.shape)}"
                 )
-        abstract = {k: jax.ShapeDtypeStruct(v.shape, config.weight_dtype) for k, v in target.items()}
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, config.weight_dtype,
+                                            sharding=None if sharding is None else sharding(k, v.shape))
+                    for k, v in target.items()}
         return checkpointer.restore(params_dir, abstract)

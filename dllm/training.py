@@ -27,9 +27,12 @@ line at each start or resume, then "split": "train" / "eval" rows. After a
 resume, rows of steps past the restored checkpoint that the killed run had
 already written appear again; the later row is the one that counts.
 
-Data parallelism: the batch is split over a one-axis mesh ("data") of all
-devices and the parameters are replicated; XLA inserts the gradient
-all-reduce.
+Sharding (`dllm.sharding`): the step runs under the mesh of a `MeshConfig`
+(default: every device on "data"). Parameters and the AdamW moments are
+placed by the logical-axis rules (born sharded: the init is jitted with
+their shardings), the batch is split over the batch axes (data and fsdp),
+and the step constrains its outputs to the same shardings; XLA inserts the
+gradient reductions and the fsdp all-gathers.
 """
 
 from __future__ import annotations
@@ -48,9 +51,8 @@ import numpy as np
 import optax
 import flax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dllm import diffusion
+from dllm import diffusion, sharding
 from dllm.checkpoints import model_from_params, save_pretrained
 from dllm.data import Data, check_batch_divides
 from dllm.models.config import DTYPES, ModelConfig
@@ -199,10 +201,22 @@ BOOKKEEPING_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_check
                       "save_dtype", "progress", "tensorboard")
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: TrainConfig, mask_id: int):
+def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state, param_shardings: dict,
+                        layout: sharding.Layout):
+    """Shardings of an optimizer state (real or abstract): per-parameter leaves (AdamW moments)
+    as their parameter, the rest (step counts) replicated."""
+    return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
+                                 transform_non_params=lambda _: layout.replicated(),
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: TrainConfig, mask_id: int,
+                    layout: sharding.Layout | None = None):
     """The update `(params, opt_state, batch, step) -> (params, opt_state, metrics)` (not yet jitted).
 
     The diffusion noise of update `step` uses key fold_in(PRNGKey(seed), step).
+    With a `layout`, the batch is constrained to the batch axes and the new
+    parameters and optimizer state to their rule shardings.
     """
     base_key = jax.random.PRNGKey(config.seed)
     loss_fn = lambda params, batch, key: diffusion_loss(
@@ -211,9 +225,16 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: T
 
     def train_step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
+        if layout is not None:
+            batch = {name: layout.constrain(x, layout.batch_axes(x.ndim)) for name, x in batch.items()}
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if layout is not None:
+            param_shardings = layout.param_shardings(nnx.merge(graphdef, params))
+            opt_state = jax.lax.with_sharding_constraint(
+                opt_state, opt_state_shardings(optimizer, opt_state, param_shardings, layout))
+            params = jax.lax.with_sharding_constraint(params, param_shardings)
         return params, opt_state, {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
@@ -238,27 +259,47 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_steps(graphdef, config: TrainConfig, mask_id: int):
+def _jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.Layout | None):
     optimizer = make_optimizer(config)
-    train_step = jax.jit(make_train_step(graphdef, optimizer, config, mask_id), donate_argnums=(0, 1))
+    train_step = jax.jit(make_train_step(graphdef, optimizer, config, mask_id, layout), donate_argnums=(0, 1))
     return optimizer, train_step, jax.jit(make_eval_step(graphdef, config, mask_id))
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_init(model_config: ModelConfig, seed: int, sharding):
-    """`() -> params`: the initialization jitted straight into device memory with `sharding` (as md4)."""
+def jitted_init(model_config: ModelConfig, seed: int, layout: sharding.Layout):
+    """`() -> params`: the initialization jitted straight into the parameters' rule shardings
+    (as md4: born sharded, no device holds a full copy)."""
     init = lambda: nnx.to_pure_dict(nnx.state(Transformer(model_config, rngs=nnx.Rngs(seed)), nnx.Param))
-    return jax.jit(init, out_shardings=sharding)
+    shardings = layout.param_shardings(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(seed))))
+    return jax.jit(init, out_shardings=shardings)
 
 
-def jitted_steps(graphdef, config: TrainConfig, mask_id: int):
+def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, layout: sharding.Layout):
+    """What the loop starts from, under `layout`:
+    (graphdef, params, opt_state, optimizer, jitted train step, jitted eval step).
+
+    Parameters are born sharded (jitted init) and checked with
+    `sharding.assert_sharded`; the AdamW moments take their parameter's sharding.
+    """
+    abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    params = jitted_init(model_config, config.seed, layout)()
+    sharding.assert_sharded(abstract, layout.mesh, layout.rules, params=params)
+    optimizer, train_step, eval_step = jitted_steps(graphdef, config, mask_id, layout)
+    opt_shardings = opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, params),
+                                        layout.param_shardings(abstract), layout)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    return graphdef, params, opt_state, optimizer, train_step, eval_step
+
+
+def jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.Layout | None = None):
     """(optimizer, jitted train step with params/opt_state donated, jitted eval step).
 
     Cached on everything but `BOOKKEEPING_FIELDS`, so a resumed run (or a
     sweep over workdirs) in the same process reuses the compiled steps.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in BOOKKEEPING_FIELDS}
-    return _jitted_steps(graphdef, dataclasses.replace(config, **defaults), mask_id)
+    return _jitted_steps(graphdef, dataclasses.replace(config, **defaults), mask_id, layout)
 
 
 # --------------------------------------------------------------------------- #
@@ -365,11 +406,6 @@ def _to_python(metrics: dict) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def data_mesh(devices=None) -> Mesh:
-    """A one-axis mesh ("data",) over `devices` (default: all)."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
-
-
 def evaluate(eval_step, params, data, config: TrainConfig, put_batch) -> dict:
     """Mean of `eval_step` metrics over the first `eval_batches` held-out batches (fixed noise)."""
     key = jax.random.PRNGKey(config.seed + 1)
@@ -382,14 +418,17 @@ def evaluate(eval_step, params, data, config: TrainConfig, put_batch) -> dict:
 
 
 def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices=None,
-          callback: Callable[[int, dict], None] | None = None, metadata: dict | None = None) -> TrainResult:
+          mesh_config: sharding.MeshConfig | None = None, callback: Callable[[int, dict], None] | None = None,
+          metadata: dict | None = None) -> TrainResult:
     """Trains (or resumes) a masked-diffusion model and saves it to `workdir/model`.
 
     Args:
       model_config: the network; its special ids are set from the tokenizer.
       config: optimization, logging, checkpoints (`TrainConfig`).
       data: `dllm.data.make_data(...)`; its batch size must equal config.batch_size.
-      devices: devices of the data-parallel mesh (default: all).
+      devices: devices of the mesh (default: those of `mesh_config`, else all).
+      mesh_config: the mesh and its logical-axis rules (`configs/mesh/*.yaml`);
+        default every device on "data" (parameters replicated).
       callback: called as `callback(step, metrics)` after every update (metrics
         are device arrays; an exception raised here stops the run as a kill would).
       metadata: extra entries for the saved model's metadata.json.
@@ -405,18 +444,18 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
                          f"vocabulary ({tokenizer.vocab_size} tokens, {tokenizer.source})")
     model_config = model_config.replace(mask_token_id=tokenizer.mask_id, eos_token_id=tokenizer.eos_id,
                                         pad_token_id=tokenizer.pad_id)
-    mesh = data_mesh(devices)
-    check_batch_divides(config.batch_size, mesh.shape["data"])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    put_batch = lambda batch: jax.device_put(batch, batch_sharding)
+    mesh_config = mesh_config or sharding.MeshConfig()
+    mesh = sharding.make_mesh(mesh_config, devices)
+    layout = sharding.Layout.of(mesh, mesh_config.rules)
+    batch_axes, n_batch_shards = layout.batch_devices()
+    split = [a for a in batch_axes if mesh.shape[a] > 1]
+    check_batch_divides(config.batch_size, n_batch_shards, split[0] if len(split) == 1 else " x ".join(split))
+    put_batch = layout.put_batch
 
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-    params = jitted_init(model_config, config.seed, replicated)()
-    optimizer, train_step, eval_step = jitted_steps(graphdef, config, tokenizer.mask_id)
-    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+    graphdef, params, opt_state, optimizer, train_step, eval_step = init_training(
+        model_config, config, tokenizer.mask_id, layout)
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
 
     manager = checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
@@ -479,7 +518,12 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
         writer.close()
         manager.close()
 
-    params = jax.device_get(params)
+    if all(x.is_fully_addressable for x in params.values()):
+        params = jax.device_get(params)
+    else:  # multi-host: every process gathers the whole model
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
     model = model_from_params(model_config, params)
     saved = model
     if config.save_dtype is not None and config.save_dtype != model_config.param_dtype:

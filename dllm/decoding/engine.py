@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
-from dllm.models.transformer import KVCache, positions_from_mask
+from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
 
 
 def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -234,15 +234,22 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "config", "special"))
-def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "config", "special", "layout"))
+def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None):
+    """`layout` (a `dllm.sharding.Layout`, or None on one device): the canvas
+    and the KV cache are constrained to it (batch rows over the data axes,
+    cache heads over `kv_heads`); the rest follows by XLA's propagation."""
+    constrain = (lambda x, axes: x) if layout is None else layout.constrain
+    constrain_cache = lambda cache: KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES))
     model = nnx.merge(graphdef, params)
     state = initial_state(tokens, attention_mask, key, config, special)
+    state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
+                          attention_mask=constrain(state.attention_mask, ("batch", "length")))
     if config.cache != "none":
         c = model.config
         shape = (c.n_layers, tokens.shape[0], cache_length(state), c.n_kv_heads, c.head_dim)
         empty = jnp.zeros(shape, c.compute_dtype)
-        state = state.replace(cache=KVCache(empty, empty))
+        state = state.replace(cache=constrain_cache(KVCache(empty, empty)))
     carry = sampler.init(state)
 
     def cond(loop):
@@ -255,18 +262,19 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
             logits, computed = forward_logits(model, state), None
         else:
             logits, cache, computed = cached_logits(model, state)
-            state = state.replace(cache=cache)
+            state = state.replace(cache=constrain_cache(cache))
         commit, carry = sampler.step(logits, state, carry)
-        return apply_commit(state, commit, computed), carry
+        state = apply_commit(state, commit, computed)
+        return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry
 
     state, _ = jax.lax.while_loop(cond, body, (state, carry))
     trace = Trace(state.commit_step, state.committed_per_step, state.confidence_history)
-    return DecodeResult(tokens=state.gen_tokens, nfe=state.nfe, trace=trace)
+    return DecodeResult(tokens=constrain(state.gen_tokens, ("batch", "length")), nfe=state.nfe, trace=trace)
 
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler, *, gen_length: int,
              block_length: int, key: jax.Array | None = None, tokenizer=None, attention_mask=None,
-             special: SpecialIds | None = None, **config_fields) -> DecodeResult:
+             special: SpecialIds | None = None, mesh=None, rules=None, **config_fields) -> DecodeResult:
     """Decodes a batch of prompts with `sampler`.
 
     Args:
@@ -277,6 +285,13 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
       gen_length, block_length: see `DecodeConfig`.
       key: PRNG key; the same key gives the same tokens.
       tokenizer: source of the special ids (else the model config's).
+      mesh, rules: decode sharded over a `jax.sharding.Mesh` (see
+        `dllm.sharding`): parameters placed by the logical-axis `rules`
+        (default `DEFAULT_RULES` restricted to the mesh's axes), prompt rows
+        and the KV cache split over the batch axes (data, fsdp), cache heads
+        over kv_heads' axis (tensor). The number of prompts must divide over
+        the batch axes. Tokens equal the unsharded run's (up to float
+        reassociation in sharded reductions).
       config_fields: the other `DecodeConfig` fields (temperature, cfg_scale,
         eos_policy, noise_dtype, max_steps, record_confidence).
 
@@ -313,5 +328,19 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         raise ValueError(f"a prompt contains the mask token id {special.mask}; prompts must be fully observed")
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)
-    return _decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
-                   sampler=sampler, config=config, special=special)
+    if mesh is None:
+        return _decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
+                       sampler=sampler, config=config, special=special)
+    from dllm import sharding
+
+    layout = sharding.Layout.of(mesh, rules)
+    layout.check_batch(tokens.shape[0], "the prompt batch")
+    if config.cache != "none":
+        c = model.config
+        layout.check("the KV cache", (c.n_layers, tokens.shape[0], 1, c.n_kv_heads, c.head_dim), CACHE_AXES)
+    shardings = layout.param_shardings(model)
+    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
+    tokens, mask = layout.put_batch((tokens, mask))
+    key = jax.device_put(key, layout.replicated())
+    return _decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
+                   layout=layout)
