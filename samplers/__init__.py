@@ -4,6 +4,8 @@ from samplers.base import Commit, Sampler
 from samplers.adaptive_block import AdaptiveBlock
 from samplers.credit import Credit
 from samplers.early_commit import EarlyCommit
+from samplers.end_of_text import EndOfText
+from samplers.learned_filter import LearnedFilter
 from samplers.low_confidence import LowConfidence
 from samplers.threshold import Factor, Threshold
 
@@ -14,6 +16,8 @@ SAMPLERS = {
     "credit": Credit,
     "early_commit": EarlyCommit,
     "adaptive_block": AdaptiveBlock,
+    "learned_filter": LearnedFilter,
+    "end_of_text": EndOfText,
 }
 
 
@@ -24,5 +28,5 @@ def get_sampler(name: str, **settings) -> Sampler:
     return SAMPLERS[name](**settings)
 
 
-__all__ = ["AdaptiveBlock", "Commit", "Credit", "EarlyCommit", "Factor", "LowConfidence", "SAMPLERS", "Sampler",
+__all__ = ["AdaptiveBlock", "Commit", "Credit", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence", "SAMPLERS", "Sampler",
            "Threshold", "get_sampler"]

@@ -23,7 +23,7 @@ def make_model(arch, n_layers):
 
 
 def decode(model, sampler, **kw):
-    r = dllm.generate(model, PROMPTS, sampler, gen_length=16, block_length=4, special=SPECIAL, **kw)
+    r = dllm.generate(model, PROMPTS, sampler, gen_length=16, block_length=8, special=SPECIAL, **kw)
     return np.asarray(r.tokens), np.asarray(r.nfe)
 
 

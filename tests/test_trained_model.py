@@ -15,8 +15,7 @@ from dllm.decoding import DecodeConfig
 from dllm.tasks import suite_examples
 from experiments.common import REPO_ROOT
 
-SAMPLER_YAMLS = sorted(p.stem for p in (REPO_ROOT / "configs" / "sampler").glob("*.yaml")
-                       if p.stem != "learned_filter")
+SAMPLER_YAMLS = sorted(p.stem for p in (REPO_ROOT / "configs" / "sampler").glob("*.yaml"))
 COMPOSITIONS = {
     "early_commit(threshold)": {"_target_": "samplers.early_commit.EarlyCommit",
                                 "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}},
