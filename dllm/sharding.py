@@ -29,7 +29,8 @@ Multi-host (TPU pods, multi-node GPU): every process runs the same program;
 mesh then spans every device of every host, and arrays are built with
 `jax.make_array_from_callback`, so each process transfers only the shards
 its own devices hold (the batch is a pure function of (seed, step), so
-every host can compute it and put its slice).
+every host can compute it and put its slice). Multi-slice TPU meshes (a DCN
+axis across slices) are not built here: `jax.make_mesh` refuses them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np

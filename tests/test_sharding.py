@@ -64,6 +64,7 @@ MODEL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21], [22, 23, 24, 25],
            [26, 27, 28, 29, 30, 31], [32], [33, 34, 35, 36, 37]]
 CACHE_MODES = ("none", "prefix", "dual")
+DECODE = dict(gen_length=16, block_length=8)  # two blocks; 8 is the block the bundled learned filter needs
 
 
 def decode_model(mesh=None):
@@ -130,7 +131,7 @@ def run_worker(name: str) -> dict:
     for case, sampler, kw in grid_cases(name, full_grid()):
         runs = {}
         for run, (m, on) in {"reference": (model, None), "sharded": (sharded_model, mesh)}.items():
-            result = dllm.generate(m, PROMPTS, sampler, gen_length=8, block_length=4, special=SPECIAL,
+            result = dllm.generate(m, PROMPTS, sampler, **DECODE, special=SPECIAL,
                                    key=jax.random.key(7), mesh=on, **kw)
             runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
                          "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
@@ -182,8 +183,8 @@ def run_worker(name: str) -> dict:
                                                       rngs=nnx.Rngs(0)))
         for what, fn in {
             "indivisible_param": lambda: sharding.shard_model(gqa, mesh, DEFAULT_RULES),
-            "indivisible_batch": lambda: dllm.generate(model, PROMPTS[:3], samplers.LowConfidence(), gen_length=8,
-                                                       block_length=4, special=SPECIAL, mesh=mesh),
+            "indivisible_batch": lambda: dllm.generate(model, PROMPTS[:3], samplers.LowConfidence(), **DECODE,
+                                                       special=SPECIAL, mesh=mesh),
             "place_indivisible": lambda: sharding.Placer(mesh, DEFAULT_RULES)("embed", np.zeros((30, 32))),
         }.items():
             try:
@@ -298,7 +299,7 @@ def test_the_two_meshes_cover_every_sampler_and_cache_mode_pair():
 def test_one_device_mesh_is_the_plain_path():
     mesh = sharding.make_mesh(MeshConfig(num_devices=1))
     model = decode_model()
-    kwargs = dict(gen_length=8, block_length=4, special=SPECIAL)
+    kwargs = dict(**DECODE, special=SPECIAL)
     expected = dllm.generate(model, PROMPTS[:2], samplers.LowConfidence(), **kwargs)
     got = dllm.generate(model, PROMPTS[:2], samplers.LowConfidence(), mesh=mesh, **kwargs)
     np.testing.assert_array_equal(got.tokens, expected.tokens)

@@ -290,8 +290,9 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         (default `DEFAULT_RULES` restricted to the mesh's axes), prompt rows
         and the KV cache split over the batch axes (data, fsdp), cache heads
         over kv_heads' axis (tensor). The number of prompts must divide over
-        the batch axes. Tokens equal the unsharded run's (up to float
-        reassociation in sharded reductions).
+        the batch axes. Tokens equal the unsharded run's (tested on 8
+        simulated devices; sharded reductions may reorder float sums, so
+        an exact near-tie could in principle resolve differently).
       config_fields: the other `DecodeConfig` fields (temperature, cfg_scale,
         eos_policy, noise_dtype, max_steps, record_confidence).
 
@@ -337,7 +338,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     layout.check_batch(tokens.shape[0], "the prompt batch")
     if config.cache != "none":
         c = model.config
-        layout.check("the KV cache", (c.n_layers, tokens.shape[0], 1, c.n_kv_heads, c.head_dim), CACHE_AXES)
+        length = tokens.shape[1] + gen_length + window_length(config) + 1  # as cache_length(state)
+        layout.check("the KV cache", (c.n_layers, tokens.shape[0], length, c.n_kv_heads, c.head_dim), CACHE_AXES)
     shardings = layout.param_shardings(model)
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
     tokens, mask = layout.put_batch((tokens, mask))
