@@ -29,7 +29,7 @@ from flax import nnx
 
 from dllm.models import hf_names
 from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, to_own_config_dict
-from dllm.models.transformer import Transformer, layer_param_shapes
+from dllm.models.transformer import Transformer, canonical_params, layer_param_shapes, model_param_tree
 from dllm.tokenizer import Tokenizer
 
 SAFETENSORS_DTYPES = {
@@ -111,7 +111,8 @@ def _abstract_model(config: ModelConfig):
 
 
 def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, jax.Array]:
-    """Reads HF safetensors into our parameter dict, one stacked parameter at a time.
+    """Reads HF safetensors into our parameter dict, one stacked parameter at a time
+    (with `scan_layers=False`, one list of per-layer tensors named `blocks/{i}/{name}`).
 
     Args:
       place: optional `fn(name, host_array) -> jax.Array` that puts a finished
@@ -139,6 +140,10 @@ def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, j
 
     params: dict[str, jax.Array] = {}
     for name, shape in layer_param_shapes(config).items():
+        if not config.scan_layers:  # unrolled: each layer's tensor placed on its own
+            params[name] = [place(f"blocks/{i}/{name}", read(layer_names[name].format(i=i), name, shape))
+                            for i in range(config.n_layers)]
+            continue
         stacked = np.empty((config.n_layers, *shape), dtype=dtype)
         for i in range(config.n_layers):
             stacked[i] = read(layer_names[name].format(i=i), name, shape)
@@ -152,20 +157,45 @@ def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, j
     return params
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """Nested dicts -> {"a/0/b": leaf} (lists are leaves)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        flat.update(_flatten(value, name + "/") if isinstance(value, dict) else {name: value})
+    return flat
+
+
 def model_from_params(config: ModelConfig, params: dict) -> Transformer:
-    """Builds a Transformer whose parameters are `params` (no random init)."""
+    """Builds a Transformer whose parameters are `params` (no random init).
+
+    `params`: canonical {name: array} (layer parameters stacked [layers, ...]
+    or given as per-layer lists, as checkpoints hold them), or the model's own
+    pure-dict structure (`nnx.to_pure_dict`). Shapes are checked against the
+    config first; an unrolled config (`scan_layers=False`) gets one array per
+    layer.
+    """
+    own = "blocks" in params
     graphdef, state = _abstract_model(config)
-    expected = {k: v for k, v in nnx.to_pure_dict(state).items()}
-    missing = set(expected) - set(params)
-    extra = set(params) - set(expected)
+    expected = nnx.to_pure_dict(state if own else _abstract_model(config.replace(scan_layers=True))[1])
+    flat_expected = _flatten(expected)
+    flat_given = {}
+    for name, value in _flatten(params).items():
+        if isinstance(value, (list, tuple)):  # per-layer arrays of a stacked parameter
+            shapes = {tuple(np.shape(v)) for v in value}
+            value = jax.ShapeDtypeStruct((len(value), *shapes.pop()) if len(shapes) == 1 else (len(value), -1),
+                                         jnp.float32)
+        flat_given[name] = value
+    missing, extra = set(flat_expected) - set(flat_given), set(flat_given) - set(flat_expected)
     if missing or extra:
         raise ValueError(f"parameters do not match the config: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for name, struct_ in expected.items():
-        if tuple(params[name].shape) != tuple(struct_.shape):
+    for name, struct_ in flat_expected.items():
+        if tuple(np.shape(flat_given[name])) != tuple(struct_.shape):
             raise ValueError(
-                f"parameter {name!r} has shape {tuple(params[name].shape)}, the config expects {tuple(struct_.shape)}"
+                f"parameter {name!r} has shape {tuple(np.shape(flat_given[name]))}, "
+                f"the config expects {tuple(struct_.shape)}"
             )
-    nnx.replace_by_pure_dict(state, params)
+    nnx.replace_by_pure_dict(state, model_param_tree(config, params))
     return nnx.merge(graphdef, state)
 
 
@@ -218,10 +248,6 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_
     return model_from_params(config, params), tokenizer
 
 
-def _params_dict(model: Transformer) -> dict[str, jax.Array]:
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
 def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra: dict | None = None) -> Path:
     """Writes our own checkpoint folder atomically (temp folder, then rename).
 
@@ -239,7 +265,7 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra
             tokenizer.save(staging)
         if extra:
             (staging / "metadata.json").write_text(json.dumps(extra, indent=2))
-        params = jax.tree.map(np.asarray, _params_dict(model))
+        params = jax.tree.map(np.asarray, canonical_params(model))
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / "params", params)
             checkpointer.wait_until_finished()
@@ -268,7 +294,7 @@ def restore_params(params_dir: Path, config: ModelConfig, sharding=None) -> dict
     params_dir = Path(params_dir).absolute()
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: no orbax parameters folder")
-    _, state = _abstract_model(config)
+    _, state = _abstract_model(config.replace(scan_layers=True))  # checkpoints hold stacked layers
     target = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(params_dir)

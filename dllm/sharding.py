@@ -424,6 +424,9 @@ class Placer:
         self.axes = _transformer_param_axes()
 
     def logical_axes(self, name: str) -> tuple:
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in self.axes:
+            return self.axes[parts[2]][1:]  # one layer of an unrolled model: no "layers" axis
         if name not in self.axes:
             raise ValueError(f"parameter {name!r} is not a Transformer parameter; known: {sorted(self.axes)}")
         return self.axes[name]

@@ -26,8 +26,10 @@ from omegaconf import DictConfig
 
 import dllm
 import samplers
+from dllm.checkpoints import model_from_params
 from dllm.decoding import SpecialIds
 from dllm.evaluation import environment, write_json_atomic
+from dllm.models.transformer import canonical_params
 from experiments.common import model_config
 
 
@@ -36,11 +38,14 @@ def random_model(cfg: DictConfig) -> dllm.Transformer:
                                        attention_impl=cfg.attention_impl,
                                        max_seq_len=cfg.prompt_length + cfg.gen_length)
 
-    @nnx.jit
-    def create():
-        return dllm.Transformer(config, rngs=nnx.Rngs(0))
-
-    return create()
+    # Drawn stacked (the unrolled initializer takes long to compile at 8B), then
+    # laid out per layer when scan_layers is off.
+    stacked = nnx.jit(lambda: dllm.Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0)))()
+    if config.scan_layers:
+        return stacked
+    params = canonical_params(stacked)
+    del stacked
+    return model_from_params(config, params)
 
 
 def step_flops(config, batch: int, queries: int, keys: int) -> float:

@@ -240,16 +240,15 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
     and the KV cache are constrained to it (batch rows over the data axes,
     cache heads over `kv_heads`); the rest follows by XLA's propagation."""
     constrain = (lambda x, axes: x) if layout is None else layout.constrain
-    constrain_cache = lambda cache: KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES))
+    # Stacked caches use every CACHE_AXES name; per-layer (unrolled) ones drop "layers".
+    constrain_cache = lambda cache: jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
     model = nnx.merge(graphdef, params)
     state = initial_state(tokens, attention_mask, key, config, special)
     state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
                           attention_mask=constrain(state.attention_mask, ("batch", "length")))
     if config.cache != "none":
-        c = model.config
-        shape = (c.n_layers, tokens.shape[0], cache_length(state), c.n_kv_heads, c.head_dim)
-        empty = jnp.zeros(shape, c.compute_dtype)
-        state = state.replace(cache=constrain_cache(KVCache(empty, empty)))
+        empty = KVCache.zeros(model.config, tokens.shape[0], cache_length(state))
+        state = state.replace(cache=constrain_cache(empty))
     carry = sampler.init(state)
 
     def cond(loop):

@@ -12,10 +12,13 @@ a LLaMA/Qwen2 decoder with the causal mask removed:
 Dream (and Fast-dLLM v2) predict position i from hidden state i-1 ("token
 shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`.
 
-Parameters of all blocks are stacked along a leading `layers` axis, so the
-blocks run either under `lax.scan` (fast compile) or unrolled (faster at batch
-1 on GPU). Every parameter carries logical axis names in its
-`logical_axes` metadata; `dllm.sharding` maps them to mesh axes.
+Layer parameters are laid out as `scan_layers` says (as MaxText does): stacked
+along a leading `layers` axis for `lax.scan` (fast compile, training), or one
+`blocks[i]` dict per layer for unrolled layers (fastest decoding on GPU: no
+per-step slice copies of stacked weights). Checkpoints always hold the stacked
+("canonical") layout; `canonical_params` and `model_param_tree` convert. Every
+parameter carries logical axis names in its `logical_axes` metadata;
+`dllm.sharding` maps them to mesh axes.
 
 Padding: rows are left-padded. `attention_mask` hides padded keys, and RoPE
 positions count only real tokens (`cumsum(mask) - 1`), so a padded row
@@ -126,6 +129,8 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
 def attend(q, k, v, key_mask, config: ModelConfig):
     """Bidirectional attention of q over k/v; key_mask [B, S] hides padding."""
     mask = key_mask[:, None, None, :].astype(bool)
+    if config.attention_impl == "cudnn":  # cuDNN takes the mask as a bias of shape [B, 1, T, S]
+        mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)
 
 
@@ -135,30 +140,59 @@ def transformer_block(x, p, config: ModelConfig, cos, sin, key_mask):
     return attention_out_and_mlp(x, attend(q, k, v, key_mask, config), p, config)
 
 
-def run_layers(block_fn, x, layer_params: dict, config: ModelConfig, per_layer=None):
-    """Applies `x, out_i = block_fn(x, params_i, per_layer_i)` for every layer,
-    scanned or unrolled; returns x and the per-layer outputs stacked."""
+def run_layers(block_fn, x, layer_params, config: ModelConfig, per_layer=None):
+    """Applies `x, out_i = block_fn(x, params_i, per_layer_i)` for every layer.
+
+    Scanned (`config.scan_layers`): `layer_params` is a dict of stacked
+    [layers, ...] arrays, `per_layer` a pytree of stacked arrays (or None), and
+    the outputs come back stacked. Unrolled: `layer_params` is a list of
+    per-layer dicts, `per_layer` a list of per-layer items (or None), and the
+    outputs come back as a list. Unrolled layers never slice or stack a
+    [layers, ...] array: on GPU each such slice feeding a matmul is a copy,
+    which inside a decode loop re-copied every weight at every step.
+    """
     if config.scan_layers:
         return jax.lax.scan(lambda carry, xs: block_fn(carry, *xs), x, (layer_params, per_layer))
     outputs = []
-    for i in range(config.n_layers):
-        take = lambda a: a[i]
-        x, out = block_fn(x, jax.tree.map(take, layer_params), jax.tree.map(take, per_layer))
+    for i, params_i in enumerate(layer_params):
+        x, out = block_fn(x, params_i, None if per_layer is None else per_layer[i])
         outputs.append(out)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return x, outputs
 
 
 @struct.dataclass
 class KVCache:
     """Per-layer keys (after RoPE) and values of every canvas position.
 
-    k, v: [layers, B, S, kv_heads, head_dim], logical axes
-    ("layers", "batch", "length", "kv_heads", "head_dim"); S may exceed the
-    canvas by a padding tail that is never attended to.
+    Scanned layers: k, v are [layers, B, S, kv_heads, head_dim] arrays, logical
+    axes `CACHE_AXES`. Unrolled layers: k, v are tuples of one
+    [B, S, kv_heads, head_dim] array per layer (`CACHE_AXES[1:]`), so a layer
+    reads and writes its own buffer in place. S may exceed the canvas by a
+    padding tail that is never attended to.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+        shape = (batch, length, config.n_kv_heads, config.head_dim)
+        if config.scan_layers:
+            empty = jnp.zeros((config.n_layers, *shape), config.compute_dtype)
+            return cls(empty, empty)
+        empty = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
+        return cls(empty, empty)
+
+    @classmethod
+    def from_layers(cls, outputs, config: ModelConfig) -> "KVCache":
+        """From `run_layers` outputs of (k, v) per layer (stacked or a list)."""
+        if config.scan_layers:
+            return cls(*outputs)
+        return cls(tuple(k for k, _ in outputs), tuple(v for _, v in outputs))
+
+    def per_layer(self, config: ModelConfig):
+        """The `per_layer` argument of `run_layers`: (k, v) of every layer."""
+        return (self.k, self.v) if config.scan_layers else list(zip(self.k, self.v))
 
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -184,23 +218,40 @@ class Transformer(nnx.Module):
             return nnx.Param(value.astype(pdt), logical_axes=axes)
 
         self.embed = param(normal(rngs.params(), (c.vocab_size, c.d_model)), ("vocab", "embed"))
-        for name, shape in layer_param_shapes(c).items():
-            full = (c.n_layers, *shape)
+
+        def init(name, shape, key=None):
             if name.endswith("norm"):
-                value = jnp.ones(full)
-            elif name.endswith("bias"):
-                value = jnp.zeros(full)
-            elif name in ("o_proj", "down_proj"):
-                value = jax.random.normal(rngs.params(), full) * out_std
-            else:
-                value = normal(rngs.params(), full)
-            setattr(self, name, param(value, ("layers", *LAYER_PARAM_AXES[name])))
+                return jnp.ones(shape)
+            if name.endswith("bias"):
+                return jnp.zeros(shape)
+            if name in ("o_proj", "down_proj"):
+                return jax.random.normal(key, shape) * out_std
+            return normal(key, shape)
+
+        # Scanned: one [layers, ...] parameter per name. Unrolled: blocks[i][name],
+        # each layer drawn on its own (slicing stacked draws made XLA compile the
+        # 8B initializer for minutes). The two layouts draw different values for
+        # one seed; `model_from_params(config, canonical_params(model))` converts.
+        keys = {name: rngs.params() for name in layer_param_shapes(c) if not name.endswith(("norm", "bias"))}
+        if c.scan_layers:
+            for name, shape in layer_param_shapes(c).items():
+                value = init(name, (c.n_layers, *shape), keys.get(name))
+                setattr(self, name, param(value, ("layers", *LAYER_PARAM_AXES[name])))
+        else:
+            self.blocks = nnx.List([
+                nnx.Dict({name: param(init(name, shape, keys.get(name) if name not in keys else jax.random.fold_in(keys[name], i)), LAYER_PARAM_AXES[name])
+                          for name, shape in layer_param_shapes(c).items()})
+                for i in range(c.n_layers)])
         self.final_norm = param(jnp.ones((c.d_model,)), ("embed",))
         if not c.tie_embeddings:
             self.lm_head = param(normal(rngs.params(), (c.d_model, c.vocab_size)), ("embed", "vocab"))
 
-    def layer_params(self) -> dict[str, jax.Array]:
-        return {name: getattr(self, name)[...] for name in layer_param_shapes(self.config)}
+    def layer_params(self) -> dict[str, jax.Array] | list[dict[str, jax.Array]]:
+        """Stacked {name: [layers, ...]} when scanned, else one dict per layer (see `run_layers`)."""
+        names = layer_param_shapes(self.config)
+        if self.config.scan_layers:
+            return {name: getattr(self, name)[...] for name in names}
+        return [{name: block[name][...] for name in names} for block in self.blocks]
 
     def head_weight(self) -> jax.Array:
         return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
@@ -266,11 +317,11 @@ class Transformer(nnx.Module):
             widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
             return x, (widen(k), widen(v))
 
-        hidden, (k, v) = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c)
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         hidden = jax.lax.slice_in_dim(hidden, logits_start, logits_start + logits_length, axis=1)
-        return self.hidden_to_logits(hidden), KVCache(k, v)
+        return self.hidden_to_logits(hidden), KVCache.from_layers(kv, c)
 
     def forward_window(self, tokens, positions, start, cache: KVCache, key_mask, *, logits_count: int):
         """Recomputes a window of queries against cached K/V (Fast-dLLM caches).
@@ -296,8 +347,39 @@ class Transformer(nnx.Module):
             x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c), p, c)
             return x, (cache_k, cache_v)
 
-        hidden, (k, v) = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, (cache.k, cache.v))
-        return self.hidden_to_logits(hidden[:, :logits_count]), KVCache(k, v)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
+        return self.hidden_to_logits(hidden[:, :logits_count]), KVCache.from_layers(kv, c)
+
+
+def canonical_params(model: Transformer) -> dict[str, jax.Array]:
+    """The parameters as checkpoints store them: {name: array}, layer parameters
+    stacked [layers, ...] whatever the model's `scan_layers`."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if model.config.scan_layers:
+        return params
+    blocks = params.pop("blocks")
+    for name in layer_param_shapes(model.config):
+        params[name] = jnp.stack([blocks[i][name] for i in range(model.config.n_layers)])
+    return params
+
+
+def model_param_tree(config: ModelConfig, params: dict) -> dict:
+    """Canonical parameters -> the pure-dict structure of `Transformer(config)`.
+
+    A layer parameter may be stacked [layers, ...] or a list of per-layer
+    arrays; a tree that already has `blocks` (an unrolled model's own
+    structure) is returned as is.
+    """
+    names = layer_param_shapes(config)
+    if "blocks" in params:
+        return params
+    tree = {k: v for k, v in params.items() if k not in names}
+    per_name = {n: params[n] for n in names if n in params}
+    if config.scan_layers:
+        tree.update({n: jnp.stack(v) if isinstance(v, (list, tuple)) else v for n, v in per_name.items()})
+    else:
+        tree["blocks"] = {i: {n: v[i] for n, v in per_name.items()} for i in range(config.n_layers)}
+    return tree
 
 
 def count_params(model: Transformer) -> int:
