@@ -43,8 +43,12 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndar
 
 
 def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeConfig, *, batch_size: int = 64,
-                 key=None, prompt_width: int | None = None) -> tuple[list[dict], dict]:
-    """Decodes every prompt; returns per-prompt rows and timing figures."""
+                 key=None, prompt_width: int | None = None, mesh=None, rules=None) -> tuple[list[dict], dict]:
+    """Decodes every prompt; returns per-prompt rows and timing figures.
+
+    `mesh`, `rules`: decode sharded (see `dllm.generate`); `batch_size` must
+    then divide over the mesh's batch axes.
+    """
     if hasattr(sampler, "bind"):
         sampler = sampler.bind(tokenizer)
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -54,12 +58,13 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
     batch_size = min(batch_size, len(encoded))
     key = jax.random.key(0) if key is None else key
     fields = {k: getattr(decode, k) for k in ("temperature", "noise_dtype", "cfg_scale", "eos_policy",
-                                              "max_steps", "record_confidence")}
+                                              "max_steps", "record_confidence", "cache", "cache_refresh_every",
+                                              "cache_window")}
 
     def run(batch_prompts, batch_key):
         tokens, mask = left_pad(batch_prompts, width, tokenizer.pad_id)
         return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
-                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, **fields)
+                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules, **fields)
 
     jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),
                               key).tokens)  # compile
@@ -90,12 +95,12 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
 
 
 def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig, *, batch_size: int = 64,
-                      key=None, prompt_width: int | None = None) -> dict:
-    """Scores a list of `dllm.tasks.Example` (any mix of tasks)."""
+                      key=None, prompt_width: int | None = None, mesh=None, rules=None) -> dict:
+    """Scores a list of `dllm.tasks.Example` (any mix of tasks); `mesh`/`rules` as `decode_texts`."""
     from dllm.tasks import get_task
 
     rows, timing = decode_texts(model, tokenizer, sampler, [e.prompt for e in examples], decode,
-                                batch_size=batch_size, key=key, prompt_width=prompt_width)
+                                batch_size=batch_size, key=key, prompt_width=prompt_width, mesh=mesh, rules=rules)
     by_task: dict[str, list[int]] = {}
     for i, example in enumerate(examples):
         by_task.setdefault(example.task, []).append(i)

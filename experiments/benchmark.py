@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark                       # LLaDA-8B, batch 1/8/32, cache none/prefix/dual
     python -m experiments.benchmark model=dream_7b batch_sizes=[1] caches=[dual]
+    python -m experiments.benchmark mesh=data batch_sizes=[8]   # sharded over every GPU (configs/mesh/)
 
 Each configuration decodes a batch of random prompts with a fixed
 one-token-per-step schedule (LowConfidence, steps = gen_length, so NFE is
@@ -9,11 +10,14 @@ known) for `timed_steps` forward passes (max_steps; the first block: the
 refresh step plus window steps), after one untimed compile run. Prints one
 JSON line per configuration: ms per NFE, tokens/s, achieved TFLOP/s (model
 FLOPs of the tokens the step recomputes) and weight-read bandwidth, against
-the floors in reference/gpu.md.
+the floors in reference/gpu.md. Each row also records the mesh and a digest
+of the generated tokens, so runs on different meshes can be checked to decode
+the same tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -30,12 +34,20 @@ from dllm.checkpoints import model_from_params
 from dllm.decoding import SpecialIds
 from dllm.evaluation import environment, write_json_atomic
 from dllm.models.transformer import canonical_params
-from experiments.common import model_config
+from experiments.common import decode_mesh, model_config
+
+
+def attention_impl(cfg: DictConfig) -> str | None:
+    """cfg.attention_impl, except that cuDNN becomes XLA's choice off GPU (said so)."""
+    if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+        print(f"attention_impl=cudnn needs a GPU (backend {jax.default_backend()!r}): using null", flush=True)
+        return None
+    return cfg.attention_impl
 
 
 def random_model(cfg: DictConfig) -> dllm.Transformer:
     config = model_config(cfg).replace(dtype=cfg.dtype, param_dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-                                       attention_impl=cfg.attention_impl,
+                                       attention_impl=attention_impl(cfg),
                                        max_seq_len=cfg.prompt_length + cfg.gen_length)
 
     # Drawn stacked (the unrolled initializer takes long to compile at 8B), then
@@ -68,6 +80,8 @@ def main(cfg: DictConfig) -> list[dict]:
     c = model.config
     special = SpecialIds(mask=c.vocab_size - 1, eos=c.vocab_size - 2, eot=c.vocab_size - 2, pad=0)
     sampler = samplers.LowConfidence(steps=cfg.gen_length)
+    mesh, rules = decode_mesh(cfg)
+    mesh_axes = {"devices": 1} if mesh is None else dict(mesh.shape)
     total_len = cfg.prompt_length + cfg.gen_length
     rows = []
     for batch in cfg.batch_sizes:
@@ -77,7 +91,7 @@ def main(cfg: DictConfig) -> list[dict]:
                 print(json.dumps({"skipped": {"batch": batch, "cache": cache}, "reason": "deadline"}), flush=True)
                 continue
             kwargs = dict(gen_length=cfg.gen_length, block_length=cfg.block_length, special=special, cache=cache,
-                          max_steps=cfg.timed_steps, key=jax.random.key(0))
+                          max_steps=cfg.timed_steps, key=jax.random.key(0), mesh=mesh, rules=rules)
             t0 = time.perf_counter()
             jax.block_until_ready(dllm.generate(model, prompts, sampler, **kwargs).tokens)
             compile_s = time.perf_counter() - t0
@@ -98,7 +112,8 @@ def main(cfg: DictConfig) -> list[dict]:
                 "fraction_of_peak": round(flops / seconds / 1e12 / cfg.peak_tflops, 3),
                 "weight_tb_s": round(weight_bytes(model) * nfe / seconds / 1e12, 3),
                 "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
-                "attention_impl": cfg.attention_impl,
+                "attention_impl": c.attention_impl, "mesh": mesh_axes,
+                "tokens_sha1": hashlib.sha1(np.asarray(result.tokens).tobytes()).hexdigest()[:16],
                 "floor_ms_full_step": round(step_flops(c, batch, total_len, total_len) / cfg.peak_tflops / 1e9, 2),
                 "floor_ms_weights": round(weight_bytes(model) / cfg.peak_tb_s / 1e9, 2),
             }

@@ -67,3 +67,17 @@ def task_examples(cfg: DictConfig, tokenizer=None):
         raise ValueError(f"unknown task config name {task.name!r}; allowed: suite, {', '.join(BENCHMARKS)}")
     tasks = list(task.tasks) if task.get("tasks") else None
     return suite_examples(task.split, task.n_per_task, tasks=tasks)
+
+
+def decode_mesh(cfg: DictConfig):
+    """(mesh, rules) of `cfg.mesh` for sharded decoding, or (None, None) for one
+    device (`mesh=single`, or a mesh of one device: the unsharded path)."""
+    from dllm.sharding import MeshConfig, make_mesh
+
+    if cfg.get("mesh") is None:
+        return None, None
+    mesh_config = MeshConfig(**OmegaConf.to_container(cfg.mesh, resolve=True))
+    mesh = make_mesh(mesh_config)
+    if mesh.size == 1:
+        return None, None
+    return mesh, mesh_config.rules

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dllm import evaluation
-from experiments.common import build_sampler, decode_config, load_model, task_examples
+from experiments.common import build_sampler, decode_config, decode_mesh, load_model, task_examples
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
@@ -26,6 +26,7 @@ def main(cfg: DictConfig) -> dict:
     model, tokenizer, source = load_model(cfg)
     sampler = build_sampler(cfg)
     decode = decode_config(cfg)
+    mesh, rules = decode_mesh(cfg)
     if cfg.prompts:
         prompts = list(cfg.prompts)
     else:
@@ -36,7 +37,7 @@ def main(cfg: DictConfig) -> dict:
         prompts = [e.prompt for batch in rounds for e in batch][: cfg.n]
     began = time.perf_counter()
     rows, timing = evaluation.decode_texts(model, tokenizer, sampler, prompts, decode,
-                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed))
+                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules)
     total = time.perf_counter() - began
     print(f"model: {source}\nsampler: {sampler.settings()}\n")
     for row in rows:

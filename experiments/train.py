@@ -4,8 +4,9 @@
     python -m experiments.train model=small_text train=small_text     # the bundled small-text model
     python -m experiments.train train=smoke model=tiny_tasks train.steps=20   # a CPU smoke run
 
-`cfg.model` fills `ModelConfig`, `cfg.train` fills `TrainConfig` and `cfg.data`
-fills `DataConfig` (see configs/train.yaml). The run folder is
+`cfg.model` fills `ModelConfig`, `cfg.train` fills `TrainConfig`, `cfg.data`
+fills `DataConfig` and `cfg.mesh` fills `dllm.sharding.MeshConfig` (see
+configs/train.yaml; `mesh=fsdp_tensor` shards the parameters). The run folder is
 `train.workdir`: checkpoints/, metrics.jsonl, and the final model/ that
 `dllm.from_pretrained` loads. Running the same command again resumes.
 """
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dllm.data import DataConfig, make_data
 from dllm.models.config import ModelConfig
+from dllm.sharding import MeshConfig
 from dllm.training import TrainConfig, TrainResult, train
 
 
@@ -30,10 +32,11 @@ def run(cfg: DictConfig) -> TrainResult:
     model_config = ModelConfig(**container["model"])
     train_config = TrainConfig(**container["train"])
     data_config = DataConfig(**container.get("data", {}))
+    mesh_config = MeshConfig(**container["mesh"]) if "mesh" in container else None
     data = make_data(data_config, train_config.batch_size, train_config.seed)
     metadata = {"command": " ".join(["python -m experiments.train", *sys.argv[1:]]),
                 "hydra_config": container}
-    result = train(model_config, train_config, data, metadata=metadata)
+    result = train(model_config, train_config, data, mesh_config=mesh_config, metadata=metadata)
     print(f"step {result.step}: model saved to {result.model_path}")
     return result
 

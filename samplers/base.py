@@ -60,7 +60,15 @@ class Commit:
 
 
 class Sampler:
-    """Base class of every sampler: subclasses are frozen dataclasses."""
+    """Base class of every sampler: subclasses are frozen dataclasses.
+
+    `reads_only_window`: True for rules that look at nothing outside each
+    row's active block [block_start, block_end) (LLaDA's low-confidence and
+    Fast-dLLM's threshold/factor); the engine then computes the output head
+    for the blocks only and gives every other position zero logits.
+    """
+
+    reads_only_window = False
 
     def validate(self, config: DecodeConfig) -> None:
         """Raises ValueError when this sampler cannot run with `config`."""

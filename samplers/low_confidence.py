@@ -44,6 +44,7 @@ class LowConfidence(base.Sampler):
 
     steps: int | None = None
     remasking: str = "low_confidence"
+    reads_only_window = True  # not a field: see base.Sampler
     name: str = dataclasses.field(default="low_confidence", init=False, repr=False)
 
     def __post_init__(self):

@@ -80,6 +80,7 @@ class Threshold(base.Sampler):
     tau: float = 0.9
     confidence: str = "max_prob"
     entropy_bound: float = 0.5
+    reads_only_window = True  # not a field: see base.Sampler
     name: str = dataclasses.field(default="threshold", init=False, repr=False)
 
     def __post_init__(self):
@@ -152,6 +153,7 @@ class Factor(base.Sampler):
     """
 
     factor: float = 1.0
+    reads_only_window = True  # not a field: see base.Sampler
     name: str = dataclasses.field(default="factor", init=False, repr=False)
 
     def __post_init__(self):

@@ -153,7 +153,7 @@ class ConstantLogits(nnx.Module):
                                        max_seq_len=64)
         self.uniform, self.eos_favoured = uniform, eos_favoured
 
-    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None):
+    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None, logits_offsets=None):
         length = tokens.shape[1] - logits_start if logits_length is None else logits_length
         logits = jnp.zeros((tokens.shape[0], length, VOCAB))
         if self.uniform:

@@ -64,7 +64,7 @@ class StallModel(nnx.Module):
     def __init__(self):
         self.config = TINY_CONFIG
 
-    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None):
+    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None, logits_offsets=None):
         g = tokens[:, -3:]
         masked = g == MASK
         batch = tokens.shape[0]
@@ -201,11 +201,12 @@ class EosModel(nnx.Module):
         self.config = TINY_CONFIG
         self.eos = tuple(tuple(sorted(row.items())) for row in eos)  # static, so hashable
 
-    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None):
+    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None, logits_offsets=None):
         rows = []
-        for spec in map(dict, self.eos):
-            rows.append(jnp.stack([log_dist(EOS, spec[j]) if j in spec else log_dist(A, 0.97)
-                                   for j in range(logits_length)]))
+        for b, spec in enumerate(map(dict, self.eos)):
+            table = jnp.stack([log_dist(EOS, spec[j]) if j in spec else log_dist(A, 0.97) for j in range(24)])
+            start = 0 if logits_offsets is None else logits_offsets[b]  # window-only samplers: row b's block
+            rows.append(jax.lax.dynamic_slice_in_dim(table, start, logits_length))
         return jnp.stack(rows)
 
 

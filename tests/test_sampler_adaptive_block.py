@@ -312,7 +312,7 @@ class ConstantLogits(nnx.Module):
                                        max_seq_len=64)
         self.uniform = uniform
 
-    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None):
+    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None, logits_offsets=None):
         length = tokens.shape[1] - logits_start if logits_length is None else logits_length
         logits = jnp.zeros((tokens.shape[0], length, VOCAB))
         return logits if self.uniform else logits.at[..., EOS].set(10.0)

@@ -185,7 +185,7 @@ class UniformLogits(nnx.Module):
         self.config = dllm.ModelConfig(vocab_size=VOCAB, d_model=8, n_layers=1, n_heads=1, mlp_hidden=8,
                                        max_seq_len=64)
 
-    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None):
+    def __call__(self, tokens, attention_mask=None, *, logits_start=0, logits_length=None, logits_offsets=None):
         return jnp.zeros((tokens.shape[0], logits_length, VOCAB))
 
 

@@ -198,6 +198,13 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
+def take_positions(hidden, start: int, length: int, offsets=None):
+    """hidden[:, start:start + length], shifted per row by `offsets` [B] when given."""
+    if offsets is None:
+        return jax.lax.slice_in_dim(hidden, start, start + length, axis=1)
+    return jax.vmap(lambda h, o: jax.lax.dynamic_slice_in_dim(h, start + o, length, axis=0))(hidden, offsets)
+
+
 def write_rows(cache_layer, update, start):
     """Writes update [B, Q, ...] into cache_layer [B, S, ...] at per-row offsets."""
     return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u, s, axis=0))(cache_layer, update, start)
@@ -273,6 +280,7 @@ class Transformer(nnx.Module):
         *,
         logits_start: int = 0,
         logits_length: int | None = None,
+        logits_offsets: jax.Array | None = None,
     ) -> jax.Array:
         """tokens int32[B, L] -> float32 logits [B, logits_length or L, V].
 
@@ -282,6 +290,8 @@ class Transformer(nnx.Module):
           logits_start, logits_length: static slice of positions whose logits
             are computed (the output head dominates at large vocabularies, so
             the decoder asks only for the generation region).
+          logits_offsets: int32 [B], optional per-row shift of that slice
+            (row b gets positions logits_start + offsets[b] + [0, length)).
         """
         c = self.config
         if attention_mask is None:
@@ -295,12 +305,11 @@ class Transformer(nnx.Module):
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         length = tokens.shape[1] - logits_start if logits_length is None else logits_length
-        hidden = jax.lax.slice_in_dim(hidden, logits_start, logits_start + length, axis=1)
-        return self.hidden_to_logits(hidden)
+        return self.hidden_to_logits(take_positions(hidden, logits_start, length, logits_offsets))
 
 
     def forward_with_cache(self, tokens, attention_mask, positions=None, *, logits_start: int,
-                           logits_length: int, cache_length: int | None = None):
+                           logits_length: int, cache_length: int | None = None, logits_offsets=None):
         """Full forward that also returns every position's K/V (a cache refresh).
 
         Returns (logits [B, logits_length, V], KVCache with S = cache_length or L).
@@ -320,7 +329,7 @@ class Transformer(nnx.Module):
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c)
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
-        hidden = jax.lax.slice_in_dim(hidden, logits_start, logits_start + logits_length, axis=1)
+        hidden = take_positions(hidden, logits_start, logits_length, logits_offsets)
         return self.hidden_to_logits(hidden), KVCache.from_layers(kv, c)
 
     def forward_window(self, tokens, positions, start, cache: KVCache, key_mask, *, logits_count: int):
