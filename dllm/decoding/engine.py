@@ -115,7 +115,13 @@ def scatter_window_logits(logits: jax.Array, state: DecodeState) -> jax.Array:
         full, logits, window_offsets(state))
 
 
-def forward_logits(model, state: DecodeState, window_only: bool = False) -> jax.Array:
+def attention_mask_of(state: DecodeState, padded: bool):
+    """The canvas mask for the model, or None when no prompt is padded (the
+    attention then runs unmasked; `generate` knows this on the host)."""
+    return state.attention_mask if padded else None
+
+
+def forward_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True) -> jax.Array:
     """Logits [B, G, V] of the generation region, with LLaDA's unsupervised CFG.
 
     `window_only` (samplers that read only the active block, see
@@ -127,24 +133,25 @@ def forward_logits(model, state: DecodeState, window_only: bool = False) -> jax.
     (LLaDA relies on training for this; an untrained or under-trained model
     could otherwise "commit" [MASK] and make no progress.)
     """
-    logits = _guided_logits(model, state, window_only)
+    logits = _guided_logits(model, state, window_only, padded)
     if window_only:
         logits = scatter_window_logits(logits, state)
     return logits.at[..., state.special.mask].set(-jnp.inf)
 
 
-def _guided_logits(model, state: DecodeState, window_only: bool) -> jax.Array:
+def _guided_logits(model, state: DecodeState, window_only: bool, padded: bool) -> jax.Array:
     config, width = state.config, state.prompt_width
     if window_only:
         offsets = window_offsets(state)
         call = functools.partial(model, logits_start=width, logits_length=config.block_length)
     else:
         offsets, call = None, functools.partial(model, logits_start=width, logits_length=config.gen_length)
+    mask = attention_mask_of(state, padded)
     if config.cfg_scale == 0:
-        return call(state.tokens, state.attention_mask, logits_offsets=offsets)
+        return call(state.tokens, mask, logits_offsets=offsets)
     is_prompt = (jnp.arange(state.tokens.shape[1]) < width)[None, :] & (state.attention_mask == 1)
     unconditional = jnp.where(is_prompt, state.special.mask, state.tokens)
-    both = call(jnp.concatenate([state.tokens, unconditional]), jnp.concatenate([state.attention_mask] * 2),
+    both = call(jnp.concatenate([state.tokens, unconditional]), None if mask is None else jnp.concatenate([mask] * 2),
                 logits_offsets=None if offsets is None else jnp.concatenate([offsets] * 2))
     cond, uncond = jnp.split(both, 2)
     return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
@@ -159,12 +166,12 @@ def cache_length(state: DecodeState) -> int:
     return state.tokens.shape[1] + window_length(state.config) + 1
 
 
-def refresh_forward(model, state: DecodeState, window_only: bool = False):
+def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """Full forward: logits of the whole generation (or of each row's block,
     see `forward_logits`) and a fresh cache."""
     config = state.config
     logits, cache = model.forward_with_cache(
-        state.tokens, state.attention_mask, logits_start=state.prompt_width,
+        state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
         logits_length=config.block_length if window_only else config.gen_length,
         cache_length=cache_length(state), logits_offsets=window_offsets(state) if window_only else None)
     if window_only:
@@ -194,13 +201,13 @@ def window_forward(model, state: DecodeState):
     return full, cache, computed
 
 
-def cached_logits(model, state: DecodeState, window_only: bool = False):
+def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """(logits, new cache, computed positions) for a cached engine step."""
     config = state.config
     refresh = jnp.any((state.step_in_block == 0) & ~state.done)
     if config.cache_refresh_every:
         refresh = refresh | (state.step % config.cache_refresh_every == 0)
-    logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s, window_only),
+    logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s, window_only, padded),
                                            lambda s: window_forward(model, s), state)
     return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
 
@@ -265,9 +272,10 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "config", "special", "layout"))
-def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None):
-    """`layout` (a `dllm.sharding.Layout`, or None on one device): the canvas
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "config", "special", "layout", "padded"))
+def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None, padded=True):
+    """`padded`: whether some prompt has left padding (else full forwards run
+    unmasked attention). `layout` (a `dllm.sharding.Layout`, or None on one device): the canvas
     and the KV cache are constrained to it (batch rows over the data axes,
     cache heads over `kv_heads`); the rest follows by XLA's propagation."""
     constrain = (lambda x, axes: x) if layout is None else layout.constrain
@@ -292,9 +300,9 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
     def body(loop):
         state, carry = loop
         if config.cache == "none":
-            logits, computed = forward_logits(model, state, window_only), None
+            logits, computed = forward_logits(model, state, window_only, padded), None
         else:
-            logits, cache, computed = cached_logits(model, state, window_only)
+            logits, cache, computed = cached_logits(model, state, window_only, padded)
             state = state.replace(cache=constrain_cache(cache))
         commit, carry = sampler.step(logits, state, carry)
         state = apply_commit(state, commit, computed)
@@ -362,9 +370,10 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         raise ValueError(f"a prompt contains the mask token id {special.mask}; prompts must be fully observed")
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)
+    padded = bool(np.any(np.asarray(mask) == 0))
     if mesh is None:
         return _decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
-                       sampler=sampler, config=config, special=special)
+                       sampler=sampler, config=config, special=special, padded=padded)
     from dllm import sharding
 
     layout = sharding.Layout.of(mesh, rules)
@@ -378,4 +387,4 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     tokens, mask = layout.put_batch((tokens, mask))
     key = jax.device_put(key, layout.replicated())
     return _decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
-                   layout=layout)
+                   layout=layout, padded=padded)

@@ -106,9 +106,14 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
     """Projects x [B, L, d] to rotated q [B,L,H,D] and k, v [B,L,KV,D]."""
     dtype = config.compute_dtype
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    q = jnp.einsum("bld,dhk->blhk", h, p["q_proj"].astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", h, p["k_proj"].astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", h, p["v_proj"].astype(dtype))
+    # Three distinct values for the three projections: XLA's dot merger would
+    # otherwise fuse q and k into one Triton GEMM over concatenated weights,
+    # which ran at ~430 TFLOP/s against cuBLAS's ~660 on the H100 (the full
+    # LLaDA-8B step went from 14.3 to 13.3 ms with this barrier).
+    hq, hk, hv = jax.lax.optimization_barrier((h, h, h))
+    q = jnp.einsum("bld,dhk->blhk", hq, p["q_proj"].astype(dtype))
+    k = jnp.einsum("bld,dhk->blhk", hk, p["k_proj"].astype(dtype))
+    v = jnp.einsum("bld,dhk->blhk", hv, p["v_proj"].astype(dtype))
     if config.qkv_bias:
         q = q + p["q_bias"].astype(dtype)
         k = k + p["k_bias"].astype(dtype)
@@ -127,7 +132,10 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
 
 
 def attend(q, k, v, key_mask, config: ModelConfig):
-    """Bidirectional attention of q over k/v; key_mask [B, S] hides padding."""
+    """Bidirectional attention of q over k/v; key_mask [B, S] hides padding
+    (None: no key is padding, and the fused kernels run without a mask)."""
+    if key_mask is None:
+        return jax.nn.dot_product_attention(q, k, v, implementation=config.attention_impl)
     mask = key_mask[:, None, None, :].astype(bool)
     if config.attention_impl == "cudnn":  # cuDNN takes the mask as a bias of shape [B, 1, T, S]
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
@@ -285,7 +293,9 @@ class Transformer(nnx.Module):
         """tokens int32[B, L] -> float32 logits [B, logits_length or L, V].
 
         Args:
-          attention_mask: [B, L], 1 for real tokens, 0 for left padding.
+          attention_mask: [B, L], 1 for real tokens, 0 for left padding; None
+            when no row is padded (attention then runs without a mask, which
+            the fused cuDNN kernel does about 2x faster at 512 tokens).
           positions: RoPE positions [B, L]; default counts real tokens only.
           logits_start, logits_length: static slice of positions whose logits
             are computed (the output head dominates at large vocabularies, so
@@ -294,10 +304,9 @@ class Transformer(nnx.Module):
             (row b gets positions logits_start + offsets[b] + [0, length)).
         """
         c = self.config
-        if attention_mask is None:
-            attention_mask = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
-            positions = positions_from_mask(attention_mask)
+            positions = positions_from_mask(jnp.ones(tokens.shape, jnp.int32) if attention_mask is None
+                                            else attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         x = self.embed_tokens(tokens)
         block = lambda carry, p, _: (transformer_block(carry, p, c, cos, sin, attention_mask), None)
@@ -311,12 +320,14 @@ class Transformer(nnx.Module):
     def forward_with_cache(self, tokens, attention_mask, positions=None, *, logits_start: int,
                            logits_length: int, cache_length: int | None = None, logits_offsets=None):
         """Full forward that also returns every position's K/V (a cache refresh).
+        `attention_mask` as in `__call__` (None: no padding).
 
         Returns (logits [B, logits_length, V], KVCache with S = cache_length or L).
         """
         c = self.config
         if positions is None:
-            positions = positions_from_mask(attention_mask)
+            positions = positions_from_mask(jnp.ones(tokens.shape, jnp.int32) if attention_mask is None
+                                            else attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         pad = (cache_length or tokens.shape[1]) - tokens.shape[1]
 
