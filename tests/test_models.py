@@ -174,3 +174,35 @@ def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dllm.from_pretrained(tmp_path / "nope")
     shutil.rmtree(tmp_path)
+
+
+def test_unrolled_layout_holds_one_dict_per_layer_and_converts_both_ways(tmp_path):
+    """scan_layers=False: parameters blocks[i][name] (no [layers, ...] arrays to slice in a
+    decode loop); checkpoints stay stacked, and conversions round-trip exactly."""
+    from dllm.checkpoints import model_from_params
+    from dllm.models.transformer import canonical_params
+
+    hf_fixtures.make_dream(tmp_path / "hf")
+    scanned, tokenizer = dllm.from_pretrained(tmp_path / "hf")
+    unrolled = model_from_params(scanned.config.replace(scan_layers=False), canonical_params(scanned))
+    assert len(unrolled.blocks) == scanned.config.n_layers and not hasattr(unrolled, "q_proj")
+    assert unrolled.blocks[1]["q_proj"][...].shape == scanned.q_proj[...].shape[1:]
+    for name, value in canonical_params(unrolled).items():
+        np.testing.assert_array_equal(value, canonical_params(scanned)[name], err_msg=name)
+    dllm.save_pretrained(unrolled, tokenizer, tmp_path / "ours")  # written stacked
+    again, _ = dllm.from_pretrained(tmp_path / "ours")
+    assert again.config.scan_layers is False
+    tokens = jnp.arange(3, 15)[None]
+    np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(unrolled(tokens)))
+    np.testing.assert_allclose(unrolled(tokens), scanned(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_no_attention_mask_equals_an_all_ones_mask(tmp_path):
+    """attention_mask=None (no padding anywhere) runs unmasked attention: same logits."""
+    hf_fixtures.make_llada(tmp_path)
+    model, _ = dllm.from_pretrained(tmp_path)
+    tokens = jnp.arange(4, 16)[None]
+    np.testing.assert_allclose(model(tokens), model(tokens, jnp.ones_like(tokens)), rtol=1e-6, atol=1e-6)
+    _, cache_a = model.forward_with_cache(tokens, None, logits_start=4, logits_length=8)
+    _, cache_b = model.forward_with_cache(tokens, jnp.ones_like(tokens), logits_start=4, logits_length=8)
+    np.testing.assert_allclose(cache_a.k, cache_b.k, rtol=1e-6, atol=1e-6)

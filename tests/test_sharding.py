@@ -136,6 +136,20 @@ def run_worker(name: str) -> dict:
             runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
                          "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
         out["decode"][case] = runs
+    # Unrolled layers (a parameter dict and a KV buffer per layer) decode sharded as the scanned model does.
+    from dllm.checkpoints import model_from_params
+    from dllm.models.transformer import canonical_params
+
+    unrolled = sharding.shard_model(model_from_params(model.config.replace(scan_layers=False),
+                                                      canonical_params(model)), mesh, DEFAULT_RULES)
+    for mode in ("none", "dual"):
+        runs = {}
+        for run, (m, on) in {"reference": (model, None), "sharded": (unrolled, mesh)}.items():
+            result = dllm.generate(m, PROMPTS, samplers.Threshold(), **DECODE, special=SPECIAL,
+                                   key=jax.random.key(7), mesh=on, cache=mode)
+            runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
+                         "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
+        out["decode"][f"threshold/{mode}/unrolled-layers"] = runs
     out["seconds"]["decode"] = time.perf_counter() - start
 
     start = time.perf_counter()  # the first two updates of `train` on the mesh (and on one device, once)
@@ -170,9 +184,18 @@ def run_worker(name: str) -> dict:
         placed = model_from_params(sharded_model.config, {k: placer(k, v) for k, v in host.items()})
         folder = dllm.save_pretrained(sharded_model, task_tokenizer(), Path(tempfile.mkdtemp()) / "model")
         restored, _ = dllm.from_pretrained(folder, place=placer)
-        for loaded in (placed, restored):
+        # Unrolled layout: each layer's tensor placed on its own (Placer names blocks/{i}/{name}),
+        # and our stacked orbax folder restored sharded, then split per layer.
+        from dllm.models.transformer import canonical_params, layer_param_shapes
+
+        unrolled_config = sharded_model.config.replace(scan_layers=False)
+        per_layer = {k: ([placer(f"blocks/{i}/{k}", v[i]) for i in range(len(v))]
+                         if k in layer_param_shapes(unrolled_config) else placer(k, v)) for k, v in host.items()}
+        placed_unrolled = model_from_params(unrolled_config, per_layer)
+        restored_unrolled, _ = dllm.from_pretrained(folder, place=placer, scan_layers=False)
+        for loaded in (placed, restored, placed_unrolled, restored_unrolled):
             assert sharding.assert_sharded(loaded, mesh, DEFAULT_RULES) == out["fraction_per_device"]
-            for k, v in params_of(loaded).items():
+            for k, v in canonical_params(loaded).items():
                 np.testing.assert_array_equal(v, host[k], err_msg=k)
         out["loaded_sharded"] = True
     out["seconds"]["cpu"] = time.process_time()
@@ -311,7 +334,8 @@ def test_one_device_mesh_is_the_plain_path():
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_sharded_generate_gives_the_tokens_of_one_device(workers, mesh):
     decoded = workers[mesh]["decode"]
-    assert set(decoded) == {case for case, _, _ in grid_cases(mesh, full_grid())}
+    unrolled = {f"threshold/{mode}/unrolled-layers" for mode in ("none", "dual")}
+    assert set(decoded) == {case for case, _, _ in grid_cases(mesh, full_grid())} | unrolled
     for case, runs in decoded.items():
         reference, sharded = runs["reference"], runs["sharded"]
         np.testing.assert_array_equal(sharded["tokens"], reference["tokens"], err_msg=f"{mesh} {case}")
