@@ -14,6 +14,7 @@ host memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -258,8 +259,7 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra
 
     final = Path(path).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_folder(final) as staging:
         (staging / "config.json").write_text(json.dumps(to_own_config_dict(model.config), indent=2))
         if tokenizer is not None:
             tokenizer.save(staging)
@@ -269,6 +269,19 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / "params", params)
             checkpointer.wait_until_finished()
+    return final
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yields an empty staging folder next to `final`; on success it replaces
+    `final` by renames (an old `final` survives until the new one is in place),
+    on any exception it is deleted. Readers never see a half-written folder."""
+    final = Path(final).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield staging
         if final.exists():
             backup = final.with_name(f".{final.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -280,7 +293,6 @@ def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
 
 
 def restore_params(params_dir: Path, config: ModelConfig, sharding=None) -> dict[str, jax.Array]:

@@ -45,9 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +57,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dllm.checkpoints import atomic_folder
 from dllm.decoding.engine import apply_commit, forward_logits, initial_state, resolve_special_ids
 from dllm.decoding.state import DecodeConfig, DecodeState, SpecialIds
 
@@ -684,23 +683,11 @@ def save_filter(path, mlp: FilterMLP, metadata: dict | None = None) -> Path:
         "param_shapes": jax.tree.map(lambda a: list(a.shape), params),
         **(metadata or {}),
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with atomic_folder(final) as staging:
         (staging / "filter.json").write_text(json.dumps(header, indent=2, default=str))
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / "params", params)
             checkpointer.wait_until_finished()
-        if final.exists():
-            backup = final.with_name(f".{final.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(final, backup)
-            os.replace(staging, final)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

@@ -23,7 +23,6 @@ import time
 
 import hydra
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from omegaconf import DictConfig

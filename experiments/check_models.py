@@ -13,7 +13,6 @@ small-text: validation negative-ELBO bound in bits per token over windows of
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax

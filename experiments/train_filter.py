@@ -41,7 +41,6 @@ from pathlib import Path
 
 import hydra
 import jax
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 import dllm

@@ -143,16 +143,17 @@ def _guided_logits(model, state: DecodeState, window_only: bool, padded: bool) -
     config, width = state.config, state.prompt_width
     if window_only:
         offsets = window_offsets(state)
-        call = functools.partial(model, logits_start=width, logits_length=config.block_length)
-    else:
-        offsets, call = None, functools.partial(model, logits_start=width, logits_length=config.gen_length)
+        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=config.block_length, logits_offsets=o)
+    else:  # no logits_offsets argument: a stand-in model need not know it
+        offsets = None
+        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=config.gen_length)
     mask = attention_mask_of(state, padded)
     if config.cfg_scale == 0:
-        return call(state.tokens, mask, logits_offsets=offsets)
+        return call(state.tokens, mask, offsets)
     is_prompt = (jnp.arange(state.tokens.shape[1]) < width)[None, :] & (state.attention_mask == 1)
     unconditional = jnp.where(is_prompt, state.special.mask, state.tokens)
     both = call(jnp.concatenate([state.tokens, unconditional]), None if mask is None else jnp.concatenate([mask] * 2),
-                logits_offsets=None if offsets is None else jnp.concatenate([offsets] * 2))
+                None if offsets is None else jnp.concatenate([offsets] * 2))
     cond, uncond = jnp.split(both, 2)
     return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
 
