@@ -206,3 +206,18 @@ def test_no_attention_mask_equals_an_all_ones_mask(tmp_path):
     _, cache_a = model.forward_with_cache(tokens, None, logits_start=4, logits_length=8)
     _, cache_b = model.forward_with_cache(tokens, jnp.ones_like(tokens), logits_start=4, logits_length=8)
     np.testing.assert_allclose(cache_a.k, cache_b.k, rtol=1e-6, atol=1e-6)
+
+
+def test_window_key_length_equals_a_key_mask(tmp_path):
+    """A cached window step with no prompt padding hides the cache tail by key length
+    (the fused kernels' native padding mask) instead of a [B, S] mask: same logits."""
+    hf_fixtures.make_llada(tmp_path)
+    model, _ = dllm.from_pretrained(tmp_path)
+    tokens = jnp.arange(4, 16)[None]
+    _, cache = model.forward_with_cache(tokens, None, logits_start=4, logits_length=8, cache_length=15)
+    key_mask = jnp.pad(jnp.ones_like(tokens), ((0, 0), (0, 3)))
+    window = dict(tokens=tokens[:, 6:10], positions=jnp.arange(6, 10)[None], start=jnp.array([6]), cache=cache)
+    masked, cache_a = model.forward_window(**window, key_mask=key_mask, logits_count=4)
+    by_length, cache_b = model.forward_window(**window, key_mask=None, logits_count=4, key_length=12)
+    np.testing.assert_allclose(masked, by_length, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cache_a.k), np.asarray(cache_b.k))

@@ -180,8 +180,10 @@ def refresh_forward(model, state: DecodeState, window_only: bool = False, padded
     return logits, cache, jnp.ones(state.gen_tokens.shape, bool)
 
 
-def window_forward(model, state: DecodeState):
-    """Recompute each row's window against the cache (see module docstring)."""
+def window_forward(model, state: DecodeState, padded: bool = True):
+    """Recompute each row's window against the cache (see module docstring).
+    Without prompt padding the only hidden keys are the cache's tail, given to
+    the attention as a key length rather than a mask."""
     config, width = state.config, state.prompt_width
     q = window_length(config)
     shift = 1 if model.config.token_shift else 0  # position i is predicted from hidden i-1
@@ -193,7 +195,8 @@ def window_forward(model, state: DecodeState):
     start = width + state.block_start - shift
     take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, q + shift))
     logits, cache = model.forward_window(take(tokens, start), take(positions, start), start, state.cache,
-                                         key_mask, logits_count=q)
+                                         key_mask if padded else None, logits_count=q,
+                                         key_length=state.tokens.shape[1])
     full = jnp.zeros((logits.shape[0], config.gen_length + q, logits.shape[-1]), logits.dtype)
     full = jax.vmap(lambda f, l, s: jax.lax.dynamic_update_slice_in_dim(f, l, s, axis=0))(
         full, logits, state.block_start)[:, :config.gen_length]
@@ -209,7 +212,7 @@ def cached_logits(model, state: DecodeState, window_only: bool = False, padded: 
     if config.cache_refresh_every:
         refresh = refresh | (state.step % config.cache_refresh_every == 0)
     logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s, window_only, padded),
-                                           lambda s: window_forward(model, s), state)
+                                           lambda s: window_forward(model, s, padded), state)
     return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
 
 

@@ -131,11 +131,16 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
     return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
 
 
-def attend(q, k, v, key_mask, config: ModelConfig):
-    """Bidirectional attention of q over k/v; key_mask [B, S] hides padding
-    (None: no key is padding, and the fused kernels run without a mask)."""
+def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None):
+    """Bidirectional attention of q over k/v; key_mask [B, S] hides padding.
+
+    key_mask None: no key is padding, or (`key_length`) only the keys from
+    `key_length` on, which the fused kernels take as sequence lengths instead
+    of a [B, 1, T, S] bias (cuDNN's fast path)."""
     if key_mask is None:
-        return jax.nn.dot_product_attention(q, k, v, implementation=config.attention_impl)
+        lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                            implementation=config.attention_impl)
     mask = key_mask[:, None, None, :].astype(bool)
     if config.attention_impl == "cudnn":  # cuDNN takes the mask as a bias of shape [B, 1, T, S]
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
@@ -343,7 +348,8 @@ class Transformer(nnx.Module):
         hidden = take_positions(hidden, logits_start, logits_length, logits_offsets)
         return self.hidden_to_logits(hidden), KVCache.from_layers(kv, c)
 
-    def forward_window(self, tokens, positions, start, cache: KVCache, key_mask, *, logits_count: int):
+    def forward_window(self, tokens, positions, start, cache: KVCache, key_mask, *, logits_count: int,
+                       key_length: int | None = None):
         """Recomputes a window of queries against cached K/V (Fast-dLLM caches).
 
         Args:
@@ -351,7 +357,8 @@ class Transformer(nnx.Module):
           start: int32 [B], canvas column of each row's first window position.
           cache: K/V of every position; the window's fresh K/V are written into
             it at `start` (in place, as DualCache's replace_position).
-          key_mask: [B, S] 1 for keys that may be attended (real, non-padding).
+          key_mask: [B, S] 1 for keys that may be attended (real, non-padding);
+            or None with `key_length`: every row attends to keys [0, key_length).
           logits_count: logits for the first `logits_count` queries (no token
             shift here: the caller picks the query range).
 
@@ -364,7 +371,7 @@ class Transformer(nnx.Module):
             cache_k, cache_v = layer_cache
             q, k, v = attention_qkv(x, p, c, cos, sin)
             cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
-            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c), p, c)
+            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c, key_length), p, c)
             return x, (cache_k, cache_v)
 
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
