@@ -65,7 +65,8 @@ class Sampler:
     `reads_only_window`: True for rules that look at nothing outside each
     row's active block [block_start, block_end) (LLaDA's low-confidence and
     Fast-dLLM's threshold/factor); the engine then computes the output head
-    for the blocks only and gives every other position zero logits.
+    for the blocks only and gives every other position zero logits (except
+    with `record_confidence`, whose trace shows every position).
     """
 
     reads_only_window = False
