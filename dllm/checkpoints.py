@@ -179,23 +179,20 @@ def model_from_params(config: ModelConfig, params: dict) -> Transformer:
     own = "blocks" in params
     graphdef, state = _abstract_model(config)
     expected = nnx.to_pure_dict(state if own else _abstract_model(config.replace(scan_layers=True))[1])
-    flat_expected = _flatten(expected)
-    flat_given = {}
-    for name, value in _flatten(params).items():
-        if isinstance(value, (list, tuple)):  # per-layer arrays of a stacked parameter
-            shapes = {tuple(np.shape(v)) for v in value}
-            value = jax.ShapeDtypeStruct((len(value), *shapes.pop()) if len(shapes) == 1 else (len(value), -1),
-                                         jnp.float32)
-        flat_given[name] = value
-    missing, extra = set(flat_expected) - set(flat_given), set(flat_given) - set(flat_expected)
+    def shape(value) -> tuple:  # a list of per-layer arrays counts as their stack
+        if isinstance(value, (list, tuple)):
+            layers = {tuple(np.shape(v)) for v in value}
+            return (len(value), *layers.pop()) if len(layers) == 1 else (len(value), "per-layer shapes differ")
+        return tuple(np.shape(value))
+
+    expected_shapes = {name: tuple(v.shape) for name, v in _flatten(expected).items()}
+    given_shapes = {name: shape(v) for name, v in _flatten(params).items()}
+    missing, extra = set(expected_shapes) - set(given_shapes), set(given_shapes) - set(expected_shapes)
     if missing or extra:
         raise ValueError(f"parameters do not match the config: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    for name, struct_ in flat_expected.items():
-        if tuple(np.shape(flat_given[name])) != tuple(struct_.shape):
-            raise ValueError(
-                f"parameter {name!r} has shape {tuple(np.shape(flat_given[name]))}, "
-                f"the config expects {tuple(struct_.shape)}"
-            )
+    for name, want in expected_shapes.items():
+        if given_shapes[name] != want:
+            raise ValueError(f"parameter {name!r} has shape {given_shapes[name]}, the config expects {want}")
     nnx.replace_by_pure_dict(state, model_param_tree(config, params))
     return nnx.merge(graphdef, state)
 

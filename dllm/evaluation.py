@@ -8,6 +8,7 @@ compiles once; the compile is done by a warm-up batch that is not timed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -57,9 +58,8 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
     width = prompt_width or max(len(e) for e in encoded)
     batch_size = min(batch_size, len(encoded))
     key = jax.random.key(0) if key is None else key
-    fields = {k: getattr(decode, k) for k in ("temperature", "noise_dtype", "cfg_scale", "eos_policy",
-                                              "max_steps", "record_confidence", "cache", "cache_refresh_every",
-                                              "cache_window")}
+    fields = {f.name: getattr(decode, f.name) for f in dataclasses.fields(decode)  # every setting, so none is dropped
+              if f.name not in ("gen_length", "block_length")}
 
     def run(batch_prompts, batch_key):
         tokens, mask = left_pad(batch_prompts, width, tokenizer.pad_id)

@@ -86,3 +86,16 @@ def test_bad_cache_settings():
         decode(model, samplers.LowConfidence(), cache="dual", cfg_scale=1.0)
     with pytest.raises(ValueError, match="cache_refresh_every=-1"):
         decode(model, samplers.LowConfidence(), cache="dual", cache_refresh_every=-1)
+
+
+def test_place_logits_puts_each_row_at_its_start_and_drops_the_overhang():
+    """Window logits land at their generation positions; a window running past G
+    loses its tail; every other position is zero."""
+    from dllm.decoding.engine import place_logits
+
+    logits = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2) + 1.0  # [B=2, L=3, V=2]
+    placed = np.asarray(place_logits(logits, jnp.array([1, 4]), 6))
+    expected = np.zeros((2, 6, 2), np.float32)
+    expected[0, 1:4] = np.asarray(logits[0])
+    expected[1, 4:6] = np.asarray(logits[1, :2])  # positions 4, 5; position 6 is past G
+    np.testing.assert_array_equal(placed, expected)

@@ -108,11 +108,27 @@ def window_offsets(state: DecodeState) -> jax.Array:
     return jnp.minimum(state.block_start, g - w).astype(jnp.int32)
 
 
-def scatter_window_logits(logits: jax.Array, state: DecodeState) -> jax.Array:
-    """[B, block_length, V] logits of each row's window -> [B, G, V], zeros elsewhere."""
-    full = jnp.zeros((logits.shape[0], state.config.gen_length, logits.shape[-1]), logits.dtype)
-    return jax.vmap(lambda f, l, s: jax.lax.dynamic_update_slice_in_dim(f, l, s, axis=0))(
-        full, logits, window_offsets(state))
+def head_request(state: DecodeState, window_only: bool) -> tuple[int, jax.Array | None]:
+    """(positions per row, per-row offsets or None) the output head computes:
+    each row's block (`window_offsets`) when `window_only`, else all of G."""
+    if window_only:
+        return state.config.block_length, window_offsets(state)
+    return state.config.gen_length, None
+
+
+def place_logits(logits: jax.Array, starts: jax.Array, gen_length: int) -> jax.Array:
+    """[B, L, V] logits of generation positions starts[b] + [0, L) -> [B, G, V],
+    zeros elsewhere; positions past G are dropped. One write per row into a
+    G-sized buffer (no larger buffer sliced back down)."""
+    length = logits.shape[1]
+    at = jnp.minimum(starts, gen_length - length)  # where a row's slab fits
+    shift = starts - at  # > 0 only when the window runs past G: roll its tail out
+
+    def place(row, start, k):
+        row = jnp.where((jnp.arange(length) >= k)[:, None], jnp.roll(row, k, axis=0), 0)
+        return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((gen_length, row.shape[-1]), row.dtype), row, start, 0)
+
+    return jax.vmap(place)(logits, at, shift)
 
 
 def attention_mask_of(state: DecodeState, padded: bool):
@@ -135,18 +151,17 @@ def forward_logits(model, state: DecodeState, window_only: bool = False, padded:
     """
     logits = _guided_logits(model, state, window_only, padded)
     if window_only:
-        logits = scatter_window_logits(logits, state)
+        logits = place_logits(logits, window_offsets(state), state.config.gen_length)
     return logits.at[..., state.special.mask].set(-jnp.inf)
 
 
 def _guided_logits(model, state: DecodeState, window_only: bool, padded: bool) -> jax.Array:
     config, width = state.config, state.prompt_width
+    length, offsets = head_request(state, window_only)
     if window_only:
-        offsets = window_offsets(state)
-        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=config.block_length, logits_offsets=o)
+        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=length, logits_offsets=o)
     else:  # no logits_offsets argument: a stand-in model need not know it
-        offsets = None
-        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=config.gen_length)
+        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=length)
     mask = attention_mask_of(state, padded)
     if config.cfg_scale == 0:
         return call(state.tokens, mask, offsets)
@@ -170,13 +185,12 @@ def cache_length(state: DecodeState) -> int:
 def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """Full forward: logits of the whole generation (or of each row's block,
     see `forward_logits`) and a fresh cache."""
-    config = state.config
+    length, offsets = head_request(state, window_only)
     logits, cache = model.forward_with_cache(
         state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
-        logits_length=config.block_length if window_only else config.gen_length,
-        cache_length=cache_length(state), logits_offsets=window_offsets(state) if window_only else None)
+        logits_length=length, cache_length=cache_length(state), logits_offsets=offsets)
     if window_only:
-        logits = scatter_window_logits(logits, state)
+        logits = place_logits(logits, offsets, state.config.gen_length)
     return logits, cache, jnp.ones(state.gen_tokens.shape, bool)
 
 
@@ -197,12 +211,9 @@ def window_forward(model, state: DecodeState, padded: bool = True):
     logits, cache = model.forward_window(take(tokens, start), take(positions, start), start, state.cache,
                                          key_mask if padded else None, logits_count=q,
                                          key_length=state.tokens.shape[1])
-    full = jnp.zeros((logits.shape[0], config.gen_length + q, logits.shape[-1]), logits.dtype)
-    full = jax.vmap(lambda f, l, s: jax.lax.dynamic_update_slice_in_dim(f, l, s, axis=0))(
-        full, logits, state.block_start)[:, :config.gen_length]
     j = jnp.arange(config.gen_length)[None, :]
     computed = (j >= state.block_start[:, None]) & (j < state.block_start[:, None] + q)
-    return full, cache, computed
+    return place_logits(logits, state.block_start, config.gen_length), cache, computed
 
 
 def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):

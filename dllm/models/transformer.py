@@ -102,6 +102,13 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def default_positions(tokens: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+    """`positions_from_mask`, or 0..L-1 when there is no mask (no padding)."""
+    if attention_mask is None:
+        return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return positions_from_mask(attention_mask)
+
+
 def attention_qkv(x, p, config: ModelConfig, cos, sin):
     """Projects x [B, L, d] to rotated q [B,L,H,D] and k, v [B,L,KV,D]."""
     dtype = config.compute_dtype
@@ -310,8 +317,7 @@ class Transformer(nnx.Module):
         """
         c = self.config
         if positions is None:
-            positions = positions_from_mask(jnp.ones(tokens.shape, jnp.int32) if attention_mask is None
-                                            else attention_mask)
+            positions = default_positions(tokens, attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         x = self.embed_tokens(tokens)
         block = lambda carry, p, _: (transformer_block(carry, p, c, cos, sin, attention_mask), None)
@@ -331,8 +337,7 @@ class Transformer(nnx.Module):
         """
         c = self.config
         if positions is None:
-            positions = positions_from_mask(jnp.ones(tokens.shape, jnp.int32) if attention_mask is None
-                                            else attention_mask)
+            positions = default_positions(tokens, attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         pad = (cache_length or tokens.shape[1]) - tokens.shape[1]
 
