@@ -30,7 +30,8 @@ from flax import nnx
 
 from dllm.models import hf_names
 from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, to_own_config_dict
-from dllm.models.transformer import Transformer, canonical_params, layer_param_shapes, model_param_tree
+from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups,
+                                     layer_param_shapes, model_layer_shapes, model_param_tree)
 from dllm.tokenizer import Tokenizer
 
 SAFETENSORS_DTYPES = {
@@ -112,8 +113,10 @@ def _abstract_model(config: ModelConfig):
 
 
 def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, jax.Array]:
-    """Reads HF safetensors into our parameter dict, one stacked parameter at a time
-    (with `scan_layers=False`, one list of per-layer tensors named `blocks/{i}/{name}`).
+    """Reads HF safetensors into the model's parameter names, one stacked parameter
+    at a time (with `scan_layers=False`, one list of per-layer tensors named
+    `blocks/{i}/{name}`; with `fused_projections`, q/k/v and gate/up stacked on
+    the host into `qkv_proj` / `gate_up_proj` before they are placed).
 
     Args:
       place: optional `fn(name, host_array) -> jax.Array` that puts a finished
@@ -139,15 +142,24 @@ def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, j
             )
         return hf_names.hf_to_ours(name, array, our_shape)
 
+    shapes = layer_param_shapes(config)
+    parts_of = {name: (name,) for name in shapes}  # model parameter -> the HF tensors stacked into it
+    for fused, parts in fused_groups(config).items():
+        parts_of = {name: p for name, p in parts_of.items() if name not in parts} | {fused: parts}
+
+    def read_layer(name: str, i: int) -> np.ndarray:
+        arrays = [read(layer_names[part].format(i=i), part, shapes[part]) for part in parts_of[name]]
+        array = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=1)  # fused: [d, parts, ...]
+        return array.astype(dtype, copy=False)
+
     params: dict[str, jax.Array] = {}
-    for name, shape in layer_param_shapes(config).items():
+    for name, shape in model_layer_shapes(config).items():
         if not config.scan_layers:  # unrolled: each layer's tensor placed on its own
-            params[name] = [place(f"blocks/{i}/{name}", read(layer_names[name].format(i=i), name, shape))
-                            for i in range(config.n_layers)]
+            params[name] = [place(f"blocks/{i}/{name}", read_layer(name, i)) for i in range(config.n_layers)]
             continue
         stacked = np.empty((config.n_layers, *shape), dtype=dtype)
         for i in range(config.n_layers):
-            stacked[i] = read(layer_names[name].format(i=i), name, shape)
+            stacked[i] = read_layer(name, i)
         params[name] = place(name, stacked)
         del stacked
     globals_ = {"embed": (config.vocab_size, config.d_model), "final_norm": (config.d_model,)}
@@ -167,18 +179,30 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def canonical_config(config: ModelConfig) -> ModelConfig:
+    """The config whose model layout is the checkpoints' (stacked, unfused)."""
+    return config.replace(scan_layers=True, fused_projections=False)
+
+
 def model_from_params(config: ModelConfig, params: dict) -> Transformer:
     """Builds a Transformer whose parameters are `params` (no random init).
 
     `params`: canonical {name: array} (layer parameters stacked [layers, ...]
-    or given as per-layer lists, as checkpoints hold them), or the model's own
-    pure-dict structure (`nnx.to_pure_dict`). Shapes are checked against the
+    or given as per-layer lists, as checkpoints hold them; a fused parameter
+    such as `qkv_proj` may replace its parts), or the model's own pure-dict
+    structure (`nnx.to_pure_dict`). Shapes are checked against the
     config first; an unrolled config (`scan_layers=False`) gets one array per
     layer.
     """
     own = "blocks" in params
     graphdef, state = _abstract_model(config)
-    expected = nnx.to_pure_dict(state if own else _abstract_model(config.replace(scan_layers=True))[1])
+    expected = nnx.to_pure_dict(state if own else _abstract_model(canonical_config(config))[1])
+    if not own:  # a fused parameter may stand for its parts (as `load_hf_params` returns them)
+        fused_shapes = nnx.to_pure_dict(_abstract_model(config.replace(scan_layers=True))[1])
+        for fused, parts in fused_groups(config).items():
+            if fused in params:
+                expected = {k: v for k, v in expected.items() if k not in parts} | {fused: fused_shapes[fused]}
+
     def shape(value) -> tuple:  # a list of per-layer arrays counts as their stack
         if isinstance(value, (list, tuple)):
             layers = {tuple(np.shape(v)) for v in value}
@@ -193,7 +217,7 @@ def model_from_params(config: ModelConfig, params: dict) -> Transformer:
     for name, want in expected_shapes.items():
         if given_shapes[name] != want:
             raise ValueError(f"parameter {name!r} has shape {given_shapes[name]}, the config expects {want}")
-    nnx.replace_by_pure_dict(state, model_param_tree(config, params))
+    nnx.replace_by_pure_dict(state, model_param_tree(config, params))  # fuses canonical parts
     return nnx.merge(graphdef, state)
 
 
@@ -241,6 +265,10 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_
         params = restore_params(folder / "params", config, target_sharding)
         if place is not None and target_sharding is None:
             params = {k: place(k, v) for k, v in params.items()}
+        if fused_groups(config):  # stacked on the device, then placed as the fused parameter
+            params = fuse_params(config, params)
+            if place is not None:
+                params.update({name: place(name, params[name]) for name in fused_groups(config)})
     else:
         params = load_hf_params(folder, config, place)
     return model_from_params(config, params), tokenizer
@@ -303,7 +331,7 @@ def restore_params(params_dir: Path, config: ModelConfig, sharding=None) -> dict
     params_dir = Path(params_dir).absolute()
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: no orbax parameters folder")
-    _, state = _abstract_model(config.replace(scan_layers=True))  # checkpoints hold stacked layers
+    _, state = _abstract_model(canonical_config(config))  # checkpoints hold stacked, unfused layers
     target = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(params_dir)

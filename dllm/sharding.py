@@ -444,8 +444,11 @@ def _transformer_param_axes() -> dict[str, tuple]:
 
     config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, mlp_hidden=8, qkv_bias=True,
                          tie_embeddings=False)
-    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    return {_name(path): _logical_axes(path, var) for path, var in _params(model)}
+    axes = {}
+    for fused in (False, True):  # canonical names and fused ones (`fused_projections`)
+        model = nnx.eval_shape(lambda: Transformer(config.replace(fused_projections=fused), rngs=nnx.Rngs(0)))
+        axes.update({_name(path): _logical_axes(path, var) for path, var in _params(model)})
+    return axes
 
 
 def assert_sharded(model, mesh: Mesh, rules=None, params: dict | None = None) -> float:

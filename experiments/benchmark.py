@@ -36,17 +36,19 @@ from dllm.models.transformer import canonical_params
 from experiments.common import decode_mesh, model_config
 
 
-def attention_impl(cfg: DictConfig) -> str | None:
-    """cfg.attention_impl, except that cuDNN becomes XLA's choice off GPU (said so)."""
-    if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
-        print(f"attention_impl=cudnn needs a GPU (backend {jax.default_backend()!r}): using null", flush=True)
+def attention_impl(cfg: DictConfig, key: str = "attention_impl") -> str | None:
+    """cfg[key], except that cuDNN becomes XLA's choice off GPU (said so)."""
+    if cfg[key] == "cudnn" and jax.default_backend() != "gpu":
+        print(f"{key}=cudnn needs a GPU (backend {jax.default_backend()!r}): using null", flush=True)
         return None
-    return cfg.attention_impl
+    return cfg[key]
 
 
 def random_model(cfg: DictConfig) -> dllm.Transformer:
     config = model_config(cfg).replace(dtype=cfg.dtype, param_dtype=cfg.dtype, scan_layers=cfg.scan_layers,
+                                       fused_projections=cfg.fused_projections,
                                        attention_impl=attention_impl(cfg),
+                                       window_attention_impl=attention_impl(cfg, "window_attention_impl"),
                                        max_seq_len=cfg.prompt_length + cfg.gen_length)
 
     # Drawn stacked (the unrolled initializer takes long to compile at 8B), then
@@ -115,7 +117,8 @@ def main(cfg: DictConfig) -> list[dict]:
                 "fraction_of_peak": round(flops / seconds / 1e12 / cfg.peak_tflops, 3),
                 "weight_tb_s": round(weight_bytes(model) * nfe / seconds / 1e12, 3),
                 "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
-                "attention_impl": c.attention_impl, "mesh": mesh_axes,
+                "fused_projections": c.fused_projections, "attention_impl": c.attention_impl,
+                "window_attention_impl": c.window_attention_impl, "mesh": mesh_axes,
                 "tokens_sha1": hashlib.sha1(np.asarray(result.tokens).tobytes()).hexdigest()[:16],
                 "floor_ms_full_step": round(step_flops(c, batch, total_len, total_len) / cfg.peak_tflops / 1e9, 2),
                 "floor_ms_weights": round(weight_bytes(model) / cfg.peak_tb_s / 1e9, 2),

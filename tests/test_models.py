@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -221,3 +222,65 @@ def test_window_key_length_equals_a_key_mask(tmp_path):
     by_length, cache_b = model.forward_window(**window, key_mask=None, logits_count=4, key_length=12)
     np.testing.assert_allclose(masked, by_length, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(cache_a.k), np.asarray(cache_b.k))
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_path, arch):
+    """fused_projections: q/k/v as one qkv_proj [d, 3, heads, head_dim] (multi-head attention
+    only; Dream's GQA keeps them apart) and gate/up as one gate_up_proj [d, 2, mlp], stacked
+    on the host at load (also when placed per layer), unfused again in checkpoints."""
+    from dllm.checkpoints import model_from_params
+    from dllm.models.transformer import canonical_params
+    from dllm.sharding import MeshConfig, Placer, make_mesh
+
+    make = hf_fixtures.make_llada if arch == "llada" else hf_fixtures.make_dream
+    ref = make(tmp_path / "hf")
+    plain, tokenizer = dllm.from_pretrained(tmp_path / "hf", dtype="float32")
+    tokens, mask = batch_with_padding(plain.config.vocab_size, tokenizer.mask_id)
+    expected = np.asarray(plain(jnp.asarray(tokens), jnp.asarray(mask)))
+    if arch == "llada":  # and against transformers itself
+        reference = hf_fixtures.reference_logits(ref, tokens, mask)
+    placer = Placer(make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+    for scan_layers in (True, False):
+        fused, _ = dllm.from_pretrained(tmp_path / "hf", dtype="float32", place=placer, scan_layers=scan_layers,
+                                        fused_projections=True)
+        layers = fused.layer_params()
+        first = layers[0] if not scan_layers else jax.tree.map(lambda a: a[0], layers)
+        fused_names = {"gate_up_proj", "qkv_proj"} if arch == "llada" else {"gate_up_proj"}
+        assert fused_names <= set(first) and not {"gate_proj", "up_proj"} & set(first)
+        assert first["gate_up_proj"].shape == (64, 2, 160)
+        if arch == "llada":
+            assert first["qkv_proj"].shape == (64, 3, 4, 16) and "q_proj" not in first
+        else:
+            assert first["q_proj"].shape == (64, 4, 16) and first["k_proj"].shape == (64, 2, 16)
+        ours = np.asarray(fused(jnp.asarray(tokens), jnp.asarray(mask)))
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+        if arch == "llada":
+            assert max_relative_error(ours, reference, mask.astype(bool)) <= 1e-4
+        for name, value in canonical_params(fused).items():  # unfused exactly
+            np.testing.assert_array_equal(value, canonical_params(plain)[name], err_msg=name)
+    dllm.save_pretrained(fused, tokenizer, tmp_path / "ours")
+    again, _ = dllm.from_pretrained(tmp_path / "ours", place=placer)
+    assert again.config.fused_projections and not again.config.scan_layers
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens), jnp.asarray(mask))), ours)
+    # A canonical dict whose q/k/v shapes disagree is refused with the name and both shapes.
+    bad = canonical_params(plain)
+    bad["up_proj"] = bad["up_proj"][:, :, :8]
+    with pytest.raises(ValueError, match=r"'up_proj' has shape \(2, 64, 8\), the config expects \(2, 64, 160\)"):
+        model_from_params(plain.config.replace(fused_projections=True), bad)
+
+
+def test_fused_projections_decode_the_same_tokens(tmp_path):
+    """The engine with fused GEMMs (cached and uncached) commits the tokens of the unfused model."""
+    import samplers
+    from dllm.decoding import SpecialIds
+
+    hf_fixtures.make_llada(tmp_path)
+    plain, tokenizer = dllm.from_pretrained(tmp_path, dtype="float32")
+    fused, _ = dllm.from_pretrained(tmp_path, dtype="float32", scan_layers=False, fused_projections=True)
+    special = SpecialIds(mask=tokenizer.mask_id, eos=1, eot=1, pad=PAD)
+    prompts = np.arange(5, 17).reshape(2, 6)
+    for cache in ("none", "dual"):
+        runs = [dllm.generate(m, prompts, samplers.Threshold(tau=0.5), gen_length=8, block_length=4,
+                              special=special, cache=cache, key=jax.random.key(0)) for m in (plain, fused)]
+        np.testing.assert_array_equal(np.asarray(runs[0].tokens), np.asarray(runs[1].tokens), err_msg=cache)

@@ -193,7 +193,10 @@ def run_worker(name: str) -> dict:
                          if k in layer_param_shapes(unrolled_config) else placer(k, v)) for k, v in host.items()}
         placed_unrolled = model_from_params(unrolled_config, per_layer)
         restored_unrolled, _ = dllm.from_pretrained(folder, place=placer, scan_layers=False)
-        for loaded in (placed, restored, placed_unrolled, restored_unrolled):
+        # Fused q/k/v and gate/up (fused_projections): stacked after the sharded restore, then placed.
+        restored_fused, _ = dllm.from_pretrained(folder, place=placer, scan_layers=False, fused_projections=True)
+        assert "qkv_proj" in restored_fused.layer_params()[0]
+        for loaded in (placed, restored, placed_unrolled, restored_unrolled, restored_fused):
             assert sharding.assert_sharded(loaded, mesh, DEFAULT_RULES) == out["fraction_per_device"]
             for k, v in canonical_params(loaded).items():
                 np.testing.assert_array_equal(v, host[k], err_msg=k)

@@ -49,8 +49,16 @@ class ModelConfig:
       param_dtype: storage dtype of the parameters.
       scan_layers: run the blocks with `lax.scan` (fast compile) instead of a
         Python loop (faster at batch 1 on GPU, see reference/gpu.md).
-      attention_impl: passed to `jax.nn.dot_product_attention`
-        ("xla", "cudnn" or None for automatic).
+      fused_projections: hold q/k/v as one [d, 3, heads, head_dim] parameter
+        (multi-head attention only) and gate/up as one [d, 2, mlp] parameter,
+        each applied as one GEMM (MaxText's fused_qkv / fused_mlp). Faster
+        decoding at few tokens per step; checkpoints stay unfused.
+      attention_impl: passed to `jax.nn.dot_product_attention` for full
+        forwards ("xla", "cudnn" or None for automatic).
+      window_attention_impl: the same for cached window steps (a block of
+        queries against the KV cache). XLA's attention is the default: at 32
+        queries cuDNN's flash kernel runs one tile per head and leaves most of
+        the GPU idle (experiments/results/benchmark/README.md).
       mask_token_id / eos_token_id / pad_token_id: the ids stored in the
         checkpoint's config.json; the tokenizer wrapper is the one place the
         algorithms read special ids from.
@@ -73,7 +81,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = True
+    fused_projections: bool = False
     attention_impl: str | None = None
+    window_attention_impl: str | None = "xla"
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -102,8 +112,9 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed {tuple(DTYPES)}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: allowed None, 'xla', 'cudnn'")
+        for name in ("attention_impl", "window_attention_impl"):
+            if getattr(self, name) not in (None, "xla", "cudnn"):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed None, 'xla', 'cudnn'")
 
     @property
     def compute_dtype(self):

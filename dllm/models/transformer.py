@@ -15,10 +15,14 @@ shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`.
 Layer parameters are laid out as `scan_layers` says (as MaxText does): stacked
 along a leading `layers` axis for `lax.scan` (fast compile, training), or one
 `blocks[i]` dict per layer for unrolled layers (fastest decoding on GPU: no
-per-step slice copies of stacked weights). Checkpoints always hold the stacked
-("canonical") layout; `canonical_params` and `model_param_tree` convert. Every
-parameter carries logical axis names in its `logical_axes` metadata;
-`dllm.sharding` maps them to mesh axes.
+per-step slice copies of stacked weights). With `fused_projections` the model
+holds q/k/v as one `qkv_proj` [d, 3, heads, head_dim] (multi-head attention
+only) and gate/up as one `gate_up_proj` [d, 2, mlp] (MaxText's `fused_qkv` and
+`fused_mlp`): one wide GEMM instead of three or two, which at 32 tokens streams
+the weights faster. Checkpoints always hold the stacked, unfused ("canonical")
+layout; `canonical_params` and `model_param_tree` convert. Every parameter
+carries logical axis names in its `logical_axes` metadata; `dllm.sharding` maps
+them to mesh axes (the new "qkv"/"gate_up" axes stay whole).
 
 Padding: rows are left-padded. `attention_mask` hides padded keys, and RoPE
 positions count only real tokens (`cumsum(mask) - 1`), so a padded row
@@ -51,11 +55,17 @@ LAYER_PARAM_AXES = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    "qkv_proj": ("embed", "qkv", "heads", "head_dim"),
+    "gate_up_proj": ("embed", "gate_up", "mlp"),
 }
+
+# Fused parameter -> the canonical parameters stacked along its second axis.
+FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of each per-layer parameter (without the layers axis)."""
+    """Shape of each canonical per-layer parameter (without the layers axis),
+    as checkpoints store them; `model_layer_shapes` gives the model's own."""
     d, h, kv, hd, f = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.mlp_hidden
     shapes = {
         "attn_norm": (d,),
@@ -71,6 +81,62 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     if config.qkv_bias:
         shapes.update(q_bias=(h, hd), k_bias=(kv, hd), v_bias=(kv, hd))
     return shapes
+
+
+def fused_groups(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The fused parameters this config's model holds (see `fused_projections`):
+    gate/up always, q/k/v only with multi-head attention (equal head counts)."""
+    if not config.fused_projections:
+        return {}
+    groups = {"gate_up_proj": FUSED_PARAMS["gate_up_proj"]}
+    if config.n_kv_heads == config.n_heads:
+        groups["qkv_proj"] = FUSED_PARAMS["qkv_proj"]
+    return groups
+
+
+def model_layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-layer parameter the model holds: the canonical ones,
+    with every fused group replaced by one [d, parts, ...] parameter."""
+    shapes = layer_param_shapes(config)
+    for fused, parts in fused_groups(config).items():
+        first = shapes[parts[0]]
+        for part in parts:
+            del shapes[part]
+        shapes[fused] = (first[0], len(parts), *first[1:])
+    return shapes
+
+
+def _stack_axis(config: ModelConfig, part: str) -> int:
+    """Where a fused group's `parts` axis sits, counted from the end (right
+    after the "embed" axis), so stacked [layers, ...] arrays work too."""
+    return -len(layer_param_shapes(config)[part])
+
+
+def fuse_params(config: ModelConfig, params: dict) -> dict:
+    """Canonical names -> the model's: stacks each fused group whose parts are
+    all present (so already fused params pass through). Values may be arrays
+    (one layer, or stacked layers) or per-layer lists of arrays."""
+    params = dict(params)
+    for fused, parts in fused_groups(config).items():
+        if not all(part in params for part in parts):
+            continue
+        values = [params.pop(part) for part in parts]
+        axis = _stack_axis(config, parts[0])
+        if isinstance(values[0], (list, tuple)):
+            params[fused] = [jnp.stack(layer, axis=axis) for layer in zip(*values)]
+        else:
+            params[fused] = jnp.stack(values, axis=axis)
+    return params
+
+
+def split_fused(config: ModelConfig, params: dict) -> dict:
+    """The model's names -> canonical ones (inverse of `fuse_params`)."""
+    params = dict(params)
+    for fused, parts in fused_groups(config).items():
+        value, axis = params.pop(fused), _stack_axis(config, parts[0])
+        for i, part in enumerate(parts):
+            params[part] = jnp.take(value, i, axis=axis)
+    return params
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -113,6 +179,19 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
     """Projects x [B, L, d] to rotated q [B,L,H,D] and k, v [B,L,KV,D]."""
     dtype = config.compute_dtype
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+    if "qkv_proj" in p:  # fused_projections: one GEMM
+        qkv = jnp.einsum("bld,dchk->blchk", h, p["qkv_proj"].astype(dtype))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+        q, k, v = _separate_qkv(h, p, dtype)
+    if config.qkv_bias:
+        q = q + p["q_bias"].astype(dtype)
+        k = k + p["k_bias"].astype(dtype)
+        v = v + p["v_bias"].astype(dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _separate_qkv(h, p, dtype):
     # Three distinct values for the three projections: XLA's dot merger would
     # otherwise fuse q and k into one Triton GEMM over concatenated weights,
     # which ran at ~430 TFLOP/s against cuBLAS's ~660 on the H100 (the full
@@ -121,11 +200,7 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
     q = jnp.einsum("bld,dhk->blhk", hq, p["q_proj"].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", hk, p["k_proj"].astype(dtype))
     v = jnp.einsum("bld,dhk->blhk", hv, p["v_proj"].astype(dtype))
-    if config.qkv_bias:
-        q = q + p["q_bias"].astype(dtype)
-        k = k + p["k_bias"].astype(dtype)
-        v = v + p["v_bias"].astype(dtype)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return q, k, v
 
 
 def attention_out_and_mlp(x, attended, p, config: ModelConfig):
@@ -133,25 +208,30 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
     dtype = config.compute_dtype
     x = x + jnp.einsum("blhk,hkd->bld", attended, p["o_proj"].astype(dtype))
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    gate = jnp.einsum("bld,df->blf", h, p["gate_proj"].astype(dtype))
-    up = jnp.einsum("bld,df->blf", h, p["up_proj"].astype(dtype))
+    if "gate_up_proj" in p:  # fused_projections: one GEMM
+        gate_up = jnp.einsum("bld,dcf->blcf", h, p["gate_up_proj"].astype(dtype))
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    else:
+        gate = jnp.einsum("bld,df->blf", h, p["gate_proj"].astype(dtype))
+        up = jnp.einsum("bld,df->blf", h, p["up_proj"].astype(dtype))
     return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
 
 
-def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None):
+def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None, *, window: bool = False):
     """Bidirectional attention of q over k/v; key_mask [B, S] hides padding.
 
     key_mask None: no key is padding, or (`key_length`) only the keys from
     `key_length` on, which the fused kernels take as sequence lengths instead
-    of a [B, 1, T, S] bias (cuDNN's fast path)."""
+    of a [B, 1, T, S] bias (cuDNN's fast path). `window`: a cached window step
+    (`config.window_attention_impl` instead of `config.attention_impl`)."""
+    impl = config.window_attention_impl if window else config.attention_impl
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
-                                            implementation=config.attention_impl)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
     mask = key_mask[:, None, None, :].astype(bool)
-    if config.attention_impl == "cudnn":  # cuDNN takes the mask as a bias of shape [B, 1, T, S]
+    if impl == "cudnn":  # cuDNN takes the mask as a bias of shape [B, 1, T, S]
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def transformer_block(x, p, config: ModelConfig, cos, sin, key_mask):
@@ -259,15 +339,16 @@ class Transformer(nnx.Module):
         # each layer drawn on its own (slicing stacked draws made XLA compile the
         # 8B initializer for minutes). The two layouts draw different values for
         # one seed; `model_from_params(config, canonical_params(model))` converts.
-        keys = {name: rngs.params() for name in layer_param_shapes(c) if not name.endswith(("norm", "bias"))}
+        shapes = model_layer_shapes(c)
+        keys = {name: rngs.params() for name in shapes if not name.endswith(("norm", "bias"))}
         if c.scan_layers:
-            for name, shape in layer_param_shapes(c).items():
+            for name, shape in shapes.items():
                 value = init(name, (c.n_layers, *shape), keys.get(name))
                 setattr(self, name, param(value, ("layers", *LAYER_PARAM_AXES[name])))
         else:
             self.blocks = nnx.List([
                 nnx.Dict({name: param(init(name, shape, keys.get(name) if name not in keys else jax.random.fold_in(keys[name], i)), LAYER_PARAM_AXES[name])
-                          for name, shape in layer_param_shapes(c).items()})
+                          for name, shape in shapes.items()})
                 for i in range(c.n_layers)])
         self.final_norm = param(jnp.ones((c.d_model,)), ("embed",))
         if not c.tie_embeddings:
@@ -275,7 +356,7 @@ class Transformer(nnx.Module):
 
     def layer_params(self) -> dict[str, jax.Array] | list[dict[str, jax.Array]]:
         """Stacked {name: [layers, ...]} when scanned, else one dict per layer (see `run_layers`)."""
-        names = layer_param_shapes(self.config)
+        names = model_layer_shapes(self.config)
         if self.config.scan_layers:
             return {name: getattr(self, name)[...] for name in names}
         return [{name: block[name][...] for name in names} for block in self.blocks]
@@ -376,7 +457,7 @@ class Transformer(nnx.Module):
             cache_k, cache_v = layer_cache
             q, k, v = attention_qkv(x, p, c, cos, sin)
             cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
-            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c, key_length), p, c)
+            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c, key_length, window=True), p, c)
             return x, (cache_k, cache_v)
 
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
@@ -385,26 +466,27 @@ class Transformer(nnx.Module):
 
 def canonical_params(model: Transformer) -> dict[str, jax.Array]:
     """The parameters as checkpoints store them: {name: array}, layer parameters
-    stacked [layers, ...] whatever the model's `scan_layers`."""
+    stacked [layers, ...] and unfused, whatever the model's layout."""
+    config = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if model.config.scan_layers:
-        return params
-    blocks = params.pop("blocks")
-    for name in layer_param_shapes(model.config):
-        params[name] = jnp.stack([blocks[i][name] for i in range(model.config.n_layers)])
-    return params
+    if not config.scan_layers:
+        blocks = params.pop("blocks")
+        for name in model_layer_shapes(config):
+            params[name] = jnp.stack([blocks[i][name] for i in range(config.n_layers)])
+    return split_fused(config, params)
 
 
 def model_param_tree(config: ModelConfig, params: dict) -> dict:
     """Canonical parameters -> the pure-dict structure of `Transformer(config)`.
 
     A layer parameter may be stacked [layers, ...] or a list of per-layer
-    arrays; a tree that already has `blocks` (an unrolled model's own
-    structure) is returned as is.
+    arrays, under canonical or fused names; a tree that already has `blocks`
+    (an unrolled model's own structure) is returned as is.
     """
-    names = layer_param_shapes(config)
     if "blocks" in params:
         return params
+    params = fuse_params(config, params)
+    names = model_layer_shapes(config)
     tree = {k: v for k, v in params.items() if k not in names}
     per_name = {n: params[n] for n in names if n in params}
     if config.scan_layers:
