@@ -99,3 +99,16 @@ def test_place_logits_puts_each_row_at_its_start_and_drops_the_overhang():
     expected[0, 1:4] = np.asarray(logits[0])
     expected[1, 4:6] = np.asarray(logits[1, :2])  # positions 4, 5; position 6 is past G
     np.testing.assert_array_equal(placed, expected)
+
+
+def test_write_rows_writes_each_row_at_its_start_clamped_like_dynamic_update_slice():
+    """The cache write is one in-bounds scatter; a start past S - Q is clamped, as
+    `dynamic_update_slice` clamps (the vmapped form it replaced)."""
+    from dllm.models.transformer import write_rows
+
+    cache = jnp.zeros((3, 10, 2))
+    update = jnp.ones((3, 4, 2)) * jnp.arange(1, 4)[:, None, None]
+    written = np.asarray(write_rows(cache, update, jnp.array([0, 8, 3])))
+    expected = np.zeros((3, 10, 2))
+    expected[0, 0:4], expected[1, 6:10], expected[2, 3:7] = 1, 2, 3  # row 1: start 8 -> 6
+    np.testing.assert_array_equal(written, expected)
