@@ -186,9 +186,9 @@ def refresh_forward(model, state: DecodeState, window_only: bool = False, padded
     """Full forward: logits of the whole generation (or of each row's block,
     see `forward_logits`) and a fresh cache."""
     length, offsets = head_request(state, window_only)
-    logits, cache = model.forward_with_cache(
+    logits, cache = model.forward_with_cache(  # written into the carried cache: no second one in memory
         state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
-        logits_length=length, cache_length=cache_length(state), logits_offsets=offsets)
+        logits_length=length, logits_offsets=offsets, cache=state.cache)
     if window_only:
         logits = place_logits(logits, offsets, state.config.gen_length)
     return logits, cache, jnp.ones(state.gen_tokens.shape, bool)

@@ -420,11 +420,18 @@ class Transformer(nnx.Module):
 
 
     def forward_with_cache(self, tokens, attention_mask, positions=None, *, logits_start: int,
-                           logits_length: int, cache_length: int | None = None, logits_offsets=None):
+                           logits_length: int, cache_length: int | None = None, logits_offsets=None,
+                           cache: KVCache | None = None):
         """Full forward that also returns every position's K/V (a cache refresh).
         `attention_mask` as in `__call__` (None: no padding).
 
-        Returns (logits [B, logits_length, V], KVCache with S = cache_length or L).
+        `cache`: an existing cache (S >= L) to write the L positions' K/V into,
+        in place from column 0 (its tail beyond L is left as it was, and must be
+        hidden from attention); the decoder passes its own, so a refresh needs
+        no second cache in memory. Without it, a new cache of S = cache_length
+        (or L) positions is made, zero past L.
+
+        Returns (logits [B, logits_length, V], KVCache).
         """
         c = self.config
         if positions is None:
@@ -432,13 +439,17 @@ class Transformer(nnx.Module):
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
         pad = (cache_length or tokens.shape[1]) - tokens.shape[1]
 
-        def block(x, p, _):
+        def block(x, p, layer_cache):
             q, k, v = attention_qkv(x, p, c, cos, sin)
             x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c), p, c)
-            widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-            return x, (widen(k), widen(v))
+            if layer_cache is None:
+                widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
+                return x, (widen(k), widen(v))
+            write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a, 0, axis=1)
+            return x, (write(layer_cache[0], k), write(layer_cache[1], v))
 
-        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c)
+        per_layer = None if cache is None else cache.per_layer(c)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, per_layer)
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         hidden = take_positions(hidden, logits_start, logits_length, logits_offsets)
