@@ -32,7 +32,7 @@ import samplers
 from dllm.checkpoints import model_from_params
 from dllm.decoding import SpecialIds
 from dllm.evaluation import environment, write_json_atomic
-from dllm.models.transformer import canonical_params
+from dllm.models.transformer import canonical_params, window_attention_impl
 from experiments.common import decode_mesh, model_config
 
 
@@ -118,7 +118,8 @@ def main(cfg: DictConfig) -> list[dict]:
                 "weight_tb_s": round(weight_bytes(model) * nfe / seconds / 1e12, 3),
                 "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
                 "fused_projections": c.fused_projections, "attention_impl": c.attention_impl,
-                "window_attention_impl": c.window_attention_impl, "mesh": mesh_axes,
+                "window_attention_impl": None if cache == "none" else window_attention_impl(c, window),
+                "mesh": mesh_axes,
                 "tokens_sha1": hashlib.sha1(np.asarray(result.tokens).tobytes()).hexdigest()[:16],
                 "floor_ms_full_step": round(step_flops(c, batch, total_len, total_len) / cfg.peak_tflops / 1e9, 2),
                 "floor_ms_weights": round(weight_bytes(model) / cfg.peak_tb_s / 1e9, 2),

@@ -284,3 +284,16 @@ def test_fused_projections_decode_the_same_tokens(tmp_path):
         runs = [dllm.generate(m, prompts, samplers.Threshold(tau=0.5), gen_length=8, block_length=4,
                               special=special, cache=cache, key=jax.random.key(0)) for m in (plain, fused)]
         np.testing.assert_array_equal(np.asarray(runs[0].tokens), np.asarray(runs[1].tokens), err_msg=cache)
+
+
+def test_window_attention_impl_defaults_to_xla_for_short_windows_only():
+    """None: XLA's attention for windows of <= 64 queries (the dual cache's block),
+    the full forwards' `attention_impl` for longer ones (the prefix cache's window);
+    an explicit value always wins; a bad one is refused naming the allowed ones."""
+    from dllm.models.transformer import window_attention_impl
+
+    config = dllm.ModelConfig(attention_impl="cudnn")
+    assert window_attention_impl(config, 32) == "xla" and window_attention_impl(config, 256) == "cudnn"
+    assert window_attention_impl(config.replace(window_attention_impl="cudnn"), 32) == "cudnn"
+    with pytest.raises(ValueError, match="window_attention_impl='flash': allowed None, 'xla', 'cudnn'"):
+        dllm.ModelConfig(window_attention_impl="flash")

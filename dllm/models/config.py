@@ -55,11 +55,14 @@ class ModelConfig:
         decoding at few tokens per step; checkpoints stay unfused.
       attention_impl: passed to `jax.nn.dot_product_attention` for full
         forwards ("xla", "cudnn" or None for automatic).
-      window_attention_impl: the same for cached window steps (a block of
-        queries against the KV cache). XLA's attention is the default: on the
-        H100 at batch 1 the dual-cache step ran 7.08 ms with it and 10.78 ms
-        with cuDNN (experiments/results/benchmark/README.md); at batch 32
-        cuDNN was the faster one.
+      window_attention_impl: the same for cached window steps (a window of
+        queries against the KV cache). None (default): XLA's attention for
+        windows of at most 64 queries (the dual cache's block), else
+        `attention_impl`. Measured on the H100 at batch 1
+        (experiments/results/benchmark/README.md): dual step 7.02 ms with
+        XLA's attention, 10.78 ms with cuDNN (whose custom call inside the
+        decode loop defeats XLA's CUDA-graph reuse); prefix step (256
+        queries) 8.33 ms with cuDNN, 10.19 ms with XLA's.
       mask_token_id / eos_token_id / pad_token_id: the ids stored in the
         checkpoint's config.json; the tokenizer wrapper is the one place the
         algorithms read special ids from.
@@ -84,7 +87,7 @@ class ModelConfig:
     scan_layers: bool = True
     fused_projections: bool = False
     attention_impl: str | None = None
-    window_attention_impl: str | None = "xla"
+    window_attention_impl: str | None = None
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
