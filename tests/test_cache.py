@@ -112,26 +112,3 @@ def test_write_rows_writes_each_row_at_its_start_clamped_like_dynamic_update_sli
     expected = np.zeros((3, 10, 2))
     expected[0, 0:4], expected[1, 6:10], expected[2, 3:7] = 1, 2, 3  # row 1: start 8 -> 6
     np.testing.assert_array_equal(written, expected)
-
-
-def test_split_kv_window_attention_matches_one_pass_attention():
-    """window_attention_impl="split_kv" (Flash-Decoding: key chunks merged by log-sum-exp)
-    gives the attention of one softmax over all keys (a chunk with no valid key
-    included, and grouped-query heads), and the decoder commits the same tokens."""
-    from dllm.models.transformer import split_kv_attention
-
-    key = jax.random.key(0)
-    q = jax.random.normal(key, (2, 8, 4, 16))
-    for kv_heads in (4, 2):
-        k, v = (jax.random.normal(jax.random.fold_in(key, i), (2, 192, kv_heads, 16)) for i in (1, 2))
-        valid = (jnp.arange(192)[None] < jnp.array([[100], [150]])).at[0, :10].set(False)  # row 0: chunk 3 empty
-        expected = jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :])
-        np.testing.assert_allclose(split_kv_attention(q, k, v, valid, 64), expected, rtol=1e-5, atol=1e-5)
-    from dllm.checkpoints import model_from_params
-    from dllm.models.transformer import canonical_params
-
-    model = make_model("dream", 2)  # grouped-query heads, padded prompts (a key mask)
-    for mode in ("dual", "prefix"):
-        runs = [decode(model_from_params(model.config.replace(window_attention_impl=impl), canonical_params(model)),
-                       samplers.Threshold(tau=0.7), cache=mode) for impl in ("xla", "split_kv")]
-        np.testing.assert_array_equal(runs[0][0], runs[1][0], err_msg=mode)

@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
-from dllm.models.transformer import CACHE_AXES, SPLIT_KV_CHUNK, KVCache, positions_from_mask
+from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
 
 
 def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,13 +178,8 @@ def window_length(config: DecodeConfig) -> int:
 
 
 def cache_length(state: DecodeState) -> int:
-    return cache_length_for(state.tokens.shape[1], state.config)
-
-
-def cache_length_for(canvas: int, config: DecodeConfig) -> int:
-    """Canvas plus a tail so every window slice stays in bounds, rounded up to a
-    multiple of `SPLIT_KV_CHUNK` (the split-KV window attention's key chunk)."""
-    return -(-(canvas + window_length(config) + 1) // SPLIT_KV_CHUNK) * SPLIT_KV_CHUNK
+    """Canvas plus a tail so every window slice stays in bounds."""
+    return state.tokens.shape[1] + window_length(state.config) + 1
 
 
 def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
@@ -400,7 +395,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     layout.check_batch(tokens.shape[0], "the prompt batch")
     if config.cache != "none":
         c = model.config
-        length = cache_length_for(tokens.shape[1] + gen_length, config)
+        length = tokens.shape[1] + gen_length + window_length(config) + 1  # as cache_length(state)
         layout.check("the KV cache", (c.n_layers, tokens.shape[0], length, c.n_kv_heads, c.head_dim), CACHE_AXES)
     shardings = layout.param_shardings(model)
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))

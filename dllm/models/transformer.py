@@ -217,46 +217,15 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
     return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
 
 
-SHORT_WINDOW = 64  # query rows (batch x window); at most this many, a window step's attention defaults to XLA's
+SHORT_WINDOW = 64  # queries; at most this many, a window step's attention defaults to XLA's
 
 
-def window_attention_impl(config: ModelConfig, query_rows: int) -> str | None:
-    """The attention implementation of a cached window step with `query_rows`
-    = batch x window queries in all (see `ModelConfig.window_attention_impl`)."""
+def window_attention_impl(config: ModelConfig, queries: int) -> str | None:
+    """The attention implementation of a cached window step of `queries` queries
+    (see `ModelConfig.window_attention_impl`)."""
     if config.window_attention_impl is not None:
         return config.window_attention_impl
-    return "xla" if query_rows <= SHORT_WINDOW else config.attention_impl
-
-
-def split_kv_attention(q, k, v, key_valid, chunk: int):
-    """Attention of few queries over a long cache as independent key chunks,
-    merged by their log-sum-exp: Flash-Decoding (Dao, Haziza, Massa, Sizov
-    2023, "Flash-Decoding for long-context inference"), in plain JAX.
-
-    With 32 queries a fused kernel has one tile per head, so most of the GPU
-    idles while each tile walks all S keys; here the S/chunk chunks are
-    separate batch entries of the two GEMMs. Exact up to float rounding.
-
-    q [B, Q, H, D]; k, v [B, S, KV, D] with S a multiple of `chunk` (H a
-    multiple of KV: grouped-query attention); key_valid bool [B, S].
-    """
-    b, n_q, h, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    c = s // chunk
-    q = q.reshape(b, n_q, kv, h // kv, d)
-    k, v = k.reshape(b, c, chunk, kv, d), v.reshape(b, c, chunk, kv, d)
-    scores = jnp.einsum("bqkgd,bcskd->bckgqs", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-    scores = jnp.where(key_valid.reshape(b, c, 1, 1, 1, chunk), scores, -jnp.inf)
-    top = jnp.max(scores, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)  # a chunk with no valid key contributes nothing
-    weights = jnp.exp(scores - top)
-    partial = jnp.einsum("bckgqs,bcskd->bckgqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    scale = jnp.exp(top - jnp.max(top, axis=1, keepdims=True))  # [B, C, KV, G, Q, 1]
-    out = jnp.sum(partial * scale, axis=1) / jnp.sum(jnp.sum(weights, -1, keepdims=True) * scale, axis=1)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, n_q, h, d).astype(v.dtype)
-
-
-SPLIT_KV_CHUNK = 64  # keys per chunk of `split_kv_attention`; the decoder's cache length is a multiple of it
+    return "xla" if queries <= SHORT_WINDOW else config.attention_impl
 
 
 def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None, *, window: bool = False):
@@ -266,15 +235,7 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     `key_length` on, which the fused kernels take as sequence lengths instead
     of a [B, 1, T, S] bias (cuDNN's fast path). `window`: a cached window step
     (`window_attention_impl(config, queries)` instead of `config.attention_impl`)."""
-    impl = window_attention_impl(config, q.shape[0] * q.shape[1]) if window else config.attention_impl
-    if impl == "split_kv":
-        if k.shape[1] % SPLIT_KV_CHUNK:
-            raise ValueError(f"split_kv attention needs a key length that is a multiple of {SPLIT_KV_CHUNK}, "
-                             f"got {k.shape[1]}")
-        valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask.astype(bool)
-        if key_length is not None:
-            valid = valid & (jnp.arange(k.shape[1]) < key_length)[None, :]
-        return split_kv_attention(q, k, v, valid, SPLIT_KV_CHUNK)
+    impl = window_attention_impl(config, q.shape[1]) if window else config.attention_impl
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
