@@ -98,7 +98,15 @@ def main(cfg: DictConfig) -> list[dict]:
             kwargs = dict(gen_length=cfg.gen_length, block_length=cfg.block_length, special=special, cache=cache,
                           max_steps=cfg.timed_steps, key=jax.random.key(0), mesh=mesh, rules=rules)
             t0 = time.perf_counter()
-            jax.block_until_ready(dllm.generate(model, prompts, sampler, **kwargs).tokens)
+            try:
+                jax.block_until_ready(dllm.generate(model, prompts, sampler, **kwargs).tokens)
+            except jax.errors.JaxRuntimeError as e:  # reported as a row; the other configurations still run
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                skipped = {"skipped": {"batch": batch, "cache": cache}, "reason": str(e).splitlines()[0][:300]}
+                print(json.dumps(skipped), flush=True)
+                rows.append(skipped)
+                continue
             compile_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             result = dllm.generate(model, prompts, sampler, **kwargs)
@@ -118,7 +126,7 @@ def main(cfg: DictConfig) -> list[dict]:
                 "weight_tb_s": round(weight_bytes(model) * nfe / seconds / 1e12, 3),
                 "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
                 "fused_projections": c.fused_projections, "attention_impl": c.attention_impl,
-                "window_attention_impl": None if cache == "none" else window_attention_impl(c, window),
+                "window_attention_impl": None if cache == "none" else window_attention_impl(c, batch * window),
                 "mesh": mesh_axes,
                 "tokens_sha1": hashlib.sha1(np.asarray(result.tokens).tobytes()).hexdigest()[:16],
                 "floor_ms_full_step": round(step_flops(c, batch, total_len, total_len) / cfg.peak_tflops / 1e9, 2),
@@ -128,7 +136,7 @@ def main(cfg: DictConfig) -> list[dict]:
             print(json.dumps(row), flush=True)
     ratios = {}
     for batch in cfg.batch_sizes:
-        by_cache = {r["cache"]: r["ms_per_nfe"] for r in rows if r["batch"] == batch}
+        by_cache = {r["cache"]: r["ms_per_nfe"] for r in rows if r.get("batch") == batch}
         if "none" in by_cache:
             ratios[batch] = {f"none/{k}": round(by_cache["none"] / v, 2) for k, v in by_cache.items() if k != "none"}
             print(f"batch {batch}: ms per NFE {by_cache}; speedup of the caches over no cache {ratios[batch]}")

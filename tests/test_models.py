@@ -287,8 +287,8 @@ def test_fused_projections_decode_the_same_tokens(tmp_path):
 
 
 def test_window_attention_impl_defaults_to_xla_for_short_windows_only():
-    """None: XLA's attention for windows of <= 64 queries (the dual cache's block),
-    the full forwards' `attention_impl` for longer ones (the prefix cache's window);
+    """None: XLA's attention for steps of <= 64 query rows (batch x window: the dual
+    cache's block at batch 1), the full forwards' `attention_impl` for more;
     an explicit value always wins; a bad one is refused naming the allowed ones."""
     from dllm.models.transformer import window_attention_impl
 

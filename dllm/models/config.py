@@ -56,13 +56,14 @@ class ModelConfig:
       attention_impl: passed to `jax.nn.dot_product_attention` for full
         forwards ("xla", "cudnn" or None for automatic).
       window_attention_impl: the same for cached window steps (a window of
-        queries against the KV cache). None (default): XLA's attention for
-        windows of at most 64 queries (the dual cache's block), else
-        `attention_impl`. Measured on the H100 at batch 1
-        (experiments/results/benchmark/README.md): dual step 7.02 ms with
-        XLA's attention, 10.78 ms with cuDNN (whose custom call inside the
-        decode loop defeats XLA's CUDA-graph reuse); prefix step (256
-        queries) 8.33 ms with cuDNN, 10.19 ms with XLA's.
+        queries against the KV cache). None (default): XLA's attention when
+        the step has at most 64 query rows in all (batch x window: the dual
+        cache's block at batch 1), else `attention_impl`. Measured on the
+        H100 (experiments/results/benchmark/README.md): batch 1 dual step
+        7.02 ms with XLA's attention, 10.78 ms with cuDNN (whose custom call
+        inside the decode loop defeats XLA's CUDA-graph reuse); batch 1
+        prefix step (256 queries) 8.33 ms with cuDNN, 10.19 ms with XLA's;
+        batch 32 dual step 42.3 ms with cuDNN, 50.7 ms with XLA's.
       mask_token_id / eos_token_id / pad_token_id: the ids stored in the
         checkpoint's config.json; the tokenizer wrapper is the one place the
         algorithms read special ids from.

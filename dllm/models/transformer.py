@@ -217,15 +217,15 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
     return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
 
 
-SHORT_WINDOW = 64  # queries; at most this many, a window step's attention defaults to XLA's
+SHORT_WINDOW = 64  # query rows (batch x window); at most this many, a window step's attention defaults to XLA's
 
 
-def window_attention_impl(config: ModelConfig, queries: int) -> str | None:
-    """The attention implementation of a cached window step of `queries` queries
-    (see `ModelConfig.window_attention_impl`)."""
+def window_attention_impl(config: ModelConfig, query_rows: int) -> str | None:
+    """The attention implementation of a cached window step with `query_rows`
+    = batch x window queries in all (see `ModelConfig.window_attention_impl`)."""
     if config.window_attention_impl is not None:
         return config.window_attention_impl
-    return "xla" if queries <= SHORT_WINDOW else config.attention_impl
+    return "xla" if query_rows <= SHORT_WINDOW else config.attention_impl
 
 
 def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None, *, window: bool = False):
@@ -235,7 +235,7 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     `key_length` on, which the fused kernels take as sequence lengths instead
     of a [B, 1, T, S] bias (cuDNN's fast path). `window`: a cached window step
     (`window_attention_impl(config, queries)` instead of `config.attention_impl`)."""
-    impl = window_attention_impl(config, q.shape[1]) if window else config.attention_impl
+    impl = window_attention_impl(config, q.shape[0] * q.shape[1]) if window else config.attention_impl
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
