@@ -309,6 +309,16 @@ class KVCache:
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
+def written_before_next_layer(x, cache_k, cache_v):
+    """(x, (cache_k, cache_v)) tied by an optimization barrier, so the next layer
+    starts only after this layer's cache writes. Without it XLA's GPU scheduler
+    left every layer's K/V (with fused projections, the whole q/k/v output)
+    alive until the end of the forward: 28.6 GiB of temporaries for a batch-32
+    LLaDA-8B refresh (4.1 GiB without a cache)."""
+    x, cache_k, cache_v = jax.lax.optimization_barrier((x, cache_k, cache_v))
+    return x, (cache_k, cache_v)
+
+
 def take_positions(hidden, start: int, length: int, offsets=None):
     """hidden[:, start:start + length], shifted per row by `offsets` [B] when given."""
     if offsets is None:
@@ -457,7 +467,7 @@ class Transformer(nnx.Module):
                 widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
                 return x, (widen(k), widen(v))
             write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a, 0, axis=1)
-            return x, (write(layer_cache[0], k), write(layer_cache[1], v))
+            return written_before_next_layer(x, write(layer_cache[0], k), write(layer_cache[1], v))
 
         per_layer = None if cache is None else cache.per_layer(c)
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, per_layer)
@@ -490,7 +500,7 @@ class Transformer(nnx.Module):
             q, k, v = attention_qkv(x, p, c, cos, sin)
             cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
             x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c, key_length, window=True), p, c)
-            return x, (cache_k, cache_v)
+            return written_before_next_layer(x, cache_k, cache_v)
 
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
         return self.hidden_to_logits(hidden[:, :logits_count]), KVCache.from_layers(kv, c)
