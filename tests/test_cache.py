@@ -112,3 +112,23 @@ def test_write_rows_writes_each_row_at_its_start_clamped_like_dynamic_update_sli
     expected = np.zeros((3, 10, 2))
     expected[0, 0:4], expected[1, 6:10], expected[2, 3:7] = 1, 2, 3  # row 1: start 8 -> 6
     np.testing.assert_array_equal(written, expected)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_refresh_into_an_existing_cache_writes_the_canvas_and_keeps_the_tail(scan_layers):
+    """forward_with_cache(cache=...) (the decoder's refresh) writes the canvas's K/V in
+    place from column 0, as a fresh cache would hold them, and leaves the tail alone."""
+    from dllm.checkpoints import model_from_params
+    from dllm.models.transformer import KVCache, canonical_params
+
+    model = make_model("llada", 2)
+    model = model_from_params(model.config.replace(scan_layers=scan_layers), canonical_params(model))
+    tokens = jnp.array([[4, 5, 6, 7, 8, 9, 39, 39]], jnp.int32)
+    logits, fresh = model.forward_with_cache(tokens, None, logits_start=0, logits_length=8, cache_length=12)
+    old = KVCache.zeros(model.config, 1, 12)
+    old = jax.tree.map(lambda a: a + 7.0, old)  # a stale tail to keep
+    again, written = model.forward_with_cache(tokens, None, logits_start=0, logits_length=8, cache=old)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+    for new, ref in zip(jax.tree.leaves(written), jax.tree.leaves(fresh)):
+        np.testing.assert_array_equal(np.asarray(new)[..., :8, :, :], np.asarray(ref)[..., :8, :, :])
+        assert np.all(np.asarray(new)[..., 8:, :, :] == 7.0)

@@ -2,7 +2,6 @@
 SWORD zText module are built byte by byte here from their format descriptions
 (R's serialize.c, SWORD's zverse.cpp), independently of the parsers."""
 
-import bz2
 import gzip
 import json
 import lzma
