@@ -33,7 +33,8 @@ def load_model(cfg: DictConfig):
     """(model, tokenizer, description): the checkpoint, else a random model."""
     path = resolve_path(cfg.checkpoint) if cfg.get("checkpoint") else None
     if path is not None and path.exists():
-        model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"))
+        layout = {k: v for k, v in (cfg.get("layout") or {}).items() if v is not None}
+        model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"), **layout)
         return model, tokenizer, str(path)
     from dllm.tasks.vocab import build_task_tokenizer
 

@@ -168,3 +168,18 @@ def test_other_groups_compose(path):
     group, name = group_and_name(path)
     primary, prefix = primary_for(group)
     OmegaConf.to_container(compose_cfg(primary, [f"{prefix}{group}={name}"]), resolve=True)
+
+
+def test_layout_overrides_reach_the_loaded_checkpoint():
+    """`layout.*` (config.yaml) changes the loaded checkpoint's parameter layout and
+    attention; null keeps the checkpoint's own setting."""
+    from experiments.common import load_model
+
+    cfg = compose_cfg("config", [f"checkpoint={REPO_ROOT / 'checkpoints' / 'tiny-tasks'}", "layout.scan_layers=false",
+                                 "layout.fused_projections=true", "layout.window_attention_impl=xla"])
+    model, _, _ = load_model(cfg)
+    assert not model.config.scan_layers and model.config.fused_projections
+    assert model.config.window_attention_impl == "xla" and model.config.attention_impl is None
+    assert "qkv_proj" in model.layer_params()[0]
+    default, _, _ = load_model(compose_cfg("config", [f"checkpoint={REPO_ROOT / 'checkpoints' / 'tiny-tasks'}"]))
+    assert default.config.scan_layers and not default.config.fused_projections
