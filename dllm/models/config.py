@@ -60,10 +60,9 @@ class ModelConfig:
         the step has at most 64 query rows in all (batch x window: the dual
         cache's block at batch 1), else `attention_impl`. Measured on the
         H100 (experiments/results/benchmark/README.md): batch 1 dual step
-        7.02 ms with XLA's attention, 10.78 ms with cuDNN (whose custom call
-        inside the decode loop defeats XLA's CUDA-graph reuse); batch 1
-        prefix step (256 queries) 8.33 ms with cuDNN, 10.19 ms with XLA's;
-        batch 32 dual step 42.3 ms with cuDNN, 50.7 ms with XLA's.
+        6.97 ms with XLA's attention, 7.09 ms with cuDNN; batch 1 prefix step
+        (256 queries) 8.33 ms with cuDNN, 10.19 ms with XLA's; batch 32 dual
+        step 42.3 ms with cuDNN, 50.7 ms with XLA's.
       mask_token_id / eos_token_id / pad_token_id: the ids stored in the
         checkpoint's config.json; the tokenizer wrapper is the one place the
         algorithms read special ids from.
