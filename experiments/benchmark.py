@@ -12,7 +12,10 @@ JSON line per configuration: ms per NFE, tokens/s, achieved TFLOP/s (model
 FLOPs of the tokens the step recomputes) and weight-read bandwidth, against
 the floors in reference/gpu.md. Each row also records the mesh and a digest
 of the generated tokens, so runs on different meshes can be checked to decode
-the same tokens.
+the same tokens. A configuration that runs out of device memory is printed
+and recorded as a `{"skipped": ..., "reason": ...}` row; the others still run.
+Layout knobs (configs/benchmark.yaml): scan_layers, fused_projections,
+attention_impl, window_attention_impl.
 """
 
 from __future__ import annotations
