@@ -64,6 +64,24 @@ def random_model(cfg: DictConfig) -> dllm.Transformer:
     return model_from_params(config, params)
 
 
+def random_model_special_ids(config) -> SpecialIds:
+    """Special ids for a random model: the last ids of its vocabulary (pad 0)."""
+    return SpecialIds(mask=config.vocab_size - 1, eos=config.vocab_size - 2, eot=config.vocab_size - 2, pad=0)
+
+
+def random_prompts(cfg: DictConfig, config, batch: int) -> np.ndarray:
+    """[batch, prompt_length] random prompt ids clear of the special ids."""
+    return np.random.default_rng(0).integers(1, config.vocab_size - 3, (batch, cfg.prompt_length))
+
+
+def timed_decode_args(cfg: DictConfig, config, cache: str) -> dict:
+    """`dllm.generate` arguments of the fixed schedule: one token per step
+    (LowConfidence, steps = gen_length, so NFE is known) for `timed_steps` steps."""
+    return dict(sampler=samplers.LowConfidence(steps=cfg.gen_length), gen_length=cfg.gen_length,
+                block_length=cfg.block_length, special=random_model_special_ids(config), cache=cache,
+                max_steps=cfg.timed_steps, key=jax.random.key(0))
+
+
 def step_flops(config, batch: int, queries: int, keys: int) -> float:
     """Matmul FLOPs of one forward over `queries` positions attending to `keys`."""
     d, f, layers = config.d_model, config.mlp_hidden, config.n_layers
@@ -82,8 +100,6 @@ def main(cfg: DictConfig) -> list[dict]:
     began = time.perf_counter()
     model = random_model(cfg)
     c = model.config
-    special = SpecialIds(mask=c.vocab_size - 1, eos=c.vocab_size - 2, eot=c.vocab_size - 2, pad=0)
-    sampler = samplers.LowConfidence(steps=cfg.gen_length)
     mesh, rules = decode_mesh(cfg)
     mesh_axes = {"devices": 1} if mesh is None else dict(mesh.shape)
     if mesh is not None:  # placed once, so the timed calls move no weights
@@ -93,16 +109,15 @@ def main(cfg: DictConfig) -> list[dict]:
     total_len = cfg.prompt_length + cfg.gen_length
     rows = []
     for batch in cfg.batch_sizes:
-        prompts = np.random.default_rng(0).integers(1, c.vocab_size - 3, (batch, cfg.prompt_length))
+        prompts = random_prompts(cfg, c, batch)
         for cache in cfg.caches:
             if time.perf_counter() - began > cfg.deadline_s:
                 print(json.dumps({"skipped": {"batch": batch, "cache": cache}, "reason": "deadline"}), flush=True)
                 continue
-            kwargs = dict(gen_length=cfg.gen_length, block_length=cfg.block_length, special=special, cache=cache,
-                          max_steps=cfg.timed_steps, key=jax.random.key(0), mesh=mesh, rules=rules)
+            kwargs = dict(timed_decode_args(cfg, c, cache), mesh=mesh, rules=rules)
             t0 = time.perf_counter()
             try:
-                jax.block_until_ready(dllm.generate(model, prompts, sampler, **kwargs).tokens)
+                jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)
             except jax.errors.JaxRuntimeError as e:  # reported as a row; the other configurations still run
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
@@ -112,7 +127,7 @@ def main(cfg: DictConfig) -> list[dict]:
                 continue
             compile_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            result = dllm.generate(model, prompts, sampler, **kwargs)
+            result = dllm.generate(model, prompts, **kwargs)
             jax.block_until_ready(result.tokens)
             seconds = time.perf_counter() - t0
             nfe = int(np.asarray(result.nfe).max())

@@ -21,9 +21,9 @@ from flax import nnx
 from omegaconf import DictConfig
 
 import samplers
-from dllm.decoding import DecodeConfig, SpecialIds
+from dllm.decoding import DecodeConfig
 from dllm.decoding.engine import initial_state
-from experiments.benchmark import random_model
+from experiments.benchmark import random_model, random_model_special_ids
 
 
 def timed(fn, *args, repeats=10) -> float:
@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> dict:
     window = jax.jit(lambda prm, t, pos, cch: nnx.merge(graphdef, prm).forward_window(
         t, pos, start, cch, key_mask, logits_count=w))
     positions = jnp.broadcast_to(jnp.arange(p, p + w), (batch, w))
-    special = SpecialIds(mask=c.vocab_size - 1, eos=c.vocab_size - 2, eot=c.vocab_size - 2, pad=0)
+    special = random_model_special_ids(c)
     state = initial_state(tokens[:, :p], mask[:, :p], jax.random.key(0), DecodeConfig(gen_length=g, block_length=w),
                           special)
     logits = jax.random.normal(jax.random.key(1), (batch, g, c.vocab_size), jnp.float32)

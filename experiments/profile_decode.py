@@ -27,10 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import dllm
-import samplers
-from dllm.decoding import SpecialIds
 from dllm.evaluation import write_json_atomic
-from experiments.benchmark import random_model
+from experiments.benchmark import random_model, random_prompts, timed_decode_args
 
 
 def kernel_summary(trace_file: str, steps: int, top: int = 30) -> dict:
@@ -57,18 +55,15 @@ def kernel_summary(trace_file: str, steps: int, top: int = 30) -> dict:
 def main(cfg: DictConfig) -> dict:
     model = random_model(cfg)
     c = model.config
-    special = SpecialIds(mask=c.vocab_size - 1, eos=c.vocab_size - 2, eot=c.vocab_size - 2, pad=0)
-    sampler = samplers.LowConfidence(steps=cfg.gen_length)
     out = {}
     for batch in cfg.batch_sizes:
-        prompts = np.random.default_rng(0).integers(1, c.vocab_size - 3, (batch, cfg.prompt_length))
+        prompts = random_prompts(cfg, c, batch)
         for cache in cfg.caches:
-            kwargs = dict(gen_length=cfg.gen_length, block_length=cfg.block_length, special=special, cache=cache,
-                          max_steps=cfg.timed_steps, key=jax.random.key(0))
-            jax.block_until_ready(dllm.generate(model, prompts, sampler, **kwargs).tokens)  # compile
+            kwargs = timed_decode_args(cfg, c, cache)
+            jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)  # compile
             folder = tempfile.mkdtemp(prefix="dllm-profile-")
             with jax.profiler.trace(folder, create_perfetto_trace=True):
-                result = dllm.generate(model, prompts, sampler, **kwargs)
+                result = dllm.generate(model, prompts, **kwargs)
                 jax.block_until_ready(result.tokens)
             found = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)
             if not found:

@@ -184,9 +184,9 @@ def cache_length(state: DecodeState) -> int:
 
 def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """Full forward: logits of the whole generation (or of each row's block,
-    see `forward_logits`) and a fresh cache."""
+    see `forward_logits`) and the canvas's K/V, written into the carried cache."""
     length, offsets = head_request(state, window_only)
-    logits, cache = model.forward_with_cache(  # written into the carried cache: no second one in memory
+    logits, cache = model.forward_with_cache(
         state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
         logits_length=length, logits_offsets=offsets, cache=state.cache)
     if window_only:

@@ -450,8 +450,8 @@ class Transformer(nnx.Module):
         `cache`: an existing cache (S >= L) to write the L positions' K/V into,
         in place from column 0 (its tail beyond L is left as it was, and must be
         hidden from attention); the decoder passes its own, so a refresh needs
-        no second cache in memory. Without it, a new cache of S = cache_length
-        (or L) positions is made, zero past L.
+        no second cache in memory. Without it, a zero cache of S = cache_length
+        (or L) positions is written into.
 
         Returns (logits [B, logits_length, V], KVCache).
         """
@@ -459,19 +459,16 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = default_positions(tokens, attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        pad = (cache_length or tokens.shape[1]) - tokens.shape[1]
+        if cache is None:
+            cache = KVCache.zeros(c, tokens.shape[0], cache_length or tokens.shape[1])
 
         def block(x, p, layer_cache):
             q, k, v = attention_qkv(x, p, c, cos, sin)
             x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c), p, c)
-            if layer_cache is None:
-                widen = lambda a: jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0)))
-                return x, (widen(k), widen(v))
             write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a, 0, axis=1)
             return written_before_next_layer(x, write(layer_cache[0], k), write(layer_cache[1], v))
 
-        per_layer = None if cache is None else cache.per_layer(c)
-        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, per_layer)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         hidden = take_positions(hidden, logits_start, logits_length, logits_offsets)
