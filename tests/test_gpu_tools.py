@@ -14,7 +14,7 @@ from experiments.common import REPO_ROOT
 
 TINY = ["model.vocab_size=1000", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
         "model.head_dim=32", "model.mlp_hidden=128", "gen_length=32", "prompt_length=16", "block_length=8",
-        "timed_steps=6", "dtype=float32"]
+        "timed_steps=6", "dtype=float32", "floor_matmul_sizes=[64,128]", "floor_copy_mib=4"]
 
 
 def run(module: str, *overrides: str, devices: int = 1) -> str:
@@ -32,8 +32,14 @@ def test_benchmark_rows_and_mesh_give_the_same_tokens(tmp_path):
         tensor = ["mesh.axes.tensor=2"] if mesh == "fsdp_tensor" else []  # the preset's 4 needs 4 devices
         run("experiments.benchmark", f"mesh={mesh}", *tensor, "batch_sizes=[2]", "caches=[none,dual]", f"out={out}",
             f"hydra.run.dir={tmp_path / mesh}", devices=2)
-        rows = json.loads(out.read_text())["rows"]
+        written = json.loads(out.read_text())
+        rows = written["rows"]
         assert [r["cache"] for r in rows] == ["none", "dual"]
+        floors = written["measured_floors"]  # measured in the run, and the rows' floors come from them
+        assert floors["peak_tflops"] > 0 and floors["peak_tb_s"] > 0 and written["peak_tflops_used"] == floors["peak_tflops"]
+        for r in rows:
+            floor = max(r["floor_ms_full_step"], r["floor_ms_weights"]) if r["cache"] == "none" else r["floor_ms_weights"]
+            assert abs(r["over_floor"] - r["ms_per_nfe"] / floor) < 1e-2 * r["over_floor"], r
         assert all(r["nfe_timed"] == 6 and r["ms_per_nfe"] > 0 for r in rows), rows
         assert rows[0]["mesh"] == ({"devices": 1} if mesh == "single" else
                                    {"data": 2, "fsdp": 1, "tensor": 1} if mesh == "data" else

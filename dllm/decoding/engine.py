@@ -287,7 +287,21 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampler", "config", "special", "layout", "padded"))
+# XLA compile options of the decoding loop. The GEMMs go to cuBLAS rather than
+# XLA's Triton GEMM emitter: on the H100 at LLaDA-8B size the cuBLAS kernels
+# stream the 32-token window step's weights faster (dual-cache step 6.67 ms
+# against 6.99 ms, experiments/results/benchmark/README.md). The option is
+# ignored off GPU. `generate(compiler_options=...)` replaces it.
+COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+@functools.cache
+def _decode_with(compiler_options: tuple):
+    """`_decode` jitted with these (sorted (name, value) pairs of) XLA options."""
+    return jax.jit(_decode, static_argnames=("graphdef", "sampler", "config", "special", "layout", "padded"),
+                   compiler_options=dict(compiler_options) or None)
+
+
 def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None, padded=True):
     """`padded`: whether some prompt has left padding (else full forwards run
     unmasked attention). `layout` (a `dllm.sharding.Layout`, or None on one device): the canvas
@@ -330,7 +344,8 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
 
 def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler, *, gen_length: int,
              block_length: int, key: jax.Array | None = None, tokenizer=None, attention_mask=None,
-             special: SpecialIds | None = None, mesh=None, rules=None, **config_fields) -> DecodeResult:
+             special: SpecialIds | None = None, mesh=None, rules=None, compiler_options: dict | None = None,
+             **config_fields) -> DecodeResult:
     """Decodes a batch of prompts with `sampler`.
 
     Args:
@@ -349,6 +364,8 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         the batch axes. Tokens equal the unsharded run's (tested on 8
         simulated devices; sharded reductions may reorder float sums, so
         an exact near-tie could in principle resolve differently).
+      compiler_options: XLA options for compiling the decoding loop (default
+        `COMPILER_OPTIONS`; {} for XLA's own defaults).
       config_fields: the other `DecodeConfig` fields (temperature, cfg_scale,
         eos_policy, noise_dtype, max_steps, record_confidence).
 
@@ -386,8 +403,10 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     key = jax.random.key(0) if key is None else key
     graphdef, params = nnx.split(model)
     padded = bool(np.any(np.asarray(mask) == 0))
+    options = COMPILER_OPTIONS if compiler_options is None else compiler_options
+    decode = _decode_with(tuple(sorted(options.items())))
     if mesh is None:
-        return _decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
+        return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
                        sampler=sampler, config=config, special=special, padded=padded)
     from dllm import sharding
 
@@ -401,5 +420,5 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
     tokens, mask = layout.put_batch((tokens, mask))
     key = jax.device_put(key, layout.replicated())
-    return _decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
+    return decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
                    layout=layout, padded=padded)

@@ -116,9 +116,11 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed {tuple(DTYPES)}")
-        for name in ("attention_impl", "window_attention_impl"):
-            if getattr(self, name) not in (None, "xla", "cudnn"):
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed None, 'xla', 'cudnn'")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: allowed None, 'xla', 'cudnn'")
+        if self.window_attention_impl not in (None, "xla", "cudnn", "pallas"):
+            raise ValueError(f"ModelConfig.window_attention_impl={self.window_attention_impl!r}: "
+                             "allowed None, 'xla', 'cudnn', 'pallas'")
 
     @property
     def compute_dtype(self):

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dllm.models.config import ModelConfig
+from dllm.models.window_attention import window_attention
 
 # Name -> logical axes of every per-layer parameter (the leading "layers" axis
 # is added when stacked). One table: the HF weight maps and the sharding rules
@@ -217,7 +218,7 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
     return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
 
 
-SHORT_WINDOW = 64  # query rows (batch x window); at most this many, a window step's attention defaults to XLA's
+SHORT_WINDOW = 64  # query rows (batch x window); at most this many, a window step's attention has its own default
 
 
 def window_attention_impl(config: ModelConfig, query_rows: int) -> str | None:
@@ -225,7 +226,12 @@ def window_attention_impl(config: ModelConfig, query_rows: int) -> str | None:
     = batch x window queries in all (see `ModelConfig.window_attention_impl`)."""
     if config.window_attention_impl is not None:
         return config.window_attention_impl
-    return "xla" if query_rows <= SHORT_WINDOW else config.attention_impl
+    if query_rows > SHORT_WINDOW:
+        return config.attention_impl
+    # The Pallas kernel is one unpartitioned custom call: the default keeps it to one-device runs.
+    pallas_fits = config.head_dim >= 16 and not config.head_dim & (config.head_dim - 1)
+    one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+    return "pallas" if one_gpu and pallas_fits else "xla"
 
 
 def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None, *, window: bool = False):
@@ -236,6 +242,8 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     of a [B, 1, T, S] bias (cuDNN's fast path). `window`: a cached window step
     (`window_attention_impl(config, batch x queries)` instead of `config.attention_impl`)."""
     impl = window_attention_impl(config, q.shape[0] * q.shape[1]) if window else config.attention_impl
+    if impl == "pallas":  # (forward_window calls it with the fused cache write instead)
+        return window_attention(q, k, v, key_mask, key_length=key_length)
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
@@ -493,11 +501,18 @@ class Transformer(nnx.Module):
         c = self.config
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
+        fused_write = window_attention_impl(c, tokens.shape[0] * tokens.shape[1]) == "pallas"
+
         def block(x, p, layer_cache):
             cache_k, cache_v = layer_cache
             q, k, v = attention_qkv(x, p, c, cos, sin)
-            cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
-            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c, key_length, window=True), p, c)
+            if fused_write:  # one kernel attends and writes the window's K/V into the cache
+                attended, cache_k, cache_v = window_attention(q, cache_k, cache_v, key_mask, (k, v), start,
+                                                              key_length=key_length)
+            else:
+                cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
+                attended = attend(q, cache_k, cache_v, key_mask, c, key_length, window=True)
+            x = attention_out_and_mlp(x, attended, p, c)
             return written_before_next_layer(x, cache_k, cache_v)
 
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))

@@ -1,0 +1,245 @@
+"""Attention of a short window of queries over the KV cache, as one Pallas
+(Triton) kernel: the `window_attention_impl="pallas"` path of a cached
+decoding step.
+
+A dual-cache step (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618, §3.2)
+attends 32 queries per row to the ~512 cached keys of every layer. XLA runs
+that as a batched Q·Kᵀ GEMM, a softmax and a batched P·V GEMM with one tile
+per head: four launches per layer, 0.65 ms of a 6.8 ms LLaDA-8B step on the
+H100, for 8 MB of K/V per layer that the GPU reads in ~3 us.
+
+Here the queries that share a KV head (every window position, and every
+query head of a GQA group) are the rows of one tile, and the keys are split
+over `splits` programs per head (split-K "Flash-Decoding", Dao et al. 2023;
+the online softmax of FlashAttention-2, Dao 2023, arXiv 2307.08691, Alg. 1).
+Each program walks its keys in blocks of `block_k`, reading the cache where
+it lies (no copy, no transposed cache), and writes its rows' normalised
+partial output and log-sum-exp; `combine_splits` merges the splits exactly:
+
+    out = sum_s exp(lse_s - lse) * out_s,   lse = logsumexp_s(lse_s).
+
+Keys are hidden by a [B, S] key mask and/or a static key length (the
+canvas; the cache's tail past it is never read). Scores are float32; the
+probabilities meet V in the cache's dtype with float32 accumulation, as in
+`jax.nn.dot_product_attention`'s XLA path. On CPU the kernel runs in Pallas's
+interpreter (the tests); on GPU it compiles through Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+HIDDEN = -1e30  # score of a hidden key (finite: a fully hidden block must not give NaN)
+ROWS_PER_PROGRAM = 64  # query rows per program; more rows share the KV head over row blocks
+SPLITS = None  # programs per (row, KV head) over the keys; None: `default_splits`
+TARGET_PROGRAMS = 128  # default_splits aims at about this many programs (the H100 has 132 SMs)
+MAX_SPLITS = 8
+BLOCK_K = 128  # default keys per inner step (H200 sweep: 128 beat 64 at every split count)
+
+
+def _accumulate(carry, q, keys, values, valid, scale):
+    """One online-softmax update (FlashAttention-2, Alg. 1, lines 8-10) of the
+    rows' (output, running max, running sum) with a block of keys/values."""
+    out, running_max, total = carry
+    scores = plgpu.dot(q, keys, trans_b=True).astype(jnp.float32) * scale
+    scores = jnp.where(valid[None, :], scores, HIDDEN)
+    new_max = jnp.maximum(running_max, scores.max(axis=1))
+    probs = jnp.where(valid[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
+    correction = jnp.exp(running_max - new_max)
+    out = out * correction[:, None] + plgpu.dot(probs.astype(values.dtype), values).astype(jnp.float32)
+    return out, new_max, total * correction + probs.sum(axis=1)
+
+
+def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int, block_k: int, splits: int,
+                  scale: float, has_mask: bool, window: int | None):
+    """One (row b, KV head g, row block r, split s) program: its query rows
+    against cached keys [s * split_length, (s + 1) * split_length) ∩ [0, key_length).
+
+    `window` (the fused write): the window's fresh K/V [W, D] start at cache
+    column `start`; the program of split 0 attends to them from registers and
+    the first program of each (b, g) stores them into the cache (aliased
+    output); every split skips those columns of the cache, so no program
+    reads what another is writing."""
+    refs = list(refs)
+    mask_ref = refs.pop(0) if has_mask else None
+    if window is not None:
+        new_k_ref, new_v_ref, start_ref = refs[:3]
+        refs = refs[3:]
+    out_ref, lse_ref = refs[:2]
+    split = pl.program_id(2) % splits
+    begin = split * split_length
+    q = q_ref[...]
+    rows, head_dim = q.shape
+
+    def key_valid(first, in_bounds):
+        """in_bounds, and'ed with the key mask of columns first + [0, len)."""
+        if not has_mask:
+            return in_bounds
+        return in_bounds & (plgpu.load(mask_ref.at[pl.ds(first, in_bounds.shape[0])], mask=in_bounds, other=0) != 0)
+
+    carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), HIDDEN, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    if window is not None:
+        start = start_ref[0]
+        padded_window = new_k_ref.shape[0]
+        columns = start + jnp.arange(padded_window)
+        fresh = key_valid(start, (jnp.arange(padded_window) < window) & (columns < key_length) & (split == 0))
+        new_k, new_v = new_k_ref[...], new_v_ref[...]
+        carry = _accumulate(carry, q, new_k, new_v, fresh, scale)
+
+        @pl.when(pl.program_id(2) == 0)
+        def _():
+            written = (jnp.arange(padded_window) < window)[:, None]
+            k_out, v_out = refs[2:4]
+            plgpu.store(k_out.at[pl.ds(start, padded_window), :], new_k, mask=written)
+            plgpu.store(v_out.at[pl.ds(start, padded_window), :], new_v, mask=written)
+
+    def body(i, carry):
+        first = begin + i * block_k
+        columns = first + jnp.arange(block_k)
+        in_bounds = columns < key_length
+        if window is not None:  # the window's columns come from the fresh K/V above
+            in_bounds = in_bounds & ((columns < start) | (columns >= start + window))
+        valid = key_valid(first, in_bounds)
+        keys = plgpu.load(k_ref.at[pl.ds(first, block_k), :], mask=valid[:, None], other=0.0)
+        values = plgpu.load(v_ref.at[pl.ds(first, block_k), :], mask=valid[:, None], other=0.0)
+        return _accumulate(carry, q, keys, values, valid, scale)
+
+    blocks = jnp.clip(pl.cdiv(key_length - begin, block_k), 0, split_length // block_k)
+    out, running_max, total = jax.lax.fori_loop(0, blocks, body, carry)
+    seen = total > 0
+    out_ref[...] = (out / jnp.where(seen, total, 1.0)[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(seen, running_max + jnp.log(jnp.where(seen, total, 1.0)), HIDDEN)
+
+
+def combine_splits(out, lse):
+    """Merges per-split attention: out [..., splits, R, D] normalised within
+    each split, lse [..., splits, R] -> [..., R, D] float32 (exact)."""
+    weights = jax.nn.softmax(lse, axis=-2)
+    return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=-3)
+
+
+def split_plan(key_length: int, splits: int, block_k: int) -> tuple[int, int]:
+    """(programs per head, keys per program): `splits` programs at most, each a
+    whole number of `block_k` blocks covering [0, key_length)."""
+    per_split = pl.cdiv(pl.cdiv(key_length, splits), block_k) * block_k
+    return pl.cdiv(key_length, per_split), per_split
+
+
+def default_splits(tiles: int) -> int:
+    """Splits per tile (a (row, KV head, row block) of queries) so that the
+    grid has about `TARGET_PROGRAMS` programs: 4 for LLaDA-8B's 32 heads at
+    batch 1 (the dual-cache step), 1 from batch 4 up, where the tiles alone
+    fill the GPU (measured on the H100: batch 1 best at 4-8 splits, batch 32
+    at 1; experiments/results/benchmark/README.md)."""
+    return max(1, min(MAX_SPLITS, pl.next_power_of_2(TARGET_PROGRAMS // tiles + 1) // 2))
+
+
+def _pad_axis(x, axis: int, size: int):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+@functools.partial(jax.jit, static_argnames=("key_length", "splits", "block_k", "num_warps", "num_stages",
+                                             "interpret"))
+def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_length: int | None = None,
+                     splits: int | None = None, block_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     interpret: bool | None = None):
+    """Bidirectional attention of q [B, Q, H, D] over a KV cache k, v
+    [B, S, KV, D] (H a multiple of KV; query head h reads KV head h // (H/KV)).
+
+    Args:
+      key_mask: optional [B, S], nonzero for keys that may be attended.
+      new_kv, start: optional fused cache write: the window's fresh (k, v)
+        [B, Q, KV, D] belong at cache columns start[b] + [0, Q) (start int32
+        [B], clamped to [0, S - Q] as `transformer.write_rows` does). They
+        are attended in place of those columns and written into the cache.
+      key_length: static; only keys [0, key_length) are read (default S).
+      splits: programs per (row, KV head) over the keys (split-K); default
+        `SPLITS`, else `default_splits` (about one program per SM).
+      block_k: keys per inner step (a power of two, >= 16); default `BLOCK_K`.
+      num_warps, num_stages: Triton launch parameters.
+      interpret: run in Pallas's interpreter (default: on CPU).
+
+    Returns attention [B, Q, H, D] in q's dtype, scaled by 1/sqrt(D) as
+    `jax.nn.dot_product_attention`; with `new_kv`, (attention, k, v) with the
+    window written into the cache (in place when the cache is donated).
+    """
+    batch, queries, heads, head_dim = q.shape
+    length, kv_heads = k.shape[1], k.shape[2]
+    key_length = length if key_length is None else key_length
+    block_k = BLOCK_K if block_k is None else block_k
+    if not 0 < key_length <= length:
+        raise ValueError(f"key_length={key_length}: must lie in [1, {length}] (the cache length)")
+    if block_k < 16 or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k}: must be a power of two >= 16")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim={head_dim}: the Pallas window attention needs a power of two >= 16; "
+                         "use window_attention_impl='xla' or 'cudnn'")
+    if splits is not None and splits < 1:
+        raise ValueError(f"splits={splits}: must be >= 1")
+    if key_mask is not None and key_mask.shape != (batch, length):
+        raise ValueError(f"key_mask shape {key_mask.shape}: expected (batch, cache length) = {(batch, length)}")
+    if (new_kv is None) != (start is None):
+        raise ValueError("new_kv and start go together (the fused cache write)")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    group = heads // kv_heads
+    padded_queries = max(16, pl.next_power_of_2(queries))
+    rows = group * padded_queries
+    block_rows = min(ROWS_PER_PROGRAM, pl.next_power_of_2(rows))
+    row_blocks = pl.cdiv(rows, block_rows)
+    if splits is None:
+        splits = SPLITS or default_splits(batch * kv_heads * row_blocks)
+    # Rows of KV head g: its query heads' (padded) windows, head-major (row = j * Qp + query).
+    tiles = _pad_axis(q, 1, padded_queries).reshape(batch, padded_queries, kv_heads, group, head_dim)
+    tiles = _pad_axis(tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim), 2,
+                      row_blocks * block_rows)
+    programs, per_split = split_plan(key_length, splits, block_k)
+    kernel = functools.partial(
+        _split_kernel, key_length=key_length, split_length=per_split, block_k=min(block_k, per_split),
+        splits=programs, scale=1.0 / math.sqrt(head_dim), has_mask=key_mask is not None,
+        window=None if new_kv is None else queries)
+    cache_spec = pl.BlockSpec((None, length, None, head_dim), lambda b, g, i: (b, 0, g, 0))
+    in_specs = [pl.BlockSpec((None, None, block_rows, head_dim), lambda b, g, i: (b, g, i // programs, 0)),
+                cache_spec, cache_spec]
+    operands = [tiles, k, v]
+    if key_mask is not None:
+        in_specs.append(pl.BlockSpec((None, length), lambda b, g, i: (b, 0)))
+        operands.append(key_mask.astype(jnp.int32))
+    out_specs = [pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, g, i: (b, g, i % programs, i // programs, 0)),
+                 pl.BlockSpec((None, None, None, block_rows), lambda b, g, i: (b, g, i % programs, i // programs))]
+    out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows), jnp.float32)]
+    aliases = {}
+    if new_kv is not None:
+        new_spec = pl.BlockSpec((None, padded_queries, None, head_dim), lambda b, g, i: (b, 0, g, 0))
+        start = jnp.clip(start.astype(jnp.int32), 0, length - queries)[:, None]
+        in_specs += [new_spec, new_spec, pl.BlockSpec((None, 1), lambda b, g, i: (b, 0))]
+        operands += [_pad_axis(new_kv[0].astype(k.dtype), 1, padded_queries),
+                     _pad_axis(new_kv[1].astype(v.dtype), 1, padded_queries), start]
+        aliases = {1: 2, 2: 3}  # the cache k, v operands are the outputs 2, 3
+        out_specs += [cache_spec, cache_spec]
+        out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    outputs = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, row_blocks * programs),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="window_attention",
+    )(*operands)
+    merged = combine_splits(outputs[0], outputs[1])[:, :, :rows].astype(q.dtype)
+    merged = merged.reshape(batch, kv_heads, group, padded_queries, head_dim)[:, :, :, :queries]
+    attended = merged.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    return attended if new_kv is None else (attended, outputs[2], outputs[3])
