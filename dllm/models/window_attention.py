@@ -8,15 +8,13 @@ that as a batched Q·Kᵀ GEMM, a softmax and a batched P·V GEMM with one tile
 per head: four launches per layer, 0.65 ms of a 6.8 ms LLaDA-8B step on the
 H100, for 8 MB of K/V per layer that the GPU reads in ~3 us.
 
-Here one query head's window positions are the rows of one tile, read where
-they lie in q [B, Q, H, D] (a GQA head reads its KV head h // group; the
-shared K/V come from L2), and the keys are split over `splits` programs per
-tile (split-K "Flash-Decoding", Dao et al. 2023; the online softmax of
-FlashAttention-2, Dao 2023, arXiv 2307.08691, Alg. 1). Each program walks
-its keys in blocks of `block_k`, reading the cache where it lies (no copy,
-no transposed cache), and writes its rows' normalised partial output and
-log-sum-exp in the [B, split, Q, H, ...] layout, so no transpose runs before
-or after; `combine_splits` merges the splits exactly:
+Here the queries that share a KV head (every window position, and every
+query head of a GQA group) are the rows of one tile, and the keys are split
+over `splits` programs per head (split-K "Flash-Decoding", Dao et al. 2023;
+the online softmax of FlashAttention-2, Dao 2023, arXiv 2307.08691, Alg. 1).
+Each program walks its keys in blocks of `block_k`, reading the cache where
+it lies (no copy, no transposed cache), and writes its rows' normalised
+partial output and log-sum-exp; `combine_splits` merges the splits exactly:
 
     out = sum_s exp(lse_s - lse) * out_s,   lse = logsumexp_s(lse_s).
 
@@ -38,9 +36,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 HIDDEN = -1e30  # score of a hidden key (finite: a fully hidden block must not give NaN)
-ROWS_PER_PROGRAM = 64  # query rows per program at most; longer windows take several row blocks
-SPLITS = None  # programs per (row, query head, row block) over the keys; None: `default_splits`
-TARGET_PROGRAMS = 128  # default_splits aims at about this many programs (the H100/H200 have 132 SMs)
+ROWS_PER_PROGRAM = 64  # query rows per program; more rows share the KV head over row blocks
+SPLITS = None  # programs per (row, KV head) over the keys; None: `default_splits`
+TARGET_PROGRAMS = 128  # default_splits aims at about this many programs (the H100 has 132 SMs)
 MAX_SPLITS = 8
 BLOCK_K = 128  # default keys per inner step (H200 sweep: 128 beat 64 at every split count)
 
@@ -59,15 +57,14 @@ def _accumulate(carry, q, keys, values, valid, scale):
 
 
 def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int, block_k: int, splits: int,
-                  group: int, scale: float, has_mask: bool, window: int | None):
-    """One (row b, query head h, row block r, split s) program: its query rows
-    against cached keys [s * split_length, (s + 1) * split_length) ∩ [0, key_length)
-    of KV head h // group.
+                  scale: float, has_mask: bool, window: int | None):
+    """One (row b, KV head g, row block r, split s) program: its query rows
+    against cached keys [s * split_length, (s + 1) * split_length) ∩ [0, key_length).
 
     `window` (the fused write): the window's fresh K/V [W, D] start at cache
-    column `start`; the programs of split 0 attend to them from registers and
-    the first program of each (b, KV head) stores them into the cache (aliased
-    output); every program skips those columns of the cache, so no program
+    column `start`; the program of split 0 attends to them from registers and
+    the first program of each (b, g) stores them into the cache (aliased
+    output); every split skips those columns of the cache, so no program
     reads what another is writing."""
     refs = list(refs)
     mask_ref = refs.pop(0) if has_mask else None
@@ -96,7 +93,7 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
         new_k, new_v = new_k_ref[...], new_v_ref[...]
         carry = _accumulate(carry, q, new_k, new_v, fresh, scale)
 
-        @pl.when((pl.program_id(1) % group == 0) & (pl.program_id(2) == 0))
+        @pl.when(pl.program_id(2) == 0)
         def _():
             written = (jnp.arange(padded_window) < window)[:, None]
             k_out, v_out = refs[2:4]
@@ -122,21 +119,21 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
 
 
 def combine_splits(out, lse):
-    """Merges per-split attention: out [B, splits, Q, H, D] normalised within
-    each split, lse [B, splits, Q, H] -> [B, Q, H, D] float32 (exact)."""
-    weights = jax.nn.softmax(lse, axis=1)
-    return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=1)
+    """Merges per-split attention: out [..., splits, R, D] normalised within
+    each split, lse [..., splits, R] -> [..., R, D] float32 (exact)."""
+    weights = jax.nn.softmax(lse, axis=-2)
+    return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=-3)
 
 
 def split_plan(key_length: int, splits: int, block_k: int) -> tuple[int, int]:
-    """(programs per tile, keys per program): `splits` programs at most, each a
+    """(programs per head, keys per program): `splits` programs at most, each a
     whole number of `block_k` blocks covering [0, key_length)."""
     per_split = pl.cdiv(pl.cdiv(key_length, splits), block_k) * block_k
     return pl.cdiv(key_length, per_split), per_split
 
 
 def default_splits(tiles: int) -> int:
-    """Splits per tile (a (row, query head, row block) of queries) so that the
+    """Splits per tile (a (row, KV head, row block) of queries) so that the
     grid has about `TARGET_PROGRAMS` programs: 4 for LLaDA-8B's 32 heads at
     batch 1 (the dual-cache step), 1 from batch 4 up, where the tiles alone
     fill the GPU (measured on the H100: batch 1 best at 4-8 splits, batch 32
@@ -145,8 +142,6 @@ def default_splits(tiles: int) -> int:
 
 
 def _pad_axis(x, axis: int, size: int):
-    if x.shape[axis] == size:
-        return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths)
@@ -167,7 +162,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         [B], clamped to [0, S - Q] as `transformer.write_rows` does). They
         are attended in place of those columns and written into the cache.
       key_length: static; only keys [0, key_length) are read (default S).
-      splits: programs per (row, query head) over the keys (split-K); default
+      splits: programs per (row, KV head) over the keys (split-K); default
         `SPLITS`, else `default_splits` (about one program per SM).
       block_k: keys per inner step (a power of two, >= 16); default `BLOCK_K`.
       num_warps, num_stages: Triton launch parameters.
@@ -188,8 +183,6 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"head_dim={head_dim}: the Pallas window attention needs a power of two >= 16; "
                          "use window_attention_impl='xla' or 'cudnn'")
-    if heads % kv_heads:
-        raise ValueError(f"heads={heads} is not a multiple of kv_heads={kv_heads}")
     if splits is not None and splits < 1:
         raise ValueError(f"splits={splits}: must be >= 1")
     if key_mask is not None and key_mask.shape != (batch, length):
@@ -199,43 +192,45 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = heads // kv_heads
-    padded_window = max(16, pl.next_power_of_2(queries))  # a tile's rows: a power of two >= 16
-    block_rows = min(ROWS_PER_PROGRAM, padded_window)
-    row_blocks = pl.cdiv(queries, block_rows)
+    padded_queries = max(16, pl.next_power_of_2(queries))
+    rows = group * padded_queries
+    block_rows = min(ROWS_PER_PROGRAM, pl.next_power_of_2(rows))
+    row_blocks = pl.cdiv(rows, block_rows)
     if splits is None:
-        splits = SPLITS or default_splits(batch * heads * row_blocks)
+        splits = SPLITS or default_splits(batch * kv_heads * row_blocks)
+    # Rows of KV head g: its query heads' (padded) windows, head-major (row = j * Qp + query).
+    tiles = _pad_axis(q, 1, padded_queries).reshape(batch, padded_queries, kv_heads, group, head_dim)
+    tiles = _pad_axis(tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim), 2,
+                      row_blocks * block_rows)
     programs, per_split = split_plan(key_length, splits, block_k)
     kernel = functools.partial(
         _split_kernel, key_length=key_length, split_length=per_split, block_k=min(block_k, per_split),
-        splits=programs, group=group, scale=1.0 / math.sqrt(head_dim), has_mask=key_mask is not None,
+        splits=programs, scale=1.0 / math.sqrt(head_dim), has_mask=key_mask is not None,
         window=None if new_kv is None else queries)
-    padded_queries = row_blocks * block_rows
-    cache_spec = pl.BlockSpec((None, length, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
-    in_specs = [pl.BlockSpec((None, block_rows, None, head_dim), lambda b, h, i: (b, i // programs, h, 0)),
+    cache_spec = pl.BlockSpec((None, length, None, head_dim), lambda b, g, i: (b, 0, g, 0))
+    in_specs = [pl.BlockSpec((None, None, block_rows, head_dim), lambda b, g, i: (b, g, i // programs, 0)),
                 cache_spec, cache_spec]
-    operands = [_pad_axis(q, 1, padded_queries), k, v]
+    operands = [tiles, k, v]
     if key_mask is not None:
-        in_specs.append(pl.BlockSpec((None, length), lambda b, h, i: (b, 0)))
+        in_specs.append(pl.BlockSpec((None, length), lambda b, g, i: (b, 0)))
         operands.append(key_mask.astype(jnp.int32))
-    # One split: its normalised output is the attention (q's dtype, no combine).
-    out_dtype = q.dtype if programs == 1 else jnp.float32
-    out_specs = [pl.BlockSpec((None, None, block_rows, None, head_dim), lambda b, h, i: (b, i % programs, i // programs, h, 0)),
-                 pl.BlockSpec((None, None, block_rows, None), lambda b, h, i: (b, i % programs, i // programs, h))]
-    out_shape = [jax.ShapeDtypeStruct((batch, programs, padded_queries, heads, head_dim), out_dtype),
-                 jax.ShapeDtypeStruct((batch, programs, padded_queries, heads), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, g, i: (b, g, i % programs, i // programs, 0)),
+                 pl.BlockSpec((None, None, None, block_rows), lambda b, g, i: (b, g, i % programs, i // programs))]
+    out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows), jnp.float32)]
     aliases = {}
     if new_kv is not None:
-        new_spec = pl.BlockSpec((None, padded_window, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
+        new_spec = pl.BlockSpec((None, padded_queries, None, head_dim), lambda b, g, i: (b, 0, g, 0))
         start = jnp.clip(start.astype(jnp.int32), 0, length - queries)[:, None]
-        in_specs += [new_spec, new_spec, pl.BlockSpec((None, 1), lambda b, h, i: (b, 0))]
-        operands += [_pad_axis(new_kv[0].astype(k.dtype), 1, padded_window),
-                     _pad_axis(new_kv[1].astype(v.dtype), 1, padded_window), start]
+        in_specs += [new_spec, new_spec, pl.BlockSpec((None, 1), lambda b, g, i: (b, 0))]
+        operands += [_pad_axis(new_kv[0].astype(k.dtype), 1, padded_queries),
+                     _pad_axis(new_kv[1].astype(v.dtype), 1, padded_queries), start]
         aliases = {1: 2, 2: 3}  # the cache k, v operands are the outputs 2, 3
         out_specs += [cache_spec, cache_spec]
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
     outputs = pl.pallas_call(
         kernel,
-        grid=(batch, heads, row_blocks * programs),
+        grid=(batch, kv_heads, row_blocks * programs),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -244,6 +239,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         interpret=interpret,
         name="window_attention",
     )(*operands)
-    attended = outputs[0][:, 0] if programs == 1 else combine_splits(outputs[0], outputs[1]).astype(q.dtype)
-    attended = attended[:, :queries]
+    merged = combine_splits(outputs[0], outputs[1])[:, :, :rows].astype(q.dtype)
+    merged = merged.reshape(batch, kv_heads, group, padded_queries, head_dim)[:, :, :, :queries]
+    attended = merged.transpose(0, 3, 1, 2, 4).reshape(q.shape)
     return attended if new_kv is None else (attended, outputs[2], outputs[3])
