@@ -31,7 +31,7 @@ from dllm.evaluation import write_json_atomic
 from experiments.benchmark import random_model, random_prompts, timed_decode_args
 
 
-def kernel_summary(trace_file: str, steps: int, top: int = 30) -> dict:
+def kernel_summary(trace_file: str, steps: int, top: int = 60) -> dict:
     """Device-side time of a perfetto trace, per kernel name, per decoding step."""
     with gzip.open(trace_file) as f:
         trace = json.load(f)

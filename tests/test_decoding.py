@@ -203,3 +203,16 @@ def test_bad_input_errors(model):
         samplers.LowConfidence(remasking="lowest")
     with pytest.raises(ValueError, match=r"prompt token ids must lie in \[0, 40\)"):
         dllm.generate(model, [[5, 99]], sampler, gen_length=16, block_length=8, **kw)
+
+
+def test_compiler_options_reach_the_compiled_loop(model):
+    """`generate(compiler_options=...)` compiles the loop with those XLA options:
+    XLA's defaults decode the default's tokens, and an unknown option is refused
+    by XLA, naming it (so the options are not dropped on the way)."""
+    kwargs = dict(gen_length=16, block_length=8, special=SPECIAL, key=jax.random.key(0))
+    default = dllm.generate(model, [[5, 6, 7]], samplers.LowConfidence(), **kwargs)
+    xla_defaults = dllm.generate(model, [[5, 6, 7]], samplers.LowConfidence(), compiler_options={}, **kwargs)
+    np.testing.assert_array_equal(np.asarray(default.tokens), np.asarray(xla_defaults.tokens))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        dllm.generate(model, [[5, 6, 7]], samplers.LowConfidence(), compiler_options={"xla_no_such_option": True},
+                      **kwargs)

@@ -34,10 +34,11 @@ def draw(batch, queries, heads, kv_heads, head_dim, length, seed=0):
 # (batch, queries, heads, kv_heads, head_dim, cache length, key_length, splits, block_k)
 SHAPES = [(2, 8, 4, 4, 16, 40, 30, None, 16),   # MHA, the default split plan
           (1, 5, 4, 2, 32, 70, 70, 2, 32),      # GQA, a window padded to 16 rows, the whole cache
-          (3, 8, 8, 2, 16, 100, 90, 3, 16)]     # 4 query heads per KV head, 3 splits
+          (3, 8, 8, 2, 16, 100, 90, 3, 16),     # 4 query heads per KV head, 3 splits
+          (1, 16, 2, 1, 16, 48, 44, 1, 16)]     # one KV head, one split
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits", "mqa-one-split"])
 @pytest.mark.parametrize("masked", [False, True], ids=["key-length", "key-mask"])
 def test_equals_xla_attention_and_write_rows(shape, masked):
     batch, queries, heads, kv_heads, head_dim, length, key_length, splits, block_k = shape
@@ -117,6 +118,27 @@ def test_engine_decodes_the_xla_tokens_through_the_kernel():
                     runs.append((np.asarray(result.tokens), np.asarray(result.nfe)))
                 np.testing.assert_array_equal(runs[1][0], runs[0][0], err_msg=f"{arch} {cache} {prompts}")
                 np.testing.assert_array_equal(runs[1][1], runs[0][1])
+
+
+@pytest.mark.parametrize("geometry", [(32, 32, 32), (33, 28, 4)], ids=["llada-8b", "dream-7b"])
+def test_lowers_to_triton_for_cuda(geometry):
+    """CI has no GPU: lowering for CUDA (jax.export, no device needed) runs the
+    Pallas-to-Triton lowering of the kernel at the real decode shapes (bf16,
+    head_dim 128, cache 545, key length 512, key mask and fused write), which
+    is where an unsupported block shape or op would fail."""
+    queries, heads, kv_heads = geometry
+    q = jax.ShapeDtypeStruct((1, queries, heads, 128), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((1, 545, kv_heads, 128), jnp.bfloat16)
+    fresh = jax.ShapeDtypeStruct((1, queries, kv_heads, 128), jnp.bfloat16)
+    key_mask, start = jax.ShapeDtypeStruct((1, 545), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def step(q, k, v, key_mask, new_k, new_v, start):
+        return window_attention(q, k, v, key_mask, (new_k, new_v), start, key_length=512, interpret=False)
+
+    exported = jax.export.export(jax.jit(step), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, cache, cache, key_mask, fresh, fresh,
+                                                                              start)
+    assert "xla.gpu.triton" in exported.mlir_module()
 
 
 def test_default_picks_the_kernel_on_one_gpu_only(monkeypatch):

@@ -287,11 +287,12 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
     )
 
 
-# XLA compile options of the decoding loop. The GEMMs go to cuBLAS rather than
-# XLA's Triton GEMM emitter: on the H100 at LLaDA-8B size the cuBLAS kernels
-# stream the 32-token window step's weights faster (dual-cache step 6.67 ms
-# against 6.99 ms, experiments/results/benchmark/README.md). The option is
-# ignored off GPU. `generate(compiler_options=...)` replaces it.
+# XLA compile options of the decoding loop: GEMMs on cuBLAS, not XLA's Triton
+# GEMM emitter. On the H200 the two measured alike within run-to-run noise
+# (LLaDA-8B batch-1 dual step 5.25 / 5.38 ms with this option, 5.28 / 5.40 ms
+# without; batch-32 full step 369.6 vs 369.5 ms), and the H200 figures of
+# experiments/results/benchmark/README.md are measured with it. The option is
+# ignored off GPU; `generate(compiler_options={})` gives XLA's defaults.
 COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 

@@ -56,13 +56,17 @@ class ModelConfig:
       attention_impl: passed to `jax.nn.dot_product_attention` for full
         forwards ("xla", "cudnn" or None for automatic).
       window_attention_impl: the same for cached window steps (a window of
-        queries against the KV cache). None (default): XLA's attention when
-        the step has at most 64 query rows in all (batch x window: the dual
-        cache's block at batch 1), else `attention_impl`. Measured on the
-        H100 (experiments/results/benchmark/README.md): batch 1 dual step
-        6.97 ms with XLA's attention, 7.09 ms with cuDNN; batch 1 prefix step
-        (256 queries) 8.33 ms with cuDNN, 10.19 ms with XLA's; batch 32 dual
-        step 42.3 ms with cuDNN, 50.7 ms with XLA's.
+        queries against the KV cache), or "pallas": the split-K Pallas kernel
+        of `dllm.models.window_attention`, which also writes the window's K/V
+        into the cache. None (default): for steps of at most 64 query rows in
+        all (batch x window: the dual cache's block at batch 1), the Pallas
+        kernel on a single GPU when head_dim is a power of two, else XLA's;
+        for more rows `attention_impl`. Measured (experiments/results/benchmark/
+        README.md): H200 batch-1 LLaDA-8B dual step 5.25 ms with the kernel,
+        6.00 ms with XLA's attention; H100 6.97 ms with XLA's, 7.09 ms with
+        cuDNN; H100 batch-1 prefix step (256 queries) 8.33 ms with cuDNN,
+        10.19 ms with XLA's; H100 batch-32 dual step 42.3 ms with cuDNN,
+        50.7 ms with XLA's.
       mask_token_id / eos_token_id / pad_token_id: the ids stored in the
         checkpoint's config.json; the tokenizer wrapper is the one place the
         algorithms read special ids from.
