@@ -9,11 +9,20 @@ one-token-per-step schedule (LowConfidence, steps = gen_length, so NFE is
 known) for `timed_steps` forward passes (max_steps; the first block: the
 refresh step plus window steps), after one untimed compile run, `repeats`
 times (ms per NFE is the median; every run is in the row). Prints one
-JSON line per configuration: ms per NFE, tokens/s, achieved TFLOP/s (model
-FLOPs of the tokens the step recomputes) and weight-read bandwidth, against
-the floors of this device, measured in the same run (`measure_floors`: a
-bf16 matmul's TFLOP/s and a device copy's TB/s; `peak_tflops` / `peak_tb_s`
-fix them instead), with each row's time over its floor. Each row also records the mesh and a digest
+JSON line per configuration: ms per NFE, tokens/s, achieved TFLOP/s (the
+matmul FLOPs the engine executes) and weight-read bandwidth, against the
+floors of this device measured in the same run (`measure_floors`: bf16
+matmul TFLOP/s, and the fastest of a memory read, a copy and a weight-streaming
+GEMM; `peak_tflops`
+/ `peak_tb_s` fix them instead). Each row's `floor_ms` is the roofline of
+the work it executes (`roofline_ms` per step: executed FLOPs at peak, or
+weights plus attended K/V at the memory floor, whichever is slower,
+averaged over its refresh and window steps) and `over_floor` its time over
+that; `floor_ms_full_forward` (a 512-token forward with the head at every
+position) and `floor_ms_weights` are reference/gpu.md's yardsticks, and
+cached rows get `window_step_ms`, their window steps alone (the same
+batch's no-cache step taken as the refresh). The floors are one device's,
+also for rows on a mesh. Each row also records the mesh and a digest
 of the generated tokens, so runs on different meshes can be checked to decode
 the same tokens. A configuration that runs out of device memory is printed
 and recorded as a `{"skipped": ..., "reason": ...}` row; the others still run.
@@ -39,6 +48,7 @@ import samplers
 from dllm.checkpoints import model_from_params
 from dllm.decoding import SpecialIds, engine
 from dllm.evaluation import environment, write_json_atomic
+from dllm.models import window_attention as window_kernel
 from dllm.models.transformer import canonical_params, window_attention_impl
 from experiments.common import decode_mesh, model_config
 
@@ -107,9 +117,12 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
     """This device's floors, each the best of `repeats` timed jitted runs:
     bf16 matmul TFLOP/s (the best over chains of eight [n, n] x [n, n]
     matmuls, n in `matmul_sizes`), and memory bandwidth over `copy_mib` MiB
-    read by a sum (read TB/s) and by x * 2 (copy TB/s, bytes read + written).
-    `peak_tb_s` is the faster of the two: a step that streams its weights
-    only reads them. On the H100 the copy gave reference/gpu.md's ~3.0 TB/s."""
+    read by a sum (read TB/s), by x * 2 (copy TB/s, bytes read + written) and
+    by a [32, 4096] x [4096, N] GEMM over them (stream TB/s: a window step's
+    kind of work). `peak_tb_s` is the fastest: a step that streams its
+    weights only reads them, and on the H200 the output head's GEMM read
+    faster than the sum (4.3 vs 3.96 TB/s). On the H100 the copy gave
+    reference/gpu.md's ~3.0 TB/s."""
 
     def best_seconds(fn, *args):
         jax.block_until_ready(fn(*args))
@@ -131,9 +144,24 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
     nbytes = x.size * x.dtype.itemsize
     read_tb_s = nbytes / best_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x) / 1e12
     copy_tb_s = 2 * nbytes / best_seconds(jax.jit(lambda x: x * 2), x) / 1e12
-    return {"peak_tflops": max(matmul_tflops.values()), "peak_tb_s": round(max(read_tb_s, copy_tb_s), 3),
+    # the operation a window step is made of: 32 rows against a weight matrix read once
+    rows, weight = jnp.ones((32, 4096), jnp.bfloat16), x.reshape(4096, -1)
+    stream_tb_s = nbytes / best_seconds(jax.jit(lambda a, w: a @ w), rows, weight) / 1e12
+    return {"peak_tflops": max(matmul_tflops.values()), "peak_tb_s": round(max(read_tb_s, copy_tb_s, stream_tb_s), 3),
             "matmul_tflops": matmul_tflops, "read_tb_s": round(read_tb_s, 3), "copy_tb_s": round(copy_tb_s, 3),
-            "copy_mib": copy_mib}
+            "stream_tb_s": round(stream_tb_s, 3), "copy_mib": copy_mib}
+
+
+def roofline_ms(flops: float, bytes_read: float, peak_tflops: float, peak_tb_s: float) -> float:
+    """Floor of a step that executes `flops` and reads `bytes_read`: the slower
+    of its compute at `peak_tflops` and its memory traffic at `peak_tb_s`."""
+    return max(flops / peak_tflops, bytes_read / peak_tb_s) / 1e9
+
+
+def cache_bytes(config, batch: int, keys: int) -> int:
+    """Bytes of K/V a cached step attends to: keys and values of every layer at `keys` positions."""
+    itemsize = jnp.dtype(config.compute_dtype).itemsize
+    return 2 * config.n_layers * batch * keys * config.n_kv_heads * config.head_dim * itemsize
 
 
 def weight_bytes(model) -> int:
@@ -142,12 +170,13 @@ def weight_bytes(model) -> int:
 
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> list[dict]:
-    began = time.perf_counter()
-    floors = measure_floors(cfg.floor_matmul_sizes, cfg.floor_copy_mib)
+    fixed = cfg.peak_tflops and cfg.peak_tb_s  # (one device's floors, also for mesh rows)
+    floors = None if fixed else measure_floors(cfg.floor_matmul_sizes, cfg.floor_copy_mib)
     peak_tflops = cfg.peak_tflops or floors["peak_tflops"]
     peak_tb_s = cfg.peak_tb_s or floors["peak_tb_s"]
     print(json.dumps({"measured_floors": floors, "peak_tflops_used": peak_tflops, "peak_tb_s_used": peak_tb_s}),
           flush=True)
+    began = time.perf_counter()  # deadline_s counts from here
     model = random_model(cfg)
     c = model.config
     mesh, rules = decode_mesh(cfg)
@@ -188,34 +217,44 @@ def main(cfg: DictConfig) -> list[dict]:
             refreshes = -(-nfe // cfg.block_length) if cache != "none" else nfe
             window = cfg.gen_length if cache == "prefix" else cfg.block_length
             # executed FLOPs: LowConfidence reads only the active block's logits, so the head runs there only
-            flops = (refreshes * step_flops(c, batch, total_len, total_len, cfg.block_length)
-                     + (nfe - refreshes) * step_flops(c, batch, window, total_len, cfg.block_length))
+            refresh_flops = step_flops(c, batch, total_len, total_len, cfg.block_length)
+            window_flops = step_flops(c, batch, window, total_len, cfg.block_length)
+            flops = refreshes * refresh_flops + (nfe - refreshes) * window_flops
+            weights = weight_bytes(model)
+            floor = (refreshes * roofline_ms(refresh_flops, weights, peak_tflops, peak_tb_s)
+                     + (nfe - refreshes) * roofline_ms(window_flops, weights + cache_bytes(c, batch, total_len),
+                                                       peak_tflops, peak_tb_s)) / nfe
             row = {
                 "model": cfg.model.get("arch"), "batch": batch, "cache": cache, "nfe_timed": nfe,
                 "ms_per_nfe": round(ms, 3), "ms_per_nfe_runs": [round(1000 * r / nfe, 3) for r in runs],
                 "tokens_per_s": round(batch * nfe / seconds, 1),
                 "tflops": round(flops / seconds / 1e12, 1),
                 "fraction_of_peak": round(flops / seconds / 1e12 / peak_tflops, 3),
-                "weight_tb_s": round(weight_bytes(model) * nfe / seconds / 1e12, 3),
+                "weight_tb_s": round(weights * nfe / seconds / 1e12, 3),
+                "floor_ms": round(floor, 3), "over_floor": round(ms / floor, 3),
+                # reference/gpu.md's yardsticks: a 512-token forward with the head everywhere, and the weight read
+                "floor_ms_full_forward": round(step_flops(c, batch, total_len, total_len) / peak_tflops / 1e9, 3),
+                "floor_ms_weights": round(weights / peak_tb_s / 1e9, 3),
                 "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
                 "fused_projections": c.fused_projections, "attention_impl": c.attention_impl,
                 "window_attention_impl": None if cache == "none" else window_attention_impl(c, batch * window),
+                "pallas_block_k": window_kernel.BLOCK_K, "pallas_splits": window_kernel.SPLITS,  # None: default_splits
                 "mesh": mesh_axes,
                 "compiler_options": engine.COMPILER_OPTIONS if kwargs["compiler_options"] is None
                 else kwargs["compiler_options"],
                 "tokens_sha1": hashlib.sha1(np.asarray(result.tokens).tobytes()).hexdigest()[:16],
             }
-            # a full forward with the head everywhere (reference/gpu.md's "~8.2 TFLOP" at LLaDA-8B, batch 1)
-            row["floor_ms_full_step"] = round(step_flops(c, batch, total_len, total_len) / peak_tflops / 1e9, 3)
-            row["floor_ms_weights"] = round(weight_bytes(model) / peak_tb_s / 1e9, 3)
-            # the issue's yardstick: a full step against the compute floor, a cached one against the weight read
-            floor = max(row["floor_ms_full_step"], row["floor_ms_weights"]) if cache == "none" else row["floor_ms_weights"]
-            row["over_floor"] = round(ms / floor, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     ratios = {}
     for batch in cfg.batch_sizes:
         by_cache = {r["cache"]: r["ms_per_nfe"] for r in rows if r.get("batch") == batch}
+        for r in rows:  # window steps alone: the block's one refresh costs about a no-cache step
+            refreshes = -(-r.get("nfe_timed", 0) // cfg.block_length)
+            if r.get("batch") == batch and r["cache"] != "none" and "none" in by_cache and r["nfe_timed"] > refreshes:
+                r["window_step_ms"] = round((r["ms_per_nfe"] * r["nfe_timed"] - refreshes * by_cache["none"])
+                                            / (r["nfe_timed"] - refreshes), 3)
+                print(f"batch {batch} {r['cache']}: window steps alone {r['window_step_ms']} ms", flush=True)
         if "none" in by_cache:
             ratios[batch] = {f"none/{k}": round(by_cache["none"] / v, 2) for k, v in by_cache.items() if k != "none"}
             print(f"batch {batch}: ms per NFE {by_cache}; speedup of the caches over no cache {ratios[batch]}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
 import hydra
 import jax
@@ -25,16 +24,8 @@ from omegaconf import DictConfig
 
 from dllm.evaluation import environment, write_json_atomic
 from dllm.models.window_attention import window_attention
+from experiments.benchmark_parts import timed
 from experiments.common import model_config
-
-
-def per_layer_us(fn, *args, repeats: int = 20) -> float:
-    jax.block_until_ready(fn(*args))
-    began = time.perf_counter()
-    for _ in range(repeats):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return 1e6 * (time.perf_counter() - began) / repeats
 
 
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
@@ -76,7 +67,7 @@ def main(cfg: DictConfig) -> list[dict]:
         for name, attend in variants.items():
             fn = chain(attend)
             try:
-                us = per_layer_us(fn, q, caches) / c.n_layers
+                us = 1000 * timed(fn, q, caches, repeats=20) / c.n_layers
                 error = float(jnp.max(jnp.abs(fn(q, caches).astype(jnp.float32) - reference)))
             except Exception as e:  # a launch parameter Triton rejects is a row, not the end of the sweep
                 row = {"batch": batch, "variant": name, "error": str(e).splitlines()[0][:200]}
@@ -85,7 +76,7 @@ def main(cfg: DictConfig) -> list[dict]:
                        "max_abs_diff_vs_xla": round(error, 5)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    write_json_atomic(cfg.out, {"rows": rows, "environment": environment()})
+    write_json_atomic(cfg.window_out, {"rows": rows, "environment": environment()})
     return rows
 
 

@@ -35,10 +35,11 @@ def draw(batch, queries, heads, kv_heads, head_dim, length, seed=0):
 SHAPES = [(2, 8, 4, 4, 16, 40, 30, None, 16),   # MHA, the default split plan
           (1, 5, 4, 2, 32, 70, 70, 2, 32),      # GQA, a window padded to 16 rows, the whole cache
           (3, 8, 8, 2, 16, 100, 90, 3, 16),     # 4 query heads per KV head, 3 splits
-          (1, 16, 2, 1, 16, 48, 44, 1, 16)]     # one KV head, one split
+          (1, 16, 2, 1, 16, 48, 44, 1, 16),     # one KV head, one split
+          (2, 33, 8, 2, 16, 100, 96, 2, 16)]    # 4 x 64 rows per KV head in 4 row blocks; the window crosses splits
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits", "mqa-one-split"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits", "mqa-one-split", "row-blocks"])
 @pytest.mark.parametrize("masked", [False, True], ids=["key-length", "key-mask"])
 def test_equals_xla_attention_and_write_rows(shape, masked):
     batch, queries, heads, kv_heads, head_dim, length, key_length, splits, block_k = shape
@@ -47,7 +48,8 @@ def test_equals_xla_attention_and_write_rows(shape, masked):
     out = window_attention(q, k, v, key_mask, key_length=key_length, splits=splits, block_k=block_k)
     np.testing.assert_allclose(out, reference(q, k, v, key_mask, key_length), atol=2e-6)
 
-    start = jnp.array([3, length - 2, 10][:batch])  # length - 2: clamped to length - queries, as write_rows does
+    # length - 2: clamped to length - queries, as write_rows does; 40: the window spans both splits of row-blocks
+    start = jnp.array([3, length - 2, 10][:batch] if queries < 33 else [40, length - 2])
     out, new_k, new_v = window_attention(q, k, v, key_mask, new_kv, start, key_length=key_length, splits=splits,
                                          block_k=block_k)
     written_k, written_v = write_rows(k, new_kv[0], start), write_rows(v, new_kv[1], start)
@@ -97,6 +99,23 @@ def test_bad_arguments_name_the_value():
     q48, k48, v48, _, _ = draw(1, 8, 4, 4, 48, 40)
     with pytest.raises(ValueError, match="head_dim=48"):
         window_attention(q48, k48, v48)
+    _, k3, v3, _, _ = draw(1, 8, 4, 3, 16, 40)
+    with pytest.raises(ValueError, match="H a multiple of KV"):
+        window_attention(q, k3, v3)
+    with pytest.raises(ValueError, match=r"new_kv \(1, 7, 4, 16\)"):
+        window_attention(q, k, v, None, (new_kv[0][:, :7], new_kv[1][:, :7]), jnp.zeros((1,), jnp.int32))
+
+
+def test_pallas_with_a_mesh_is_refused():
+    from dllm import sharding
+
+    config = dllm.ModelConfig(vocab_size=40, d_model=64, n_layers=1, n_heads=4, mlp_hidden=64,
+                              window_attention_impl="pallas")
+    model = dllm.Transformer(config, rngs=nnx.Rngs(0))
+    mesh_config = sharding.MeshConfig()
+    with pytest.raises(ValueError, match="window_attention_impl='pallas' runs on one device"):
+        dllm.generate(model, PROMPTS, samplers.LowConfidence(), gen_length=16, block_length=8, special=SPECIAL,
+                      cache="dual", mesh=sharding.make_mesh(mesh_config), rules=mesh_config.rules)
 
 
 def test_engine_decodes_the_xla_tokens_through_the_kernel():

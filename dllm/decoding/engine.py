@@ -289,8 +289,8 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
 
 # XLA compile options of the decoding loop: GEMMs on cuBLAS, not XLA's Triton
 # GEMM emitter. On the H200 the two measured alike within run-to-run noise
-# (LLaDA-8B batch-1 dual step 5.25 / 5.38 ms with this option, 5.28 / 5.40 ms
-# without; batch-32 full step 369.6 vs 369.5 ms), and the H200 figures of
+# (LLaDA-8B batch-1 dual step with / without it: 5.38 / 5.28 ms at block_k 64,
+# 5.25 / 5.40 ms at block_k 128; batch-32 full step 369.6 / 369.5 ms), and the H200 figures of
 # experiments/results/benchmark/README.md are measured with it. The option is
 # ignored off GPU; `generate(compiler_options={})` gives XLA's defaults.
 COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
@@ -409,6 +409,9 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     if mesh is None:
         return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
                        sampler=sampler, config=config, special=special, padded=padded)
+    if model.config.window_attention_impl == "pallas":
+        raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
+                         "with a mesh use 'xla', 'cudnn' or None")
     from dllm import sharding
 
     layout = sharding.Layout.of(mesh, rules)

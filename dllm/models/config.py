@@ -60,7 +60,9 @@ class ModelConfig:
         of `dllm.models.window_attention`, which also writes the window's K/V
         into the cache. None (default): for steps of at most 64 query rows in
         all (batch x window: the dual cache's block at batch 1), the Pallas
-        kernel on a single GPU when head_dim is a power of two, else XLA's;
+        kernel when the process sees one device and it is a GPU and head_dim
+        is a power of two >= 16, else XLA's ("pallas" with a mesh is refused:
+        the kernel is not partitioned);
         for more rows `attention_impl`. Measured (experiments/results/benchmark/
         README.md): H200 batch-1 LLaDA-8B dual step 5.25 ms with the kernel,
         6.00 ms with XLA's attention; H100 6.97 ms with XLA's, 7.09 ms with

@@ -240,10 +240,9 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     key_mask None: no key is padding, or (`key_length`) only the keys from
     `key_length` on, which the fused kernels take as sequence lengths instead
     of a [B, 1, T, S] bias (cuDNN's fast path). `window`: a cached window step
-    (`window_attention_impl(config, batch x queries)` instead of `config.attention_impl`)."""
+    (`window_attention_impl(config, batch x queries)` instead of `config.attention_impl`;
+    its "pallas" kernel is called by `Transformer.forward_window`, with the cache write)."""
     impl = window_attention_impl(config, q.shape[0] * q.shape[1]) if window else config.attention_impl
-    if impl == "pallas":  # (forward_window calls it with the fused cache write instead)
-        return window_attention(q, k, v, key_mask, key_length=key_length)
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)

@@ -5,8 +5,9 @@ decoding step.
 A dual-cache step (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618, §3.2)
 attends 32 queries per row to the ~512 cached keys of every layer. XLA runs
 that as a batched Q·Kᵀ GEMM, a softmax and a batched P·V GEMM with one tile
-per head: four launches per layer, 0.65 ms of a 6.8 ms LLaDA-8B step on the
-H100, for 8 MB of K/V per layer that the GPU reads in ~3 us.
+per head (H100 profile: 0.53 ms of a 7.0 ms LLaDA-8B step in three kernels
+per layer; H200: 15.5 us per layer), for 8 MB of K/V per layer that the GPU
+reads in ~3 us; then two more kernels write the window's K/V into the cache.
 
 Here the queries that share a KV head (every window position, and every
 query head of a GQA group) are the rows of one tile, and the keys are split
@@ -19,7 +20,9 @@ partial output and log-sum-exp; `combine_splits` merges the splits exactly:
     out = sum_s exp(lse_s - lse) * out_s,   lse = logsumexp_s(lse_s).
 
 Keys are hidden by a [B, S] key mask and/or a static key length (the
-canvas; the cache's tail past it is never read). Scores are float32; the
+canvas; the cache's tail past it is never read). A query row with every key
+hidden gets zeros (XLA's attention gives the mean of V there; the engine
+never asks for such a row). Scores are float32; the
 probabilities meet V in the cache's dtype with float32 accumulation, as in
 `jax.nn.dot_product_attention`'s XLA path. On CPU the kernel runs in Pallas's
 interpreter (the tests); on GPU it compiles through Triton.
@@ -134,14 +137,17 @@ def split_plan(key_length: int, splits: int, block_k: int) -> tuple[int, int]:
 
 def default_splits(tiles: int) -> int:
     """Splits per tile (a (row, KV head, row block) of queries) so that the
-    grid has about `TARGET_PROGRAMS` programs: 4 for LLaDA-8B's 32 heads at
-    batch 1 (the dual-cache step), 1 from batch 4 up, where the tiles alone
-    fill the GPU (measured on the H100: batch 1 best at 4-8 splits, batch 32
-    at 1; experiments/results/benchmark/README.md)."""
+    grid has about `TARGET_PROGRAMS` programs, one per SM: 4 for LLaDA-8B's
+    32 heads at batch 1 (the dual-cache step), 1 from batch 4 up, where the
+    tiles alone fill the GPU. Measured at batch 1 only (H200, LLaDA-8B:
+    1 split 13.8 us per layer, 4-8 splits 9.0-11.9 us;
+    experiments/results/benchmark/README.md); larger batches take cuDNN by
+    default (`transformer.window_attention_impl`)."""
     return max(1, min(MAX_SPLITS, pl.next_power_of_2(TARGET_PROGRAMS // tiles + 1) // 2))
 
 
 def _pad_axis(x, axis: int, size: int):
+    """x zero-padded at the end of `axis` to `size`."""
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths)
@@ -183,12 +189,19 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"head_dim={head_dim}: the Pallas window attention needs a power of two >= 16; "
                          "use window_attention_impl='xla' or 'cudnn'")
+    if (new_kv is None) != (start is None):
+        raise ValueError("new_kv and start go together (the fused cache write)")
+    if heads % kv_heads or k.shape[-1] != head_dim or v.shape != k.shape or k.shape[0] != batch:
+        raise ValueError(f"q {q.shape} and k/v {k.shape}/{v.shape}: expected q [B, Q, H, D] and k, v [B, S, KV, D] "
+                         "with H a multiple of KV")
+    if new_kv is not None and (new_kv[0].shape != (batch, queries, kv_heads, head_dim)
+                               or new_kv[1].shape != new_kv[0].shape or start.shape != (batch,)):
+        raise ValueError(f"new_kv {new_kv[0].shape}/{new_kv[1].shape} and start {start.shape}: expected "
+                         f"{(batch, queries, kv_heads, head_dim)} each and ({batch},)")
     if splits is not None and splits < 1:
         raise ValueError(f"splits={splits}: must be >= 1")
     if key_mask is not None and key_mask.shape != (batch, length):
         raise ValueError(f"key_mask shape {key_mask.shape}: expected (batch, cache length) = {(batch, length)}")
-    if (new_kv is None) != (start is None):
-        raise ValueError("new_kv and start go together (the fused cache write)")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = heads // kv_heads
@@ -204,7 +217,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
                       row_blocks * block_rows)
     programs, per_split = split_plan(key_length, splits, block_k)
     kernel = functools.partial(
-        _split_kernel, key_length=key_length, split_length=per_split, block_k=min(block_k, per_split),
+        _split_kernel, key_length=key_length, split_length=per_split, block_k=block_k,
         splits=programs, scale=1.0 / math.sqrt(head_dim), has_mask=key_mask is not None,
         window=None if new_kv is None else queries)
     cache_spec = pl.BlockSpec((None, length, None, head_dim), lambda b, g, i: (b, 0, g, 0))
