@@ -5,8 +5,10 @@ with two pure, jit-able functions:
 
 * `init(state) -> carry`: its own memory (a pytree of fixed shape).
 * `step(logits, state, carry) -> (Commit, carry)`: `logits` float32
-  [B, gen_length, V] for the generation region of the canvas; `Commit` says
-  which masked positions to fill with which tokens.
+  [B, gen_length, V] for the generation region of the canvas (or, for a
+  sampler with `reads_only_window`, possibly [B, block_length, V] of each
+  row's block at `state.window_offsets`: see `Sampler`); `Commit` says
+  which masked positions of [B, gen_length] to fill with which tokens.
 
 Contract: for every unfinished row, at least one masked position is committed
 per step (so every decode terminates); the engine also bounds the loop by
@@ -64,9 +66,14 @@ class Sampler:
 
     `reads_only_window`: True for rules that look at nothing outside each
     row's active block [block_start, block_end) (LLaDA's low-confidence and
-    Fast-dLLM's threshold/factor); the engine then computes the output head
-    for the blocks only and gives every other position zero logits (except
-    with `record_confidence`, whose trace shows every position).
+    Fast-dLLM's threshold/factor). The engine then computes the output head
+    for the blocks only and passes their logits alone, [B, block_length, V]
+    at `state.window_offsets`, so the softmax and argmax run there only
+    (except with `record_confidence`, whose trace shows every position, and
+    a cache window shorter than a block: then [B, G, V] with zeros outside
+    the blocks). Such a sampler takes either shape: `on_generation` brings
+    its per-position results to [B, G], and `sample_tokens` draws the same
+    noise for a position either way.
     """
 
     reads_only_window = False
@@ -145,14 +152,19 @@ def sample_tokens(logits: jax.Array, state: DecodeState) -> jax.Array:
 
     LLaDA computes argmax(exp(l) / (-log u)^T) in float64; we take the argmax
     of the monotone equivalent l - T * log(-log u), which cannot overflow in
-    float32. u ~ U(0, 1) is drawn from fold_in(step_key, 0) in `noise_dtype`.
+    float32. u ~ U(0, 1) is drawn from fold_in(step_key, 0) in `noise_dtype`,
+    over [B, G, V] also for window-only logits (their rows of it), so a
+    position gets the same draw from either.
     """
     temperature = state.config.temperature
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     dtype = noise_dtype(state)
-    u = jax.random.uniform(jax.random.fold_in(state.step_key, 0), logits.shape, dtype,
+    batch, length, vocab = logits.shape
+    u = jax.random.uniform(jax.random.fold_in(state.step_key, 0), (batch, state.config.gen_length, vocab), dtype,
                            minval=jnp.finfo(dtype).tiny, maxval=1.0)
+    if length != state.config.gen_length:
+        u = jax.vmap(lambda rows, start: jax.lax.dynamic_slice_in_dim(rows, start, length))(u, state.window_offsets)
     perturbed = logits.astype(dtype) - temperature * jnp.log(-jnp.log(u))
     return jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
 
@@ -201,6 +213,22 @@ def top2_logit_gap(logits: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------- selection
+
+
+def on_generation(values: jax.Array, state: DecodeState, fill) -> jax.Array:
+    """Per-position values [B, L, ...] computed from `step`'s logits -> [B, G, ...]:
+    as they are when L = G; from window-only logits (L = block_length), placed
+    at `state.window_offsets` with `fill` elsewhere (positions no window-only
+    rule may commit)."""
+    g = state.config.gen_length
+    if values.shape[1] == g:
+        return values
+
+    def place(row, start):
+        return jax.lax.dynamic_update_slice_in_dim(jnp.full((g, *row.shape[1:]), fill, row.dtype), row, start, 0)
+
+    return jax.vmap(place)(values, state.window_offsets)
+
 
 
 def masked_in_window(state: DecodeState) -> jax.Array:

@@ -84,10 +84,12 @@ class LowConfidence(base.Sampler):
 
     def step(self, logits, state: DecodeState, masked_at_start):
         logits = base.apply_eos_policy(logits, state)
-        tokens = base.sample_tokens(logits, state)
+        proposed = base.sample_tokens(logits, state)  # at the logits' positions (G, or the blocks)
+        tokens = base.on_generation(proposed, state, state.special.mask)
         eligible = base.masked_in_window(state)
         if self.remasking == "low_confidence":
-            confidence = base.max_prob_confidence(base.probabilities(logits, state), tokens)
+            confidence = base.max_prob_confidence(base.probabilities(logits, state), proposed)
+            confidence = base.on_generation(confidence, state, base.NEG_INF)
         else:
             key = jax.random.fold_in(state.step_key, 1)
             confidence = jax.random.uniform(key, tokens.shape, base.noise_dtype(state))

@@ -104,6 +104,7 @@ class Threshold(base.Sampler):
     def step(self, logits, state: DecodeState, carry):
         _, tokens, probs = _proposals(logits, state)
         score, bar = self.scores(probs, tokens)
+        tokens, score = base.on_generation(tokens, state, state.special.mask), base.on_generation(score, state, -jnp.inf)
         score = base.deprioritize_eos(score, tokens, state)
         commit = base.threshold_commit(score, base.masked_in_window(state), bar)
         return base.Commit(tokens=tokens, commit=commit, confidence=score.astype(jnp.float32)), carry
@@ -164,7 +165,8 @@ class Factor(base.Sampler):
     def step(self, logits, state: DecodeState, carry):
         _, tokens, probs = _proposals(logits, state)
         confidence = base.max_prob_confidence(probs, tokens)
-        confidence = base.deprioritize_eos(confidence, tokens, state)
+        tokens = base.on_generation(tokens, state, state.special.mask)
+        confidence = base.deprioritize_eos(base.on_generation(confidence, state, -jnp.inf), tokens, state)
         eligible = base.masked_in_window(state)
         count = factor_commit_count(confidence, eligible, self.factor)
         commit = base.top_k_commit(confidence, eligible, count)

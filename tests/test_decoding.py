@@ -216,3 +216,55 @@ def test_compiler_options_reach_the_compiled_loop(model):
     with pytest.raises(Exception, match="xla_no_such_option"):
         dllm.generate(model, [[5, 6, 7]], samplers.LowConfidence(), compiler_options={"xla_no_such_option": True},
                       **kwargs)
+
+
+WINDOW_ONLY = [samplers.LowConfidence(), samplers.LowConfidence(remasking="random"), samplers.Threshold(tau=0.7),
+               samplers.Threshold(tau=0.7, confidence="margin"), samplers.Threshold(confidence="entropy_bound"),
+               samplers.Factor(factor=1.0)]
+
+
+WITH_NOISE = [WINDOW_ONLY[0], WINDOW_ONLY[2], WINDOW_ONLY[3]]  # the confidences that read the sampled token or not
+
+
+@pytest.mark.parametrize("sampler,temperature", [(s, 0.0) for s in WINDOW_ONLY] + [(s, 0.8) for s in WITH_NOISE],
+                         ids=lambda v: repr(v))
+def test_window_only_logits_decode_as_the_whole_canvas(model, sampler, temperature):
+    """Window-only samplers get their blocks' logits alone; with record_confidence
+    the engine passes all of G instead. Both give the same tokens and NFE (also
+    with Gumbel noise: a position's draw is the same), with and without a cache,
+    on a left-padded batch."""
+    assert sampler.reads_only_window
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
+    for cache in ("none", "dual", "prefix"):
+        runs = [dllm.generate(model, prompts, sampler, gen_length=16, block_length=4, special=SPECIAL, cache=cache,
+                              temperature=temperature, key=jax.random.key(3), record_confidence=record)
+                for record in (False, True)]
+        np.testing.assert_array_equal(np.asarray(runs[0].tokens), np.asarray(runs[1].tokens), err_msg=cache)
+        np.testing.assert_array_equal(np.asarray(runs[0].nfe), np.asarray(runs[1].nfe), err_msg=cache)
+
+
+class LogitShapes(samplers.Threshold):
+    """Threshold that records the shape of the logits it is given (at trace time)."""
+
+    seen = []
+
+    def step(self, logits, state, carry):
+        LogitShapes.seen.append(logits.shape)
+        return super().step(logits, state, carry)
+
+
+def test_window_only_samplers_get_the_blocks_logits_only(model):
+    """[B, block_length, V] for the full step, the refresh and the cached window
+    steps; all of G when the trace records every position's confidence or the
+    cache window is shorter than a block."""
+    def shapes(**kw):
+        LogitShapes.seen = []
+        dllm.generate(model, [[5, 6, 7]], LogitShapes(tau=0.7), gen_length=16, block_length=8, special=SPECIAL,
+                      key=jax.random.key(0), **kw)
+        return set(LogitShapes.seen)
+
+    assert shapes() == {(1, 8, VOCAB)}
+    assert shapes(cache="dual") == {(1, 8, VOCAB)} and shapes(cache="prefix") == {(1, 8, VOCAB)}
+    assert shapes(cache="dual", cache_window=12) == {(1, 8, VOCAB)}
+    assert shapes(record_confidence=True) == {(1, 16, VOCAB)}
+    assert shapes(cache="dual", cache_window=4) == {(1, 16, VOCAB)}

@@ -101,18 +101,11 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
     )
 
 
-def window_offsets(state: DecodeState) -> jax.Array:
-    """int32 [B]: start (generation coordinates) of each row's active block,
-    shifted left where needed so [start, start + block_length) stays inside."""
-    g, w = state.config.gen_length, state.config.block_length
-    return jnp.minimum(state.block_start, g - w).astype(jnp.int32)
-
-
 def head_request(state: DecodeState, window_only: bool) -> tuple[int, jax.Array | None]:
     """(positions per row, per-row offsets or None) the output head computes:
-    each row's block (`window_offsets`) when `window_only`, else all of G."""
+    each row's block (`DecodeState.window_offsets`) when `window_only`, else all of G."""
     if window_only:
-        return state.config.block_length, window_offsets(state)
+        return state.config.block_length, state.window_offsets
     return state.config.gen_length, None
 
 
@@ -141,17 +134,16 @@ def forward_logits(model, state: DecodeState, window_only: bool = False, padded:
     """Logits [B, G, V] of the generation region, with LLaDA's unsupervised CFG.
 
     `window_only` (samplers that read only the active block, see
-    `Sampler.reads_only_window`): the output head runs for each row's block
-    alone and the other positions get zero logits. At LLaDA-8B size the head
-    over all of G = 256 positions is 0.27 TFLOP and 129 MB of float32 per row.
+    `Sampler.reads_only_window`): the logits [B, block_length, V] of each
+    row's block alone, at `state.window_offsets`: the output head and the
+    sampler's softmax run there only. At LLaDA-8B size the head over all of
+    G = 256 positions is 0.27 TFLOP and its logits 129 MB of float32 per row.
 
     The [MASK] token itself is never a valid proposal: its logit is -inf.
     (LLaDA relies on training for this; an untrained or under-trained model
     could otherwise "commit" [MASK] and make no progress.)
     """
     logits = _guided_logits(model, state, window_only, padded)
-    if window_only:
-        logits = place_logits(logits, window_offsets(state), state.config.gen_length)
     return logits.at[..., state.special.mask].set(-jnp.inf)
 
 
@@ -182,22 +174,30 @@ def cache_length(state: DecodeState) -> int:
     return state.tokens.shape[1] + window_length(state.config) + 1
 
 
-def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
+def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True,
+                    placed: bool = False):
     """Full forward: logits of the whole generation (or of each row's block,
-    see `forward_logits`) and the canvas's K/V, written into the carried cache."""
+    see `forward_logits`; `placed`: written into a [B, G, V] canvas of zeros)
+    and the canvas's K/V, written into the carried cache."""
     length, offsets = head_request(state, window_only)
     logits, cache = model.forward_with_cache(
         state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
         logits_length=length, logits_offsets=offsets, cache=state.cache)
-    if window_only:
+    if window_only and placed:
         logits = place_logits(logits, offsets, state.config.gen_length)
     return logits, cache, jnp.ones(state.gen_tokens.shape, bool)
 
 
-def window_forward(model, state: DecodeState, padded: bool = True):
+def window_forward(model, state: DecodeState, padded: bool = True, window_only: bool = False):
     """Recompute each row's window against the cache (see module docstring).
     Without prompt padding the only hidden keys are the cache's tail, given to
-    the attention as a key length rather than a mask."""
+    the attention as a key length rather than a mask.
+
+    Logits: [B, G, V] with the window's placed (zeros elsewhere); `window_only`
+    (a cache window at least a block long): those of each row's block alone,
+    [B, block_length, V]. Window-only samplers run fixed blocks, whose starts
+    are multiples of block_length, so an unfinished row's block starts its
+    window and sits at `state.window_offsets` (a finished row's step is ignored)."""
     config, width = state.config, state.prompt_width
     q = window_length(config)
     shift = 1 if model.config.token_shift else 0  # position i is predicted from hidden i-1
@@ -209,21 +209,29 @@ def window_forward(model, state: DecodeState, padded: bool = True):
     start = width + state.block_start - shift
     take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, q + shift))
     logits, cache = model.forward_window(take(tokens, start), take(positions, start), start, state.cache,
-                                         key_mask if padded else None, logits_count=q,
+                                         key_mask if padded else None,
+                                         logits_count=config.block_length if window_only else q,
                                          key_length=state.tokens.shape[1])
     j = jnp.arange(config.gen_length)[None, :]
     computed = (j >= state.block_start[:, None]) & (j < state.block_start[:, None] + q)
+    if window_only:
+        return logits, cache, computed
     return place_logits(logits, state.block_start, config.gen_length), cache, computed
 
 
 def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):
-    """(logits, new cache, computed positions) for a cached engine step."""
+    """(logits, new cache, computed positions) for a cached engine step.
+    `window_only`: each row's block's logits, as `forward_logits`, when the
+    cache window covers a block; else all of G (the head still runs for the
+    blocks alone in the refresh)."""
     config = state.config
     refresh = jnp.any((state.step_in_block == 0) & ~state.done)
     if config.cache_refresh_every:
         refresh = refresh | (state.step % config.cache_refresh_every == 0)
-    logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s, window_only, padded),
-                                           lambda s: window_forward(model, s, padded), state)
+    unplaced = window_only and window_length(config) >= config.block_length
+    logits, cache, computed = jax.lax.cond(
+        refresh, lambda s: refresh_forward(model, s, window_only, padded, placed=not unplaced),
+        lambda s: window_forward(model, s, padded, unplaced), state)
     return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
 
 

@@ -166,6 +166,14 @@ class DecodeState:
         return (j >= self.block_start[:, None]) & (j < self.block_end[:, None])
 
     @property
+    def window_offsets(self) -> jax.Array:
+        """int32 [B]: first generation position of each row's active block,
+        moved left where needed so [start, start + block_length) stays inside
+        G: where window-only logits sit (`samplers.base.Sampler.reads_only_window`)."""
+        g, w = self.config.gen_length, self.config.block_length
+        return jnp.minimum(self.block_start, g - w).astype(jnp.int32)
+
+    @property
     def step_key(self) -> jax.Array:
         return jax.random.fold_in(self.key, self.step)
 
