@@ -4,7 +4,8 @@
 
 Prints ms for: the bare full forward (512 tokens), the full forward that also
 returns K/V, the bare window forward (32 queries against the cache), the
-sampler step on [B, gen_length, V] logits, and the whole engine step
+sampler step on [B, gen_length, V] logits (what samplers that read more than
+their block get; window-only ones get [B, block_length, V]), and the whole engine step
 measured by `experiments.benchmark` for comparison.
 """
 

@@ -70,10 +70,14 @@ class Sampler:
     for the blocks only and passes their logits alone, [B, block_length, V]
     at `state.window_offsets`, so the softmax and argmax run there only
     (except with `record_confidence`, whose trace shows every position, and
-    a cache window shorter than a block: then [B, G, V] with zeros outside
-    the blocks). Such a sampler takes either shape: `on_generation` brings
-    its per-position results to [B, G], and `sample_tokens` draws the same
-    noise for a position either way.
+    a cache window shorter than a block: then [B, G, V] with zeros where no
+    logits were computed). Such a sampler takes either shape: `on_generation`
+    brings its per-position results to [B, G], and `sample_tokens` draws the
+    same noise for a position either way (with temperature > 0 it still
+    draws that noise over all of G). It must keep the fixed blocks (no
+    `Commit.block_end`): a cached window step's logits start at the block
+    start, which is `state.window_offsets` only for blocks at multiples of
+    block_length.
     """
 
     reads_only_window = False

@@ -220,7 +220,7 @@ def test_compiler_options_reach_the_compiled_loop(model):
 
 WINDOW_ONLY = [samplers.LowConfidence(), samplers.LowConfidence(remasking="random"), samplers.Threshold(tau=0.7),
                samplers.Threshold(tau=0.7, confidence="margin"), samplers.Threshold(confidence="entropy_bound"),
-               samplers.Factor(factor=1.0)]
+               samplers.Threshold(tau=0.5, confidence="neg_entropy"), samplers.Factor(factor=1.0)]
 
 
 WITH_NOISE = [WINDOW_ONLY[0], WINDOW_ONLY[2], WINDOW_ONLY[3]]  # the confidences that read the sampled token or not
@@ -231,16 +231,29 @@ WITH_NOISE = [WINDOW_ONLY[0], WINDOW_ONLY[2], WINDOW_ONLY[3]]  # the confidences
 def test_window_only_logits_decode_as_the_whole_canvas(model, sampler, temperature):
     """Window-only samplers get their blocks' logits alone; with record_confidence
     the engine passes all of G instead. Both give the same tokens and NFE (also
-    with Gumbel noise: a position's draw is the same), with and without a cache,
-    on a left-padded batch."""
+    with Gumbel noise: a position's draw is the same), with and without a cache
+    (also one window longer than a block), on a left-padded batch."""
     assert sampler.reads_only_window
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]
-    for cache in ("none", "dual", "prefix"):
-        runs = [dllm.generate(model, prompts, sampler, gen_length=16, block_length=4, special=SPECIAL, cache=cache,
+    for cache in ({"cache": "none"}, {"cache": "dual"}, {"cache": "prefix"}, {"cache": "dual", "cache_window": 8}):
+        runs = [dllm.generate(model, prompts, sampler, gen_length=16, block_length=4, special=SPECIAL, **cache,
                               temperature=temperature, key=jax.random.key(3), record_confidence=record)
                 for record in (False, True)]
+        np.testing.assert_array_equal(np.asarray(runs[0].tokens), np.asarray(runs[1].tokens), err_msg=str(cache))
+        np.testing.assert_array_equal(np.asarray(runs[0].nfe), np.asarray(runs[1].nfe), err_msg=str(cache))
+
+
+def test_window_only_logits_with_dreams_token_shift():
+    """Dream predicts position i from hidden i - 1 (and has qkv biases): the
+    window-only logits stay aligned in every cache mode."""
+    from tests.test_cache import SPECIAL as CACHE_SPECIAL, make_model
+
+    dream = make_model("dream", 2)
+    for cache in ("none", "dual", "prefix"):
+        runs = [dllm.generate(dream, [[5, 6, 7, 8, 9], [10, 11]], samplers.Threshold(tau=0.7), gen_length=16,
+                              block_length=4, special=CACHE_SPECIAL, cache=cache, record_confidence=record)
+                for record in (False, True)]
         np.testing.assert_array_equal(np.asarray(runs[0].tokens), np.asarray(runs[1].tokens), err_msg=cache)
-        np.testing.assert_array_equal(np.asarray(runs[0].nfe), np.asarray(runs[1].nfe), err_msg=cache)
 
 
 class LogitShapes(samplers.Threshold):
