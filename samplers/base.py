@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dllm.decoding.state import DecodeConfig, DecodeState
+from dllm.decoding.state import DecodeConfig, DecodeState, place_logits
 
 NEG_INF = -jnp.inf
 
@@ -224,15 +224,9 @@ def on_generation(values: jax.Array, state: DecodeState, fill) -> jax.Array:
     as they are when L = G; from window-only logits (L = block_length), placed
     at `state.window_offsets` with `fill` elsewhere (positions no window-only
     rule may commit)."""
-    g = state.config.gen_length
-    if values.shape[1] == g:
+    if values.shape[1] == state.config.gen_length:
         return values
-
-    def place(row, start):
-        return jax.lax.dynamic_update_slice_in_dim(jnp.full((g, *row.shape[1:]), fill, row.dtype), row, start, 0)
-
-    return jax.vmap(place)(values, state.window_offsets)
-
+    return place_logits(values, state.window_offsets, state.config.gen_length, fill)
 
 
 def masked_in_window(state: DecodeState) -> jax.Array:

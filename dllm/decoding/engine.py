@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
+from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace, place_logits
 from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
 
 
@@ -109,21 +109,6 @@ def head_request(state: DecodeState, window_only: bool) -> tuple[int, jax.Array 
     return state.config.gen_length, None
 
 
-def place_logits(logits: jax.Array, starts: jax.Array, gen_length: int) -> jax.Array:
-    """[B, L, V] logits of generation positions starts[b] + [0, L) -> [B, G, V],
-    zeros elsewhere; positions past G are dropped. One write per row into a
-    G-sized buffer (no larger buffer sliced back down)."""
-    length = logits.shape[1]
-    at = jnp.minimum(starts, gen_length - length)  # where a row's slab fits
-    shift = starts - at  # > 0 only when the window runs past G: roll its tail out
-
-    def place(row, start, k):
-        row = jnp.where((jnp.arange(length) >= k)[:, None], jnp.roll(row, k, axis=0), 0)
-        return jax.lax.dynamic_update_slice_in_dim(jnp.zeros((gen_length, row.shape[-1]), row.dtype), row, start, 0)
-
-    return jax.vmap(place)(logits, at, shift)
-
-
 def attention_mask_of(state: DecodeState, padded: bool):
     """The canvas mask for the model, or None when no prompt is padded (the
     attention then runs unmasked; `generate` knows this on the host)."""
@@ -174,17 +159,13 @@ def cache_length(state: DecodeState) -> int:
     return state.tokens.shape[1] + window_length(state.config) + 1
 
 
-def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True,
-                    placed: bool = False):
+def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """Full forward: logits of the whole generation (or of each row's block,
-    see `forward_logits`; `placed`: written into a [B, G, V] canvas of zeros)
-    and the canvas's K/V, written into the carried cache."""
+    see `forward_logits`) and the canvas's K/V, written into the carried cache."""
     length, offsets = head_request(state, window_only)
     logits, cache = model.forward_with_cache(
         state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
         logits_length=length, logits_offsets=offsets, cache=state.cache)
-    if window_only and placed:
-        logits = place_logits(logits, offsets, state.config.gen_length)
     return logits, cache, jnp.ones(state.gen_tokens.shape, bool)
 
 
@@ -194,7 +175,7 @@ def window_forward(model, state: DecodeState, padded: bool = True, window_only: 
     the attention as a key length rather than a mask.
 
     Logits: [B, G, V] with the window's placed (zeros elsewhere); `window_only`
-    (a cache window at least a block long): those of each row's block alone,
+    (`uses_window_logits`): those of each row's block alone,
     [B, block_length, V]. Window-only samplers run fixed blocks, whose starts
     are multiples of block_length, so an unfinished row's block starts its
     window and sits at `state.window_offsets` (a finished row's step is ignored)."""
@@ -221,17 +202,13 @@ def window_forward(model, state: DecodeState, padded: bool = True, window_only: 
 
 def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """(logits, new cache, computed positions) for a cached engine step.
-    `window_only`: each row's block's logits, as `forward_logits`, when the
-    cache window covers a block; else all of G (the head still runs for the
-    blocks alone in the refresh)."""
+    `window_only`: each row's block's logits, as `forward_logits`."""
     config = state.config
     refresh = jnp.any((state.step_in_block == 0) & ~state.done)
     if config.cache_refresh_every:
         refresh = refresh | (state.step % config.cache_refresh_every == 0)
-    unplaced = window_only and window_length(config) >= config.block_length
-    logits, cache, computed = jax.lax.cond(
-        refresh, lambda s: refresh_forward(model, s, window_only, padded, placed=not unplaced),
-        lambda s: window_forward(model, s, padded, unplaced), state)
+    logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s, window_only, padded),
+                                           lambda s: window_forward(model, s, padded, window_only), state)
     return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
 
 
@@ -304,6 +281,14 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
 COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def uses_window_logits(sampler, config: DecodeConfig) -> bool:
+    """Whether the engine computes and passes only the active blocks' logits:
+    the sampler reads nothing else, the trace does not record every position's
+    confidence, and a cached window step covers a block."""
+    covered = config.cache == "none" or window_length(config) >= config.block_length
+    return sampler.reads_only_window and not config.record_confidence and covered
+
+
 @functools.cache
 def _decode_with(compiler_options: tuple):
     """`_decode` jitted with these (sorted (name, value) pairs of) XLA options."""
@@ -327,9 +312,7 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
         empty = KVCache.zeros(model.config, tokens.shape[0], cache_length(state))
         state = state.replace(cache=constrain_cache(empty))
     carry = sampler.init(state)
-    # Logits of the active blocks only, when the sampler reads nothing else
-    # (and the trace does not record every position's confidence).
-    window_only = sampler.reads_only_window and not config.record_confidence
+    window_only = uses_window_logits(sampler, config)
 
     def cond(loop):
         state, _ = loop

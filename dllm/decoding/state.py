@@ -210,3 +210,20 @@ class DecodeResult:
     def tokens_per_forward(self) -> jax.Array:
         committed = (self.trace.commit_step >= 0).sum(axis=-1)
         return committed / jnp.maximum(self.nfe, 1)
+
+
+def place_logits(values: jax.Array, starts: jax.Array, gen_length: int, fill=0) -> jax.Array:
+    """[B, L, ...] values of generation positions starts[b] + [0, L) -> [B, G, ...],
+    `fill` elsewhere; positions past G are dropped. One write per row into a
+    G-sized buffer (no larger buffer sliced back down)."""
+    length = values.shape[1]
+    at = jnp.minimum(starts, gen_length - length)  # where a row's slab fits
+    shift = starts - at  # > 0 only when the window runs past G: roll its tail out
+
+    def place(row, start, k):
+        kept = (jnp.arange(length) >= k).reshape((length,) + (1,) * (row.ndim - 1))
+        row = jnp.where(kept, jnp.roll(row, k, axis=0), fill)
+        return jax.lax.dynamic_update_slice_in_dim(jnp.full((gen_length, *row.shape[1:]), fill, row.dtype), row,
+                                                   start, 0)
+
+    return jax.vmap(place)(values, at, shift)
