@@ -1,7 +1,7 @@
 """Tokenizer wrapper: text <-> ids, and the one home of special token ids.
 
-No algorithm in dllm hard-codes a token id (LLaDA's 126336 / 126081, Dream's
-151666 ...): they are read here, from the checkpoint's `config.json`,
+No algorithm in dllm hard-codes a token id (LLaDA's [MASK] and end-of-text,
+Dream's <|mask|> ...): they are read here, from the checkpoint's `config.json`,
 `tokenizer_config.json`, `special_tokens_map.json` and `tokenizer.json`.
 """
 

@@ -186,6 +186,7 @@ def main(cfg: DictConfig) -> list[dict]:
 
         sharding.shard_model(model, mesh, rules)
     total_len = cfg.prompt_length + cfg.gen_length
+    weights = weight_bytes(model)
     rows = []
     for batch in cfg.batch_sizes:
         prompts = random_prompts(cfg, c, batch)
@@ -220,7 +221,6 @@ def main(cfg: DictConfig) -> list[dict]:
             refresh_flops = step_flops(c, batch, total_len, total_len, cfg.block_length)
             window_flops = step_flops(c, batch, window, total_len, cfg.block_length)
             flops = refreshes * refresh_flops + (nfe - refreshes) * window_flops
-            weights = weight_bytes(model)
             floor = (refreshes * roofline_ms(refresh_flops, weights, peak_tflops, peak_tb_s)
                      + (nfe - refreshes) * roofline_ms(window_flops, weights + cache_bytes(c, batch, total_len),
                                                        peak_tflops, peak_tb_s)) / nfe

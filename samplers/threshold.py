@@ -92,7 +92,8 @@ class Threshold(base.Sampler):
             raise ValueError(f"Threshold.entropy_bound={bound!r}: allowed range [0, inf) nats")
 
     def scores(self, probs: jax.Array, tokens: jax.Array) -> tuple[jax.Array, float]:
-        """(score [B, G], the bar it must reach): higher is more confident."""
+        """(score at the logits' positions, [B, G] or [B, block_length]; the bar it
+        must reach): higher is more confident."""
         if self.confidence == "max_prob":
             return base.max_prob_confidence(probs, tokens), self.tau
         if self.confidence == "margin":
