@@ -39,8 +39,10 @@ class DataConfig:
     """What to train on (Hydra fills it from `cfg.data`).
 
     Attributes:
-      source: "tasks" (the synthetic suite, SFT pairs) or "corpus" (a token .npy).
-      tasks: task names for source "tasks"; None means every task.
+      source: "tasks" (a synthetic suite, SFT pairs) or "corpus" (a token .npy).
+      suite: source "tasks": the task suite, "tiny" or "parallel"
+        (`dllm.tasks.SUITES`); its word-level tokenizer is the model's.
+      tasks: task names of the suite for source "tasks"; None means every task.
       n_per_task: training examples per task; None means the task split's
         default size (`dllm.tasks.DEFAULT_SPLIT_SIZES`).
       eval_n_per_task: held-out (test split) examples per task for eval loss.
@@ -54,6 +56,7 @@ class DataConfig:
     """
 
     source: str = "tasks"
+    suite: str = "tiny"
     tasks: tuple[str, ...] | None = None
     n_per_task: int | None = None
     eval_n_per_task: int = 64
@@ -67,6 +70,10 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"DataConfig.source={self.source!r}: allowed {SOURCES}")
+        from dllm.tasks import SUITES
+
+        if self.suite not in SUITES:
+            raise ValueError(f"DataConfig.suite={self.suite!r}: allowed {tuple(SUITES)}")
         if self.tasks is not None:
             object.__setattr__(self, "tasks", tuple(self.tasks))
         for name in ("prompt_width", "gen_length", "seq_len"):
@@ -90,14 +97,14 @@ def check_batch_divides(batch_size: int, n_shards: int, axis: str = "data") -> N
         )
 
 
-def task_tokenizer() -> Tokenizer:
-    """The task suite's word-level tokenizer with its special ids resolved by name."""
+def task_tokenizer(suite: str = "tiny") -> Tokenizer:
+    """The word-level tokenizer of task suite `suite` with its special ids resolved by name."""
     from dllm.tasks import vocab
 
-    backend = vocab.build_task_tokenizer()
+    backend = vocab.build_task_tokenizer(suite)
     ids = {token: backend.token_to_id(token) for token in (vocab.MASK, vocab.END_OF_TEXT, vocab.PAD)}
     return Tokenizer(backend, mask_id=ids[vocab.MASK], eos_id=ids[vocab.END_OF_TEXT], pad_id=ids[vocab.PAD],
-                     source="dllm.tasks.vocab")
+                     source=f"dllm.tasks.vocab ({suite} suite)")
 
 
 def encode_examples(examples: Sequence, tokenizer: Tokenizer, prompt_width: int,
@@ -250,14 +257,14 @@ def make_data(config: DataConfig, batch_size: int, seed: int = 0) -> Data:
     if config.source == "tasks":
         from dllm.tasks import suite_examples
 
-        tokenizer = task_tokenizer()
+        tokenizer = task_tokenizer(config.suite)
         geometry = dict(prompt_width=config.prompt_width, gen_length=config.gen_length)
-        train = TaskBatches(suite_examples("train", config.n_per_task, config.tasks), tokenizer, batch_size,
-                            seed=seed, **geometry)
+        train = TaskBatches(suite_examples("train", config.n_per_task, config.tasks, config.suite), tokenizer,
+                            batch_size, seed=seed, **geometry)
         evaluation = None
         if config.eval_n_per_task:
-            evaluation = TaskBatches(suite_examples("test", config.eval_n_per_task, config.tasks), tokenizer,
-                                     batch_size, seed=seed, shuffle=False, **geometry)
+            evaluation = TaskBatches(suite_examples("test", config.eval_n_per_task, config.tasks, config.suite),
+                                     tokenizer, batch_size, seed=seed, shuffle=False, **geometry)
         return Data(train, evaluation, tokenizer, config)
     path = Path(config.path)
     tokenizer = Tokenizer.from_folder(Path(config.tokenizer) if config.tokenizer else path.parent)

@@ -140,6 +140,32 @@ def sft_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array, t: jax.Ar
     return jnp.mean(per_row), _metrics(logits, targets, masked)
 
 
+def autoregressive_loss(logits: jax.Array, targets: jax.Array,
+                        valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token cross-entropy per predicted token, in nats, for a causal model with token shift.
+
+    With `ModelConfig.attention="causal"` and `token_shift=True` the logits at
+    position i are p(x_i | x_<i) (hidden state i-1 under the causal mask), so
+
+        loss = sum_{i >= 1, x_{i-1} and x_i real} -log p(x_i | x_<i) / (number of such i)
+
+    Position 0 predicts nothing (it has no left context), nor does the first
+    real token of a left-padded row.
+
+    Args:
+      logits: float [B, L, V] of the clean tokens; targets: tokens [B, L].
+      valid: optional bool [B, L], real (non-padding) tokens.
+
+    Returns:
+      (loss scalar, metrics: masked_accuracy = next-token accuracy, masked_tokens = predicted tokens).
+    """
+    valid = jnp.ones(targets.shape, bool) if valid is None else valid.astype(bool)
+    predicted = valid & jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    ce = token_cross_entropy(logits, targets)
+    loss = jnp.sum(jnp.where(predicted, ce, 0.0)) / jnp.maximum(jnp.sum(predicted), 1)
+    return loss, _metrics(logits, targets, predicted)
+
+
 def elbo_bits_per_token(logits_fn: Callable[[jax.Array], jax.Array], tokens: jax.Array, key: jax.Array,
                         *, mask_id: int, n_samples: int = 8, valid: jax.Array | None = None,
                         eps: float = 1e-3) -> jax.Array:

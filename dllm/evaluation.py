@@ -96,8 +96,14 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
 
 def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig, *, batch_size: int = 64,
                       key=None, prompt_width: int | None = None, mesh=None, rules=None) -> dict:
-    """Scores a list of `dllm.tasks.Example` (any mix of tasks); `mesh`/`rules` as `decode_texts`."""
-    from dllm.tasks import get_task
+    """Scores a list of `dllm.tasks.Example` (any mix of tasks); `mesh`/`rules` as `decode_texts`.
+
+    Raises ValueError naming the task when a suite task's reference answer is
+    longer than `decode.gen_length` (such a decode could only score 0).
+    """
+    from dllm.tasks import SUITES, check_fits, get_task
+
+    check_fits([e for e in examples if e.task in SUITES.get(e.suite, {})], decode.gen_length, tokenizer)
 
     rows, timing = decode_texts(model, tokenizer, sampler, [e.prompt for e in examples], decode,
                                 batch_size=batch_size, key=key, prompt_width=prompt_width, mesh=mesh, rules=rules)
@@ -105,7 +111,7 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
     for i, example in enumerate(examples):
         by_task.setdefault(example.task, []).append(i)
     for name, index in by_task.items():  # score_many: code benchmarks run their sandboxes in parallel
-        task = get_task(name)
+        task = get_task(name, examples[index[0]].suite)
         if hasattr(task, "score_many"):
             scores = task.score_many([examples[i] for i in index], [rows[i]["output"] for i in index])
         else:

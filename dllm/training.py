@@ -58,7 +58,7 @@ from dllm.data import Data, check_batch_divides
 from dllm.models.config import DTYPES, ModelConfig
 from dllm.models.transformer import Transformer
 
-OBJECTIVES = ("sft", "pretrain")
+OBJECTIVES = ("sft", "pretrain", "autoregressive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,10 @@ class TrainConfig:
       grad_clip: global-norm clipping threshold; 0 disables clipping.
       b1, b2, adam_eps: AdamW moments and epsilon.
       seed: seeds the init, the data order and the diffusion noise.
-      objective: "sft" (prompt never masked, LLaDA Eq. 5) or "pretrain"
-        (every token maskable, LLaDA Eq. 3).
+      objective: "sft" (prompt never masked, LLaDA Eq. 5), "pretrain"
+        (every token maskable, LLaDA Eq. 3), or "autoregressive" (next-token
+        cross-entropy on clean tokens; needs ModelConfig attention="causal"
+        and token_shift=True: the generative-perplexity scorer).
       low_discrepancy: stratified t over the batch (MDLM §3.5).
       time_eps: t ~ U(time_eps, 1).
       log_every: steps between metrics lines and progress-bar updates.
@@ -185,6 +187,8 @@ def diffusion_loss(graphdef, params, batch, key, *, objective: str, mask_id: int
     """One Monte Carlo draw of the masked-diffusion loss of `batch` (see `dllm.diffusion`)."""
     model = nnx.merge(graphdef, params)
     tokens, attention_mask = batch["tokens"], batch["attention_mask"]
+    if objective == "autoregressive":
+        return diffusion.autoregressive_loss(model(tokens, attention_mask), tokens, attention_mask)
     time_key, mask_key = jax.random.split(key)
     t = diffusion.sample_times(time_key, tokens.shape[0], time_eps, low_discrepancy)
     if objective == "sft":
@@ -248,6 +252,8 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
         loss, metrics = diffusion_loss(graphdef, params, batch, key, objective=config.objective, mask_id=mask_id,
                                        time_eps=config.time_eps, low_discrepancy=True)
         out = {"loss": loss, **metrics}
+        if config.objective == "autoregressive":
+            out["bits_per_token"] = loss / np.log(2.0)
         if config.objective == "pretrain":
             model = nnx.merge(graphdef, params)
             out["bits_per_token"] = diffusion.elbo_bits_per_token(
@@ -437,6 +443,10 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
     if config.objective == "sft" and not data.has_answers:
         raise ValueError(f"TrainConfig.objective='sft' needs prompt/answer data; data.source="
                          f"{data.config.source!r} allows only objective='pretrain'")
+    if config.objective == "autoregressive" and (model_config.attention != "causal" or not model_config.token_shift):
+        raise ValueError(f"TrainConfig.objective='autoregressive' needs ModelConfig.attention='causal' and "
+                         f"token_shift=True; got attention={model_config.attention!r}, "
+                         f"token_shift={model_config.token_shift}")
     if data.train.batch_size != config.batch_size:
         raise ValueError(f"data batch size {data.train.batch_size} != TrainConfig.batch_size={config.batch_size}")
     if model_config.vocab_size < tokenizer.vocab_size:

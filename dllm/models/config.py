@@ -20,6 +20,10 @@ from typing import Any
 import jax.numpy as jnp
 
 ARCHITECTURES = ("llada", "dream")
+# "bidirectional": every position attends to every real position (LLaDA, Dream).
+# "causal": position i attends to positions <= i (an autoregressive model, e.g.
+# the scorer of generative perplexity); decoding engines refuse it.
+ATTENTION_PATTERNS = ("bidirectional", "causal")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -44,6 +48,9 @@ class ModelConfig:
       token_shift: position i is predicted from hidden state i-1 (Dream,
         Fast-dLLM v2); position 0 reuses its own hidden state.
       tie_embeddings: the output head is the transposed input embedding.
+      attention: the attention pattern, "bidirectional" (every dLLM here) or
+        "causal" (an autoregressive model: with `token_shift`, the logits at
+        position i predict token i from the tokens before it).
       max_seq_len: longest canvas (prompt + generation) the model accepts.
       dtype: compute dtype of activations ("float32" or "bfloat16").
       param_dtype: storage dtype of the parameters.
@@ -87,6 +94,7 @@ class ModelConfig:
     qkv_bias: bool = False
     token_shift: bool = False
     tie_embeddings: bool = False
+    attention: str = "bidirectional"
     max_seq_len: int = 4096
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -101,6 +109,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"ModelConfig.arch={self.arch!r}: allowed {ARCHITECTURES}")
+        if self.attention not in ATTENTION_PATTERNS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: allowed {ATTENTION_PATTERNS}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

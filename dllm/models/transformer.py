@@ -10,7 +10,10 @@ a LLaMA/Qwen2 decoder with the causal mask removed:
     logits = RMSNorm(x) W_head
 
 Dream (and Fast-dLLM v2) predict position i from hidden state i-1 ("token
-shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`.
+shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`. With
+`ModelConfig.attention="causal"` and token shift the same network is a plain
+autoregressive LM (the causal mask put back), which the framework trains to
+score the generative perplexity of dLLM samples (`dllm.diffusion.autoregressive_loss`).
 
 Layer parameters are laid out as `scan_layers` says (as MaxText does): stacked
 along a leading `layers` axis for `lax.scan` (fast compile, training), or one
@@ -235,7 +238,10 @@ def window_attention_impl(config: ModelConfig, query_rows: int) -> str | None:
 
 
 def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None, *, window: bool = False):
-    """Bidirectional attention of q over k/v; key_mask [B, S] hides padding.
+    """Attention of q over k/v; key_mask [B, S] hides padding.
+
+    Bidirectional, or causal (query i sees keys <= i) for `config.attention`
+    "causal" in full forwards; cached window steps refuse a causal model.
 
     key_mask None: no key is padding, or (`key_length`) only the keys from
     `key_length` on, which the fused kernels take as sequence lengths instead
@@ -243,13 +249,18 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     (`window_attention_impl(config, batch x queries)` instead of `config.attention_impl`;
     its "pallas" kernel is called by `Transformer.forward_window`, with the cache write)."""
     impl = window_attention_impl(config, q.shape[0] * q.shape[1]) if window else config.attention_impl
+    causal = config.attention == "causal"
+    if causal and window:
+        raise ValueError("ModelConfig.attention='causal': cached window steps attend bidirectionally; "
+                         "a causal model runs only full forwards (decode it with cache='none')")
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl,
+                                            is_causal=causal)
     mask = key_mask[:, None, None, :].astype(bool)
     if impl == "cudnn":  # cuDNN takes the mask as a bias of shape [B, 1, T, S]
         mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, is_causal=causal)
 
 
 def transformer_block(x, p, config: ModelConfig, cos, sin, key_mask):

@@ -1,16 +1,20 @@
-"""Synthetic tasks with exact scorers, for training a tiny masked-diffusion model
+"""Synthetic tasks with exact scorers, for training masked-diffusion models
 and measuring parallel-decoding samplers on held-out prompts.
 
-In the spirit of ParallelBench (arXiv 2510.04767): answers of 8 to 19 tokens
-whose tokens depend on each other, so that committing several tokens per step
-can break them. Every task is small enough for a ~5M-parameter model to learn.
+Two suites (`SUITES`), in the spirit of ParallelBench (arXiv 2510.04767):
 
-    from dllm.tasks import TASKS, get_task, suite_examples
-    task = get_task("reverse")
+* `tiny` (`TASKS`): answers of 8 to 19 tokens, small enough for a
+  ~5M-parameter model trained on a CPU-sized budget (the CPU test model);
+* `parallel` (`dllm.tasks.parallel`): answers of 16 to 89 tokens, decoded at
+  gen 128 / block 32, on which committing several tokens per step visibly
+  costs accuracy.
+
+    from dllm.tasks import get_task, suite_examples
+    task = get_task("reverse", suite="parallel")
     example = task.examples("test")[0]
     task.score(example, decoded_answer_text)   # 1.0 or 0.0
 
-Tasks (see each module's docstring for its format and scorer):
+Tiny-suite tasks (see each module's docstring for its format and scorer):
 
 * waiting line (`waiting_line.py`): copy, reverse, sort, insert_index,
   remove_index, replace_index (exact match); shuffle (validity);
@@ -36,6 +40,7 @@ from dllm.tasks.base import (
     Task,
     check_split,
 )
+from dllm.tasks.parallel import PARALLEL_TASKS
 from dllm.tasks.puzzles import LATIN_SQUARE, SUDOKU
 from dllm.tasks.waiting_line import COPY, INSERT_INDEX, REMOVE_INDEX, REPLACE_INDEX, REVERSE, SHUFFLE, SORT
 
@@ -56,29 +61,63 @@ TASKS: dict[str, Task] = {
 }
 
 
-def get_task(name: str) -> Task:
-    """The suite task or real benchmark (`dllm.tasks.benchmarks`) called `name`; ValueError naming the allowed names."""
-    if name in TASKS:
-        return TASKS[name]
+SUITES: dict[str, dict[str, Task]] = {"tiny": TASKS, "parallel": PARALLEL_TASKS}
+
+
+def check_suite(suite: str) -> dict[str, Task]:
+    """The tasks of `suite`; ValueError naming the allowed suites if there is none."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown task suite {suite!r}; allowed suites: {', '.join(SUITES)}")
+    return SUITES[suite]
+
+
+def get_task(name: str, suite: str = "tiny") -> Task:
+    """The task `name` of `suite`, or a real benchmark (`dllm.tasks.benchmarks`); ValueError naming the allowed names."""
+    tasks = check_suite(suite)
+    if name in tasks:
+        return tasks[name]
     from dllm.tasks.benchmarks import BENCHMARKS
 
     if name in BENCHMARKS:
         return BENCHMARKS[name]
-    raise ValueError(f"unknown task {name!r}; allowed tasks: {', '.join(TASKS)}; benchmarks: {', '.join(BENCHMARKS)}")
+    raise ValueError(f"unknown task {name!r} in suite {suite!r}; allowed tasks: {', '.join(tasks)}; "
+                     f"benchmarks: {', '.join(BENCHMARKS)}")
 
 
-def suite_examples(split: str, n_per_task: int | None, tasks: Sequence[str] | None = None) -> list[Example]:
+def suite_examples(split: str, n_per_task: int | None, tasks: Sequence[str] | None = None,
+                   suite: str = "tiny") -> list[Example]:
     """The first `n_per_task` examples of `split` from each task, task after task.
 
     Args:
       split: "train" or "test".
       n_per_task: examples per task; None gives the split's default size.
       tasks: task names, in the order their examples are concatenated; None
-        means every task of `TASKS`. The caller shuffles if it needs a mix.
+        means every task of the suite. The caller shuffles if it needs a mix.
+      suite: a key of `SUITES` ("tiny" or "parallel").
     """
     check_split(split)
-    names = list(TASKS) if tasks is None else list(tasks)
-    return [example for name in names for example in get_task(name).examples(split, n_per_task)]
+    suite_tasks = check_suite(suite)
+    names = list(suite_tasks) if tasks is None else list(tasks)
+    unknown = [name for name in names if name not in suite_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown} in suite {suite!r}; allowed tasks: {', '.join(suite_tasks)}")
+    return [example for name in names for example in suite_tasks[name].examples(split, n_per_task)]
+
+
+def check_fits(examples: Sequence[Example], gen_length: int, tokenizer) -> None:
+    """Raises ValueError naming the task when a reference answer is longer than `gen_length` tokens.
+
+    A decode that cannot write the answer would score 0 silently.
+    """
+    longest: dict[str, int] = {}
+    for example in examples:
+        n = len(tokenizer.encode(example.answer))
+        longest[example.task] = max(longest.get(example.task, 0), n)
+    too_long = {name: n for name, n in longest.items() if n > gen_length}
+    if too_long:
+        raise ValueError(f"gen_length={gen_length} is shorter than the answers of task(s) "
+                         + ", ".join(f"{name!r} ({n} tokens)" for name, n in sorted(too_long.items()))
+                         + f"; allowed: gen_length >= {max(too_long.values())}")
 
 
 __all__ = [
@@ -88,7 +127,9 @@ __all__ = [
     "MAX_PROMPT_TOKENS",
     "MIN_ANSWER_TOKENS",
     "SPLITS",
+    "SUITES",
     "TASKS",
+    "check_fits",
     "Example",
     "Task",
     "get_task",

@@ -54,11 +54,14 @@ class Example:
         e.g. "reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>".
       answer: one correct answer, e.g. "Hal Gus Fay Eve Dan Cid Bob Ann". For
         tasks scored by validity it is one of several correct answers.
+      suite: the suite of the task ("tiny" or "parallel", keys of
+        `dllm.tasks.SUITES`); a task name is unique within its suite.
     """
 
     task: str
     prompt: str
     answer: str
+    suite: str = "tiny"
 
 
 Sampler = Callable[[np.random.Generator], tuple[str, str]]
@@ -77,9 +80,14 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; allowed splits: {', '.join(SPLITS)}")
 
 
-def split_seed(task_name: str, split: str) -> int:
-    """The numpy seed of one (task, split): a stable hash, the same on every machine and run."""
-    digest = hashlib.blake2b(f"{task_name}/{split}".encode(), digest_size=8).digest()
+def split_seed(task_name: str, split: str, suite: str = "tiny") -> int:
+    """The numpy seed of one (suite, task, split): a stable hash, the same on every machine and run.
+
+    Tasks of the "tiny" suite hash "<task>/<split>" (the seeds they were
+    trained with); every other suite hashes "<suite>/<task>/<split>".
+    """
+    text = f"{task_name}/{split}" if suite == "tiny" else f"{suite}/{task_name}/{split}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -101,6 +109,9 @@ class Task:
       sample: draws one (prompt, answer) pair from a numpy generator.
       is_correct: (prompt words, reference answer words, output words) -> bool.
       words: every word the task can write in a prompt or an answer.
+      suite: the suite it belongs to (a key of `dllm.tasks.SUITES`).
+      max_answer_tokens: the longest answer it can draw, in words (= tokens of
+        the suite's word-level tokenizer); decoding needs gen_length >= this.
     """
 
     name: str
@@ -108,6 +119,8 @@ class Task:
     sample: Sampler
     is_correct: Checker
     words: tuple[str, ...]
+    suite: str = "tiny"
+    max_answer_tokens: int = MAX_ANSWER_TOKENS
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         """The first `n` examples of `split` ("train" or "test"); the same on every call.
@@ -120,7 +133,7 @@ class Task:
             n = DEFAULT_SPLIT_SIZES[split]
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
-        rng = np.random.default_rng(split_seed(self.name, split))
+        rng = np.random.default_rng(split_seed(self.name, split, self.suite))
         want_test = split == "test"
         # Guards against an endless loop if a task's prompt space is too small.
         max_draws = 1000 + 100 * TEST_BUCKETS * n
@@ -141,7 +154,7 @@ class Task:
                 if prompt in seen_test_prompts:
                     continue
                 seen_test_prompts.add(prompt)
-            examples.append(Example(task=self.name, prompt=prompt, answer=answer))
+            examples.append(Example(task=self.name, prompt=prompt, answer=answer, suite=self.suite))
         return examples
 
     def score(self, example: Example, output: str) -> float:
@@ -149,8 +162,12 @@ class Task:
 
         Whitespace is not significant: the output is compared word by word.
         """
-        if example.task != self.name:
-            raise ValueError(f"task {self.name!r} cannot score an example of task {example.task!r}")
+        if example.task != self.name or example.suite != self.suite:
+            raise ValueError(f"task {self.suite}/{self.name} cannot score an example of task "
+                             f"{example.suite}/{example.task}")
+        if not isinstance(output, str):
+            raise TypeError(f"task {self.suite}/{self.name}: the output to score must be a str, "
+                            f"got {type(output).__name__}")
         correct = self.is_correct(example.prompt.split(), example.answer.split(), output.split())
         return 1.0 if correct else 0.0
 
@@ -158,6 +175,12 @@ class Task:
 def prompt_payload(prompt_words: Sequence[str]) -> list[str]:
     """The words of a prompt between its first ":" and the final `ANSWER_DELIMITER`.
 
-    Every prompt reads "<instruction words> : <payload words> =>".
+    Every prompt reads "<instruction words> : <payload words> =>". Raises
+    ValueError naming the prompt when it does not (a scorer must not score an
+    unparsable prompt as a wrong answer).
     """
-    return list(prompt_words[list(prompt_words).index(":") + 1 : -1])
+    words = list(prompt_words)
+    if ":" not in words or not words or words[-1] != ANSWER_DELIMITER:
+        raise ValueError(f"prompt {' '.join(words)!r} does not parse: expected "
+                         f"'<instruction> : <payload> {ANSWER_DELIMITER}'")
+    return words[words.index(":") + 1 : -1]

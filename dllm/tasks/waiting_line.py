@@ -35,6 +35,9 @@ The tasks and how they are scored:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 
 from dllm.tasks.base import ANSWER_DELIMITER, Task, exact_match, prompt_payload
@@ -49,9 +52,9 @@ MIN_LINE, MAX_LINE = 8, 10  # people in a line, for every task but remove_index
 POSITIONS = tuple(str(p) for p in range(1, MAX_LINE + 2))
 
 
-def draw_people(rng: np.random.Generator, count: int) -> list[str]:
-    """`count` distinct names in random order."""
-    return [NAMES[i] for i in rng.permutation(len(NAMES))[:count]]
+def draw_people(rng: np.random.Generator, count: int, names: tuple[str, ...] = NAMES) -> list[str]:
+    """`count` distinct names of `names` in random order."""
+    return [names[i] for i in rng.permutation(len(names))[:count]]
 
 
 def draw_length(rng: np.random.Generator, low: int = MIN_LINE, high: int = MAX_LINE) -> int:
@@ -64,54 +67,67 @@ def make_prompt(instruction: str, line: list[str]) -> str:
     return f"{instruction} : {' '.join(line)} {ANSWER_DELIMITER}"
 
 
-def sample_copy(rng: np.random.Generator) -> tuple[str, str]:
+@dataclasses.dataclass(frozen=True)
+class LineShape:
+    """Which names a suite's lines use and how long they are.
+
+    `remove_index` draws lines one longer (low + 1 to high + 1), so its
+    answer keeps at least `low` names.
+    """
+
+    names: tuple[str, ...] = NAMES
+    low: int = MIN_LINE
+    high: int = MAX_LINE
+
+    def people(self, rng: np.random.Generator, extra: int = 0, longer: int = 0) -> list[str]:
+        return draw_people(rng, draw_length(rng, self.low + longer, self.high + longer) + extra, self.names)
+
+
+def sample_copy(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """copy : Ann Bob ... => Ann Bob ..."""
-    line = draw_people(rng, draw_length(rng))
+    line = shape.people(rng)
     return make_prompt("copy", line), " ".join(line)
 
 
-def sample_reverse(rng: np.random.Generator) -> tuple[str, str]:
+def sample_reverse(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """reverse : Ann Bob ... Hal => Hal ... Bob Ann"""
-    line = draw_people(rng, draw_length(rng))
+    line = shape.people(rng)
     return make_prompt("reverse", line), " ".join(reversed(line))
 
 
-def sample_sort(rng: np.random.Generator) -> tuple[str, str]:
+def sample_sort(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """sort : Hal Ann Eve ... => Ann Eve Hal ... (alphabetical)"""
-    line = draw_people(rng, draw_length(rng))
+    line = shape.people(rng)
     return make_prompt("sort", line), " ".join(sorted(line))
 
 
-def sample_insert_index(rng: np.random.Generator) -> tuple[str, str]:
+def sample_insert_index(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """insert Zoe at 3 : Ann Bob Cid ... => Ann Bob Zoe Cid ..."""
-    length = draw_length(rng)
-    *line, newcomer = draw_people(rng, length + 1)
-    position = int(rng.integers(1, length + 2))
+    *line, newcomer = shape.people(rng, extra=1)
+    position = int(rng.integers(1, len(line) + 2))
     answer = line[: position - 1] + [newcomer] + line[position - 1 :]
     return make_prompt(f"insert {newcomer} at {position}", line), " ".join(answer)
 
 
-def sample_remove_index(rng: np.random.Generator) -> tuple[str, str]:
+def sample_remove_index(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """remove at 3 : Ann Bob Cid Dan ... => Ann Bob Dan ..."""
-    length = draw_length(rng, MIN_LINE + 1, MAX_LINE + 1)
-    line = draw_people(rng, length)
-    position = int(rng.integers(1, length + 1))
+    line = shape.people(rng, longer=1)
+    position = int(rng.integers(1, len(line) + 1))
     answer = line[: position - 1] + line[position:]
     return make_prompt(f"remove at {position}", line), " ".join(answer)
 
 
-def sample_replace_index(rng: np.random.Generator) -> tuple[str, str]:
+def sample_replace_index(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """replace at 3 with Zoe : Ann Bob Cid Dan ... => Ann Bob Zoe Dan ..."""
-    length = draw_length(rng)
-    *line, newcomer = draw_people(rng, length + 1)
-    position = int(rng.integers(1, length + 1))
+    *line, newcomer = shape.people(rng, extra=1)
+    position = int(rng.integers(1, len(line) + 1))
     answer = line[: position - 1] + [newcomer] + line[position:]
     return make_prompt(f"replace at {position} with {newcomer}", line), " ".join(answer)
 
 
-def sample_shuffle(rng: np.random.Generator) -> tuple[str, str]:
+def sample_shuffle(rng: np.random.Generator, shape: LineShape = LineShape()) -> tuple[str, str]:
     """shuffle : Ann Bob Cid ... => any other order of the same names, e.g. Cid Ann Bob ..."""
-    line = draw_people(rng, draw_length(rng))
+    line = shape.people(rng)
     while True:
         shuffled = [line[i] for i in rng.permutation(len(line))]
         if shuffled != line:
@@ -125,24 +141,31 @@ def is_valid_shuffle(prompt_words: list[str], answer_words: list[str], output_wo
     return sorted(output_words) == sorted(line) and output_words != line
 
 
-def line_task_words(*instruction_words: str, positions: tuple[str, ...] = ()) -> tuple[str, ...]:
+def line_task_words(*instruction_words: str, positions: tuple[str, ...] = (),
+                    names: tuple[str, ...] = NAMES) -> tuple[str, ...]:
     """Every word a waiting-line task writes: its instruction, ":", "=>", positions and names."""
-    return (*instruction_words, ":", ANSWER_DELIMITER, *positions, *NAMES)
+    return (*instruction_words, ":", ANSWER_DELIMITER, *positions, *names)
 
 
-COPY = Task("copy", True, sample_copy, exact_match, line_task_words("copy"))
-REVERSE = Task("reverse", True, sample_reverse, exact_match, line_task_words("reverse"))
-SORT = Task("sort", True, sample_sort, exact_match, line_task_words("sort"))
-INSERT_INDEX = Task(
-    "insert_index", True, sample_insert_index, exact_match,
-    line_task_words("insert", "at", positions=POSITIONS),
-)  # fmt: skip
-REMOVE_INDEX = Task(
-    "remove_index", True, sample_remove_index, exact_match,
-    line_task_words("remove", "at", positions=POSITIONS),
-)  # fmt: skip
-REPLACE_INDEX = Task(
-    "replace_index", True, sample_replace_index, exact_match,
-    line_task_words("replace", "at", "with", positions=POSITIONS[:-1]),
-)  # fmt: skip
-SHUFFLE = Task("shuffle", False, sample_shuffle, is_valid_shuffle, line_task_words("shuffle"))
+def line_tasks(shape: LineShape = LineShape(), suite: str = "tiny") -> tuple[Task, ...]:
+    """The seven waiting-line tasks over lines of `shape` (copy ... shuffle), in that order."""
+    positions = tuple(str(p) for p in range(1, shape.high + 2))  # a line has high + 1 insertion points
+    words = functools.partial(line_task_words, names=shape.names)
+    bound = dict(suite=suite, max_answer_tokens=shape.high + 1)
+
+    def task(name, deterministic, sample, checker, task_words):
+        return Task(name, deterministic, functools.partial(sample, shape=shape), checker, task_words, **bound)
+
+    return (
+        task("copy", True, sample_copy, exact_match, words("copy")),
+        task("reverse", True, sample_reverse, exact_match, words("reverse")),
+        task("sort", True, sample_sort, exact_match, words("sort")),
+        task("insert_index", True, sample_insert_index, exact_match, words("insert", "at", positions=positions)),
+        task("remove_index", True, sample_remove_index, exact_match, words("remove", "at", positions=positions)),
+        task("replace_index", True, sample_replace_index, exact_match,
+             words("replace", "at", "with", positions=positions[:-1])),
+        task("shuffle", False, sample_shuffle, is_valid_shuffle, words("shuffle")),
+    )
+
+
+COPY, REVERSE, SORT, INSERT_INDEX, REMOVE_INDEX, REPLACE_INDEX, SHUFFLE = line_tasks()
