@@ -142,6 +142,67 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
     return {"summary": summary, "rows": rows}
 
 
+def sequence_log_likelihood(scorer, tokens, attention_mask, scored_mask) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row sum of log p(x_i | x_<i) over the positions of `scored_mask`, and their count.
+
+    `scorer` is an autoregressive model (`ModelConfig.attention="causal"`,
+    `token_shift=True`), whose logits at position i predict token i.
+    tokens, attention_mask, scored_mask: [B, L] (left-padded rows; position 0
+    of a row can not be scored).
+    """
+    if scorer.config.attention != "causal" or not scorer.config.token_shift:
+        raise ValueError(f"the generative-perplexity scorer must be an autoregressive model (attention='causal', "
+                         f"token_shift=True); got attention={scorer.config.attention!r}, "
+                         f"token_shift={scorer.config.token_shift}")
+    tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
+    logits = scorer(tokens, jax.numpy.asarray(attention_mask, jax.numpy.int32))
+    log_probs = jax.nn.log_softmax(logits.astype(jax.numpy.float32), axis=-1)
+    token_log_probs = np.asarray(jax.numpy.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0])
+    scored = np.asarray(scored_mask, bool)
+    scored[:, 0] = False
+    return np.where(scored, token_log_probs, 0.0).sum(-1), scored.sum(-1)
+
+
+def generative_perplexity(scorer, prompts: np.ndarray, prompt_mask: np.ndarray, generations: np.ndarray,
+                          generation_mask: np.ndarray, batch_size: int = 64) -> dict:
+    """Perplexity of generated text under an independent autoregressive model (MDLM §4.1, "Gen PPL").
+
+    Each row is scored as one sequence [prompt | generation]; only the
+    generation's tokens (where `generation_mask` is 1, e.g. before the first
+    EOS) count: gen-PPL = exp(sum of -log p / number of scored tokens) over all
+    rows. Returns {"gen_ppl", "nll_per_token", "scored_tokens"}.
+    """
+    tokens = np.concatenate([prompts, generations], axis=1)
+    attention = np.concatenate([prompt_mask, np.ones_like(generations)], axis=1)
+    scored = np.concatenate([np.zeros_like(prompt_mask), generation_mask], axis=1).astype(bool)
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), batch_size):
+        rows = slice(start, start + batch_size)
+        log_likelihood, n = sequence_log_likelihood(scorer, tokens[rows], attention[rows], scored[rows])
+        total, count = total - float(log_likelihood.sum()), count + int(n.sum())
+    if count == 0:
+        raise ValueError("generative_perplexity: no generated token to score (every generation_mask is 0)")
+    return {"gen_ppl": float(np.exp(total / count)), "nll_per_token": total / count, "scored_tokens": count}
+
+
+def unigram_entropy(tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean over rows of the entropy (nats) of each row's token histogram (MDLM's repetition check).
+
+    A sample that repeats a few tokens has a low entropy (compare with the
+    entropy of real text of the same length). Rows with no token under `mask`
+    are skipped.
+    """
+    tokens = np.asarray(tokens)
+    mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask, bool)
+    entropies = []
+    for row, keep in zip(tokens, mask):
+        values = row[keep]
+        if values.size:
+            p = np.unique(values, return_counts=True)[1] / values.size
+            entropies.append(float(-(p * np.log(p)).sum()))
+    return float(np.mean(entropies)) if entropies else float("nan")
+
+
 def environment() -> dict:
     """Versions and device, recorded with every result."""
     import flax

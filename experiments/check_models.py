@@ -1,18 +1,33 @@
-"""Measures the bundled checkpoints' figures (issue: bundled default models).
+"""Measures the bundled checkpoints' figures.
 
-    python -m experiments.check_models                # both
-    python -m experiments.check_models --only tiny-tasks --n-per-task 200
+    python -m experiments.check_models                       # every model
+    python -m experiments.check_models --only tasks-base --n-per-task 200 --out figures.json
 
-tiny-tasks: held-out exact match per task with one token committed per step
-(LowConfidence, gen 24, block 8).
-small-text: validation negative-ELBO bound in bits per token over windows of
-`data/corpus/val.npy` (build it with `python -m dllm.corpus --cache data/cache
---out data/corpus`), and a few samples.
+tiny-tasks: held-out exact match per task (tiny suite) with one token committed
+per step (LowConfidence, gen 24, block 8).
+
+tasks-base: held-out accuracy per task of the `parallel` suite with one token
+per step (gen 128, block 32), each deterministic task against the 0.90 bar,
+and the model's confidence (max-prob of the proposed token) at the first
+forward of a decode: the share of the generation's positions above 0.9 and
+0.99 (the first block's and the whole canvas's).
+
+text-base: validation negative-ELBO bound in bits per token and bits per byte
+over windows of `data/corpus/val.npy` (build it with `python -m dllm.corpus
+--cache data/cache --out data/corpus`); then samples of 128 tokens after
+32-token validation prompts, with temperature 1, for one token per step and
+fewer NFE (random remasking, as MDLM's ancestral sampler; LowConfidence with
+1 / 2 / 4 / 8 tokens per step; Threshold at several bars), each scored by the generative perplexity under `text-ar` (an
+autoregressive model trained by the framework on the same corpus,
+configs/train/text_ar.yaml) and by its unigram entropy (MDLM, arXiv
+2406.07524, §4.1); the validation continuations themselves are scored the
+same way as the reference row.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import jax
@@ -22,10 +37,14 @@ import numpy as np
 import dllm
 import samplers
 from dllm import evaluation
-from dllm.decoding import DecodeConfig
+from dllm.decoding import DecodeConfig, generate
 from dllm.diffusion import elbo_bits_per_token
-from dllm.tasks import suite_examples
+from dllm.tasks import SUITES, suite_examples
 from experiments.common import REPO_ROOT
+
+MODELS = ("tiny-tasks", "tasks-base", "text-base")
+ACCURACY_BAR = 0.90  # tasks-base: deterministic tasks at one token per step
+PARALLEL_PROMPT_WIDTH = 96
 
 
 def check_tiny_tasks(n_per_task: int) -> dict:
@@ -40,47 +59,158 @@ def check_tiny_tasks(n_per_task: int) -> dict:
     return {"per_task_accuracy": per_task, "n_per_task": n_per_task}
 
 
-def check_small_text(corpus: Path, windows: int, seq_len: int, n_samples: int) -> dict:
-    model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints/small-text")
+def first_forward_confidence(model, tokenizer, prompts: list[str], gen_length: int, block_length: int,
+                             prompt_width: int) -> dict:
+    """Max-prob confidence of every generation position at the first forward (all of them masked)."""
+    tokens, mask = evaluation.left_pad([tokenizer.encode(p) for p in prompts], prompt_width, tokenizer.pad_id)
+    canvas = np.concatenate([tokens, np.full((len(prompts), gen_length), tokenizer.mask_id, np.int32)], axis=1)
+    attention = np.concatenate([mask, np.ones((len(prompts), gen_length), np.int32)], axis=1)
+    logits = jax.jit(lambda t, m: model(t, m, logits_start=prompt_width))(jnp.asarray(canvas), jnp.asarray(attention))
+    confidence = np.asarray(jax.nn.softmax(logits, axis=-1).max(-1))
+
+    def shares(values):
+        return {"above_0.9": float((values > 0.9).mean()), "above_0.99": float((values > 0.99).mean()),
+                "median": float(np.median(values))}
+
+    return {"first_block": shares(confidence[:, :block_length]), "whole_generation": shares(confidence)}
+
+
+def check_tasks_base(n_per_task: int, batch_size: int) -> dict:
+    model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints/tasks-base")
+    examples = suite_examples("test", n_per_task, suite="parallel")
+    decode = DecodeConfig(gen_length=128, block_length=32)
+    result = evaluation.evaluate_examples(model, tokenizer, samplers.LowConfidence(), examples, decode,
+                                          batch_size=batch_size, prompt_width=PARALLEL_PROMPT_WIDTH)
+    tasks = SUITES["parallel"]
+    per_task = {k: v["accuracy"] for k, v in result["summary"]["per_task"].items()}
+    print(f"tasks-base: held-out accuracy, one token per step, gen 128 / block 32, {n_per_task} prompts per task")
+    misses = {}
+    for name, acc in per_task.items():
+        kind = "exact" if tasks[name].deterministic else "validity"
+        flag = ""
+        if tasks[name].deterministic and acc < ACCURACY_BAR:
+            misses[name] = ACCURACY_BAR - acc
+            flag = f"   < {ACCURACY_BAR} by {ACCURACY_BAR - acc:.3f}"
+        print(f"  {name:15s} {acc:.3f}  ({kind}){flag}")
+    confidence = first_forward_confidence(model, tokenizer, [e.prompt for e in examples], decode.gen_length,
+                                          decode.block_length, PARALLEL_PROMPT_WIDTH)
+    for region, c in confidence.items():
+        print(f"  first forward, {region}: {c['above_0.9']:.1%} of positions above 0.9, "
+              f"{c['above_0.99']:.1%} above 0.99 (median {c['median']:.3f})")
+    return {"per_task_accuracy": per_task, "n_per_task": n_per_task, "deterministic_misses": misses,
+            "mean_nfe": result["summary"]["mean_nfe"], "first_forward_confidence": confidence}
+
+
+def val_windows(corpus: Path, windows: int, seq_len: int) -> tuple[np.ndarray, float]:
+    """`windows` evenly spaced windows of val.npy, and the corpus's UTF-8 bytes per token of val."""
     val_path = corpus / "val.npy"
     if not val_path.is_file():
         raise FileNotFoundError(f"{val_path}: no validation tokens; build them with "
                                 f"`python -m dllm.corpus --cache data/cache --out {corpus}`")
     tokens = np.load(val_path).astype(np.int32)
+    text_path = corpus / "val.txt"
+    if not text_path.is_file():
+        raise FileNotFoundError(f"{text_path}: the validation text (bytes per token) is missing; rebuild the corpus")
+    from dllm.corpus import DOCUMENT_SEPARATOR
+
+    text_bytes = sum(len(doc.encode()) for doc in text_path.read_text().split(DOCUMENT_SEPARATOR))
     starts = np.linspace(0, len(tokens) - seq_len - 1, windows).astype(int)
-    batch = jnp.asarray(np.stack([tokens[s:s + seq_len] for s in starts]))
+    return np.stack([tokens[s:s + seq_len] for s in starts]), text_bytes / len(tokens)
+
+
+def sample_and_score(model, scorer, tokenizer, prompts: np.ndarray, sampler, *, gen_length: int, block_length: int,
+                     key, batch_size: int) -> dict:
+    """Decodes `prompts` (no padding) with temperature 1 and scores the samples (gen-PPL, entropy, NFE)."""
+    outputs, nfe = [], []
+    for start in range(0, len(prompts), batch_size):
+        result = generate(model, prompts[start:start + batch_size], sampler, gen_length=gen_length,
+                          block_length=block_length, key=jax.random.fold_in(key, start), tokenizer=tokenizer,
+                          temperature=1.0)
+        outputs.append(np.asarray(result.tokens))
+        nfe.append(np.asarray(result.nfe))
+    generations, nfe = np.concatenate(outputs), np.concatenate(nfe)
+    return score_text(scorer, tokenizer, prompts, generations) | {"mean_nfe": float(nfe.mean())}
+
+
+def score_text(scorer, tokenizer, prompts: np.ndarray, generations: np.ndarray) -> dict:
+    """Gen-PPL under `scorer` and unigram entropy of `generations`, cut before each row's first EOS."""
+    is_end = generations == tokenizer.eos_id
+    before_end = np.cumsum(is_end, axis=1) == 0
+    ppl = evaluation.generative_perplexity(scorer, prompts, np.ones_like(prompts), generations, before_end)
+    return {**ppl, "entropy": evaluation.unigram_entropy(generations, before_end),
+            "mean_length": float(before_end.sum(1).mean())}
+
+
+def check_text_base(corpus: Path, windows: int, seq_len: int, elbo_samples: int, n_samples: int) -> dict:
+    model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints/text-base")
+    scorer, scorer_tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints/text-ar")
+    if scorer_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise ValueError("checkpoints/text-ar and checkpoints/text-base have different tokenizers")
+    batch, bytes_per_token = val_windows(corpus, windows, seq_len)
     logits_fn = jax.jit(lambda t: model(t))
-    bits = []
-    for i in range(0, windows, 16):
-        bits.append(float(elbo_bits_per_token(logits_fn, batch[i:i + 16], jax.random.key(i),
-                                              mask_id=tokenizer.mask_id, n_samples=n_samples)))
+    bits = [float(elbo_bits_per_token(logits_fn, jnp.asarray(batch[i:i + 16]), jax.random.key(i),
+                                      mask_id=tokenizer.mask_id, n_samples=elbo_samples))
+            for i in range(0, windows, 16)]
     bpt = float(np.mean(bits))
-    print(f"small-text: validation -ELBO bound {bpt:.3f} bits per token "
-          f"({windows} windows of {seq_len} tokens, {n_samples} (t, x_t) draws each)")
-    prompts = ["It is a truth universally acknowledged, that", "def read_config(path):", "In the beginning"]
-    rows, _ = evaluation.decode_texts(model, tokenizer, samplers.LowConfidence(), prompts,
-                                      DecodeConfig(gen_length=64, block_length=16), batch_size=3)
-    for row in rows:
-        print(f"  {row['prompt']!r} -> {row['output']!r}")
-    return {"bits_per_token": bpt, "windows": windows, "seq_len": seq_len,
-            "samples": [{"prompt": r["prompt"], "output": r["output"]} for r in rows]}
+    ar_val = evaluation.generative_perplexity(scorer, batch[:, :1], np.ones_like(batch[:, :1]), batch[:, 1:],
+                                              np.ones_like(batch[:, 1:]))
+    print(f"text-base: validation -ELBO bound {bpt:.3f} bits per token = {bpt / bytes_per_token:.3f} bits per byte "
+          f"({windows} windows of {seq_len} tokens, {elbo_samples} (t, x_t) draws each; "
+          f"{bytes_per_token:.2f} bytes per token)")
+    ar_bpt = ar_val["nll_per_token"] / math.log(2)
+    print(f"text-ar (scorer): validation {ar_bpt:.3f} bits per token = {ar_bpt / bytes_per_token:.3f} bits per byte")
+
+    gen_length, prompt_length, block_length = 128, 32, 32
+    tokens = np.load(corpus / "val.npy").astype(np.int32)
+    starts = np.linspace(0, len(tokens) - prompt_length - gen_length - 1, n_samples).astype(int)
+    prompts = np.stack([tokens[s:s + prompt_length] for s in starts])
+    references = np.stack([tokens[s + prompt_length:s + prompt_length + gen_length] for s in starts])
+    rows = {"validation text (reference)": score_text(scorer, tokenizer, prompts, references) | {"mean_nfe": None}}
+    runs = {"random remasking (1 token/step)": samplers.LowConfidence(remasking="random"),
+            "low_confidence (1 token/step)": samplers.LowConfidence()}
+    runs |= {f"low_confidence ({gen_length // steps} tokens/step)": samplers.LowConfidence(steps=steps)
+             for steps in (64, 32, 16)}
+    runs |= {f"threshold (tau {tau})": samplers.Threshold(tau=tau) for tau in (0.9, 0.7, 0.5, 0.3)}
+    print(f"samples: {n_samples} x {gen_length} tokens after {prompt_length}-token validation prompts, "
+          f"block {block_length}, temperature 1; gen-PPL under text-ar")
+    print(f"  {'decoding':32s} {'NFE':>6s} {'gen-PPL':>8s} {'entropy':>8s} {'length':>7s}")
+    for name, sampler in runs.items():
+        rows[name] = sample_and_score(model, scorer, tokenizer, prompts, sampler, gen_length=gen_length,
+                                      block_length=block_length, key=jax.random.key(0), batch_size=n_samples)
+    for name, r in rows.items():
+        nfe = "-" if r["mean_nfe"] is None else f"{r['mean_nfe']:.1f}"
+        print(f"  {name:32s} {nfe:>6s} {r['gen_ppl']:8.1f} {r['entropy']:8.3f} {r['mean_length']:7.1f}")
+    return {"bits_per_token": bpt, "bits_per_byte": bpt / bytes_per_token, "bytes_per_token": bytes_per_token,
+            "scorer_bits_per_token": ar_bpt, "scorer_bits_per_byte": ar_bpt / bytes_per_token,
+            "windows": windows, "seq_len": seq_len, "elbo_samples": elbo_samples,
+            "samples": {"n": n_samples, "gen_length": gen_length, "prompt_length": prompt_length,
+                        "block_length": block_length, "temperature": 1.0, "rows": rows}}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["tiny-tasks", "small-text"])
+    parser.add_argument("--only", choices=MODELS)
     parser.add_argument("--n-per-task", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=600, help="tasks-base decode batch")
     parser.add_argument("--corpus", default=str(REPO_ROOT / "data/corpus"))
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--elbo-samples", type=int, default=8)
+    parser.add_argument("--text-samples", type=int, default=256)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    report = {}
+    for name, value in (("--n-per-task", args.n_per_task), ("--batch-size", args.batch_size),
+                        ("--windows", args.windows), ("--text-samples", args.text_samples)):
+        if value <= 0:
+            parser.error(f"{name}={value}: must be a positive int")
+    report = {"environment": evaluation.environment()}
     if args.only in (None, "tiny-tasks"):
         report["tiny-tasks"] = check_tiny_tasks(args.n_per_task)
-    if args.only in (None, "small-text"):
-        report["small-text"] = check_small_text(Path(args.corpus), args.windows, args.seq_len, args.elbo_samples)
+    if args.only in (None, "tasks-base"):
+        report["tasks-base"] = check_tasks_base(args.n_per_task, args.batch_size)
+    if args.only in (None, "text-base"):
+        report["text-base"] = check_text_base(Path(args.corpus), args.windows, args.seq_len, args.elbo_samples,
+                                              args.text_samples)
     if args.out:
         evaluation.write_json_atomic(args.out, report)
     return report

@@ -1,9 +1,14 @@
-"""Every sampler (and compositions) on the held-out task suite, next to the
+"""Every sampler (and compositions) on a held-out task suite, next to the
 one-token-per-step baseline: accuracy, mean NFE and tokens per forward per
 sampler and per task.
 
     python -m experiments.compare_samplers                      # bundled tiny-tasks, 200 prompts per task
     python -m experiments.compare_samplers --n-per-task 50 --cache dual --out results.json
+    python -m experiments.compare_samplers --preset tasks-base --cache dual --out tasks_base_dual.json
+
+`--preset tasks-base` is the bundled tasks-base model on the `parallel` suite at
+gen 128 / block 32 (prompt width 96) with the threshold sweep tau 0.5 ... 0.95
+and LowConfidence at 2 and 4 tokens per step.
 
 Sampler settings come from configs/sampler/*.yaml (plus the compositions
 below), so the table measures exactly what `sampler=<name>` runs.
@@ -12,6 +17,7 @@ below), so the table measures exactly what `sampler=<name>` runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -33,11 +39,31 @@ COMPOSITIONS = {
 }
 EXTRA = {f"threshold(tau={tau})": {"_target_": "samplers.threshold.Threshold", "tau": tau}
          for tau in (0.5, 0.7, 0.8, 0.95)}
+PRESETS = {  # a bundled model, the suite it was trained on and its decoding geometry
+    "tiny-tasks": {"checkpoint": "checkpoints/tiny-tasks", "suite": "tiny", "gen_length": 24, "block_length": 8,
+                   "prompt_width": 24},
+    "tasks-base": {"checkpoint": "checkpoints/tasks-base", "suite": "parallel", "gen_length": 128,
+                   "block_length": 32, "prompt_width": 96},
+}
+# Sweeps added on the parallel suite: the threshold bar and LLaDA's fixed k tokens per step.
+PARALLEL_EXTRA = {
+    **{f"threshold(tau={tau})": {"_target_": "samplers.threshold.Threshold", "tau": tau}
+       for tau in (0.5, 0.6, 0.7, 0.8, 0.95)},
+    **{f"low_confidence({k} tokens/step)": {"_target_": "samplers.low_confidence.LowConfidence", "steps": 128 // k}
+       for k in (2, 4)},
+}
+# The bundled learned filter was trained for tiny-tasks at block 8; it has no filter for other models.
+TINY_ONLY = ("learned_filter",)
 
 
-def sampler_specs(names=None) -> dict[str, dict]:
+def sampler_specs(names=None, suite: str = "tiny") -> dict[str, dict]:
     specs = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted(SAMPLER_DIR.glob("*.yaml"))}
-    specs = {"low_confidence": specs.pop("low_confidence"), **specs, **COMPOSITIONS, **EXTRA}
+    if suite == "tiny":
+        specs = {"low_confidence": specs.pop("low_confidence"), **specs, **COMPOSITIONS, **EXTRA}
+    else:
+        specs = {name: spec for name, spec in specs.items() if name not in TINY_ONLY}
+        first = {name: specs.pop(name) for name in ("low_confidence", "threshold")}  # the sweep first
+        specs = {**first, **PARALLEL_EXTRA, **specs, **COMPOSITIONS}
     if names:
         unknown = sorted(set(names) - set(specs))
         if unknown:
@@ -48,34 +74,49 @@ def sampler_specs(names=None) -> dict[str, dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="checkpoints/tiny-tasks")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny-tasks",
+                        help="model, suite and geometry; the flags below override it")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--suite", default=None)
     parser.add_argument("--n-per-task", type=int, default=200)
-    parser.add_argument("--gen-length", type=int, default=24)
-    parser.add_argument("--block-length", type=int, default=8)
+    parser.add_argument("--gen-length", type=int, default=None)
+    parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--prompt-width", type=int, default=None)
     parser.add_argument("--cache", default="none")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--samplers", nargs="*", default=None)
     parser.add_argument("--out", default=None, help="write all figures to this JSON file")
+    parser.add_argument("--results-jsonl", default=None,
+                        help="append one line per sampler run, as experiments.evaluate does (for experiments.report)")
     args = parser.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     model, tokenizer = dllm.from_pretrained(resolve_path(args.checkpoint))
-    examples = suite_examples("test", args.n_per_task)
+    examples = suite_examples("test", args.n_per_task, suite=args.suite)
     decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache)
     results = {}
-    for name, spec in sampler_specs(args.samplers).items():
+    for name, spec in sampler_specs(args.samplers, args.suite).items():
         sampler = instantiate(spec, _convert_="all")
         began = time.perf_counter()
         out = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
-                                           batch_size=args.batch_size, key=jax.random.key(0), prompt_width=24)
+                                           batch_size=args.batch_size, key=jax.random.key(0),
+                                           prompt_width=args.prompt_width)
         results[name] = {"settings": sampler.settings(), **out["summary"], "wall_s": time.perf_counter() - began}
         s = out["summary"]
         print(f"{name:26s} acc {s['accuracy']:.3f}  NFE {s['mean_nfe']:5.2f}  tok/fwd {s['tokens_per_forward']:.2f}",
               flush=True)
+        if args.out:  # after every sampler, so a run cut short keeps what it measured
+            payload = {"checkpoint": str(args.checkpoint), "suite": args.suite, "n_per_task": args.n_per_task,
+                       "decode": vars(args), "environment": evaluation.environment(), "results": results}
+            evaluation.write_json_atomic(args.out, payload)
+        if args.results_jsonl:  # the record experiments.evaluate writes, so experiments.report reads it
+            line = {"task": args.suite, "tasks": sorted(s["per_task"]), "split": "test", "model": str(args.checkpoint),
+                    "sampler": sampler.settings(), "decode": dataclasses.asdict(decode), "label": name,
+                    **s, **evaluation.environment()}
+            evaluation.write_json_atomic(args.results_jsonl, line, lines=True, append=True)
     print_table(results)
-    if args.out:
-        payload = {"checkpoint": str(args.checkpoint), "n_per_task": args.n_per_task, "decode": vars(args),
-                   "environment": evaluation.environment(), "results": results}
-        evaluation.write_json_atomic(args.out, payload)
     return results
 
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU call that measured experiments/results/parallel/*: run from the repository root on
+# the device machine (hydra-core from ../shared/wheels on PYTHONPATH, the corpus in data/corpus).
+# Five processes share the one GPU: the sampler sweep of tasks-base per cache policy, and
+# experiments.check_models for tasks-base and text-base.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p runs "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.17
+LIMIT=${LIMIT:-450}
+for cache in none prefix dual; do
+  timeout "$LIMIT" python3 -m experiments.compare_samplers --preset tasks-base --cache "$cache" --n-per-task 100 \
+    --batch-size 600 --results-jsonl "$OUT/results_$cache.jsonl" > "runs/compare_$cache.log" 2>&1 &
+done
+timeout "$LIMIT" python3 -m experiments.check_models --only tasks-base --n-per-task 200 \
+  --out "$OUT/check_tasks_base.json" > runs/check_tasks_base.log 2>&1 &
+timeout "$LIMIT" python3 -m experiments.check_models --only text-base --out "$OUT/check_text_base.json" \
+  > runs/check_text_base.log 2>&1 &
+wait
+for f in runs/compare_*.log runs/check_*.log; do echo "== $f"; grep -v "INFO\|^$" "$f" | tail -n 40; done > "$OUT/logs.txt"
+tail -n 30 runs/check_*.log
