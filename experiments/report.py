@@ -269,8 +269,61 @@ def markdown(rows: Sequence[dict], problems: Sequence[str], source: str) -> str:
 # ----------------------------------------------------------------- plot
 
 
+def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str], fontsize: float = 6.5) -> None:
+    """Annotates each point with its text, moving a label until it overlaps no earlier label and no point.
+
+    Greedy, in display coordinates: candidate offsets around the point are tried
+    in order, then further out; a label that had to move far gets a thin leader line.
+    """
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_display = ax.transData.transform
+    marker_boxes = []
+    for x, y in points:
+        px, py = to_display((x, y))
+        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    placed: list[tuple[float, float, float, float]] = []
+    candidates = [(7, -4), (7, 6), (-7, -4), (-7, 6), (7, -14), (7, 16), (-7, -14), (-7, 16)]
+    candidates += [(dx * k, dy * k) for k in (2, 3, 4) for dx, dy in candidates[:4]]
+
+    def overlaps(box, others):
+        return any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in others)
+
+    order = sorted(range(len(points)), key=lambda i: -points[i][1])
+    right_edge = ax.bbox.x1
+    for i in order:
+        (x, y), text = points[i], texts[i]
+        best = None
+        near_right = to_display((x, y))[0] > right_edge - 160  # try the left side first there
+        for dx, dy in sorted(candidates, key=lambda c: c[0] > 0) if near_right else candidates:
+            ha = "left" if dx >= 0 else "right"
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                ha=ha, va="center", alpha=0.9)
+            extent = label.get_window_extent(renderer)
+            box = (extent.x0 - 1, extent.y0 - 1, extent.x1 + 1, extent.y1 + 1)
+            others = placed + [m for j, m in enumerate(marker_boxes) if j != i]
+            if not overlaps(box, others):
+                best = (label, box, (dx, dy))
+                break
+            label.remove()
+        if best is None:  # nowhere free: the first place, on top
+            dx, dy = candidates[0]
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                va="center", alpha=0.9)
+            extent = label.get_window_extent(renderer)
+            best = (label, (extent.x0, extent.y0, extent.x1, extent.y1), (dx, dy))
+        label, box, (dx, dy) = best
+        if abs(dx) > 10 or abs(dy) > 10:
+            label.remove()
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                ha="left" if dx >= 0 else "right", va="center", alpha=0.9,
+                                arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5, alpha=0.7))
+        placed.append(box)
+
+
 def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> None:
-    """Two panels, accuracy vs mean NFE and accuracy vs tokens/s; each task's front as a dashed line."""
+    """Two panels, accuracy vs mean NFE and accuracy vs tokens/s, both x axes logarithmic;
+    one marker per run, labels placed so they do not collide; each task's front as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,32 +333,34 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> None:
     tasks = sorted({r["task"] for r in rows})
     colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(samplers)}
     markers = {t: "osD^vP*X"[i % 8] for i, t in enumerate(tasks)}
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    panels = ((axes[0], "mean_nfe", "pareto_nfe", "mean NFE (forward passes per sample, lower is better)"),
-              (axes[1], "tokens_per_s", "pareto_tokens_per_s", "tokens/s (higher is better)"))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    panels = ((axes[0], "mean_nfe", "pareto_nfe", "mean NFE, forward passes per sample (log scale; lower is better)"),
+              (axes[1], "tokens_per_s", "pareto_tokens_per_s", "tokens/s (log scale; higher is better)"))
     several = len(samplers) > 1
+    to_label = []
     for ax, key, flag, xlabel in panels:
-        labels: dict[tuple, list[str]] = {}
-        for r in rows:
-            if math.isnan(r[key]) or math.isnan(r["accuracy"]):
-                continue
+        shown = [r for r in rows if not (math.isnan(r[key]) or math.isnan(r["accuracy"])) and r[key] > 0]
+        for r in shown:
             ax.scatter(r[key], r["accuracy"], color=colors[r["sampler"]], marker=markers[r["task"]], s=60,
                        edgecolors="black" if r[flag] else "none", linewidths=1.5, zorder=3)
-            text = " ".join(t for t in ((r["sampler"] if several else ""), r["varying"]) if t)
-            if text:  # runs that land on the same point share one annotation
-                labels.setdefault((round(r[key], 2), round(r["accuracy"], 4)), []).append(text)
-        for (x, y), texts in labels.items():
-            ax.annotate("\n".join(texts), (x, y), fontsize=6, xytext=(5, -3), textcoords="offset points",
-                        va="top", alpha=0.85)
         for task in tasks:
-            front = sorted((r[key], r["accuracy"]) for r in rows if r["task"] == task and r[flag])
+            front = sorted((r[key], r["accuracy"]) for r in shown if r["task"] == task and r[flag])
             if front:
                 xs, ys = zip(*front)
-                ax.plot(xs, ys, linestyle="--", color="black", linewidth=1, alpha=0.7, zorder=2,
-                        label=f"Pareto front ({task})" if len(tasks) > 1 else "Pareto front")
+                ax.plot(xs, ys, linestyle="--", color="black", linewidth=1, alpha=0.7, zorder=2)
+        if shown:
+            ax.set_xscale("log")
+            xs = [r[key] for r in shown]
+            ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+            ys = [r["accuracy"] for r in shown]
+            pad = max(0.02, 0.08 * (max(ys) - min(ys)))
+            ax.set_ylim(min(ys) - pad, max(ys) + pad)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
+        texts = [" ".join(t for t in ((r["sampler"] if several else ""), r["varying"]) if t) for r in shown]
+        keep = [i for i, t in enumerate(texts) if t]
+        to_label.append((ax, [(shown[i][key], shown[i]["accuracy"]) for i in keep], [texts[i] for i in keep]))
     handles = [plt.Line2D([], [], color=colors[s], marker="o", linestyle="", label=s) for s in samplers]
     if len(tasks) > 1:
         handles += [plt.Line2D([], [], color="gray", marker=markers[t], linestyle="", label=t) for t in tasks]
@@ -314,6 +369,9 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> None:
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     fig.suptitle(title or "accuracy vs cost (black ring: Pareto optimal)")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.canvas.draw()  # fixes the axes' transforms before the labels are placed
+    for ax, points, texts in to_label:
+        place_labels(ax, points, texts)
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
