@@ -58,16 +58,18 @@ def decode_config(cfg: DictConfig) -> DecodeConfig:
 def task_examples(cfg: DictConfig, tokenizer=None):
     """The examples of `cfg.task`: the synthetic suite, or a benchmark of `dllm.tasks.benchmarks`
     (prompts rendered with `tokenizer`'s chat template when the task config asks for it)."""
-    from dllm.tasks import suite_examples
+    from dllm.tasks import SUITES, suite_examples
     from dllm.tasks.benchmarks import BENCHMARKS, benchmark_examples
 
     task = cfg.task
     if task.name in BENCHMARKS:
         return benchmark_examples(OmegaConf.to_container(task, resolve=True), tokenizer)
-    if task.name != "suite":
-        raise ValueError(f"unknown task config name {task.name!r}; allowed: suite, {', '.join(BENCHMARKS)}")
+    suite = "tiny" if task.name == "suite" else task.name  # "suite": the tiny suite (configs/task/suite.yaml)
+    if suite not in SUITES:
+        raise ValueError(f"unknown task config name {task.name!r}; allowed: suite, {', '.join(SUITES)}, "
+                         f"{', '.join(BENCHMARKS)}")
     tasks = list(task.tasks) if task.get("tasks") else None
-    return suite_examples(task.split, task.n_per_task, tasks=tasks)
+    return suite_examples(task.split, task.n_per_task, tasks=tasks, suite=suite)
 
 
 def decode_mesh(cfg: DictConfig):

@@ -119,16 +119,17 @@ def test_train_preset_composes(name):
 
 @pytest.mark.parametrize("name", of_group("task"))
 def test_task_config_composes(name):
-    from dllm.tasks import TASKS, suite_examples
+    from dllm.tasks import SUITES, suite_examples
     from dllm.tasks.benchmarks import BENCHMARKS
 
     cfg = compose_cfg("config", [f"task={name}"])
     task = cfg.task
     assert task.name == name and task.split
-    if name == "suite":
+    suite = "tiny" if name == "suite" else name
+    if suite in SUITES:
         tasks = list(task.tasks) if task.get("tasks") else None
-        assert all(t in TASKS for t in tasks or [])
-        assert len(suite_examples(task.split, 1, tasks=tasks)) == len(tasks or TASKS)
+        assert all(t in SUITES[suite] for t in tasks or [])
+        assert len(suite_examples(task.split, 1, tasks=tasks, suite=suite)) == len(tasks or SUITES[suite])
     else:
         assert name in BENCHMARKS, f"task config {name!r} names neither the suite nor a benchmark"
         BENCHMARKS[name].check_settings(OmegaConf.to_container(task, resolve=True))

@@ -350,6 +350,21 @@ def test_every_preset_builds_its_configs(model, preset):
     DataConfig(**cfg["data"])
 
 
+@pytest.mark.parametrize("preset", ["tasks_base", "text_base", "text_ar"])
+def test_issue19_presets_build_their_configs(preset):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose([f"model={preset}", f"train={preset}"]), resolve=True)
+    model = ModelConfig(**cfg["model"])
+    train = TrainConfig(**cfg["train"])
+    data = DataConfig(**cfg["data"])
+    if preset == "tasks_base":  # the model's vocabulary and canvas are the parallel suite's
+        assert data.suite == "parallel" and model.vocab_size == task_tokenizer("parallel").vocab_size
+        assert model.max_seq_len == data.prompt_width + data.gen_length == 224
+    if preset == "text_ar":
+        assert train.objective == "autoregressive" and model.attention == "causal" and model.token_shift
+
+
 def test_hydra_entry_point_trains_and_saves(tmp_path):
     from experiments.train import run
 

@@ -163,10 +163,10 @@ class Task:
         Whitespace is not significant: the output is compared word by word.
         """
         if example.task != self.name or example.suite != self.suite:
-            raise ValueError(f"task {self.suite}/{self.name} cannot score an example of task "
-                             f"{example.suite}/{example.task}")
+            raise ValueError(f"task {self.name!r} of suite {self.suite!r} cannot score an example of task "
+                             f"{example.task!r} of suite {example.suite!r}")
         if not isinstance(output, str):
-            raise TypeError(f"task {self.suite}/{self.name}: the output to score must be a str, "
+            raise TypeError(f"task {self.name!r} of suite {self.suite!r}: the output to score must be a str, "
                             f"got {type(output).__name__}")
         correct = self.is_correct(example.prompt.split(), example.answer.split(), output.split())
         return 1.0 if correct else 0.0
