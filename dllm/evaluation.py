@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from dllm.decoding import DecodeConfig, generate
 
@@ -142,6 +143,9 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
     return {"summary": summary, "rows": rows}
 
 
+_full_logits = nnx.jit(lambda model, tokens, attention_mask: model(tokens, attention_mask))
+
+
 def sequence_log_likelihood(scorer, tokens, attention_mask, scored_mask) -> tuple[np.ndarray, np.ndarray]:
     """Per-row sum of log p(x_i | x_<i) over the positions of `scored_mask`, and their count.
 
@@ -155,7 +159,7 @@ def sequence_log_likelihood(scorer, tokens, attention_mask, scored_mask) -> tupl
                          f"token_shift=True); got attention={scorer.config.attention!r}, "
                          f"token_shift={scorer.config.token_shift}")
     tokens = jax.numpy.asarray(tokens, jax.numpy.int32)
-    logits = scorer(tokens, jax.numpy.asarray(attention_mask, jax.numpy.int32))
+    logits = _full_logits(scorer, tokens, jax.numpy.asarray(attention_mask, jax.numpy.int32))
     log_probs = jax.nn.log_softmax(logits.astype(jax.numpy.float32), axis=-1)
     token_log_probs = np.asarray(jax.numpy.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0])
     scored = np.asarray(scored_mask, bool)

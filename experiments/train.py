@@ -1,7 +1,8 @@
 """Train a masked-diffusion model: the Hydra entry point of `dllm.training`.
 
     python -m experiments.train model=tiny_tasks train=tiny_tasks     # the bundled tiny-tasks model
-    python -m experiments.train model=small_text train=small_text     # the bundled small-text model
+    python -m experiments.train model=tasks_base train=tasks_base     # the bundled tasks-base model
+    python -m experiments.train model=text_base train=text_base       # the bundled text-base model
     python -m experiments.train train=smoke model=tiny_tasks train.steps=20   # a CPU smoke run
 
 `cfg.model` fills `ModelConfig`, `cfg.train` fills `TrainConfig`, `cfg.data`

@@ -111,3 +111,37 @@ def test_pareto_front_by_hand():
     # higher x is better for tokens/s
     assert pareto_front([(100, 0.9), (200, 0.8), (50, 0.95), (90, 0.85)], minimize_x=False) == [True, True, True,
                                                                                                     False]
+
+
+def test_labels_of_crowded_points_do_not_collide():
+    """Twelve runs within a few percent of each other (a threshold sweep): no two labels overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.report import place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(16.8 + 0.2 * i, 0.21 + 0.004 * i) for i in range(12)]
+    ax.scatter(*zip(*points))
+    ax.set_xscale("log")
+    fig.canvas.draw()
+    place_labels(ax, points, [f"threshold tau={0.5 + 0.04 * i:.2f}" for i in range(12)])
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 12
+    overlapping = [(i, j) for i in range(12) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    plt.close(fig)
+    assert not overlapping
+
+
+def test_pareto_plot_uses_log_axes(sweep_dir, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    write_report(sweep_dir, tmp_path, title="tiny-tasks, copy + reverse")
+    (fig,) = saved
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "log"]
+    assert fig._suptitle.get_text() == "tiny-tasks, copy + reverse"
