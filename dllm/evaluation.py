@@ -154,7 +154,7 @@ def sequence_log_likelihood(scorer, tokens, attention_mask, scored_mask) -> tupl
     tokens, attention_mask, scored_mask: [B, L] (left-padded rows; position 0
     of a row can not be scored).
     """
-    if scorer.config.attention != "causal" or not scorer.config.token_shift:
+    if not scorer.config.is_autoregressive:
         raise ValueError(f"the generative-perplexity scorer must be an autoregressive model (attention='causal', "
                          f"token_shift=True); got attention={scorer.config.attention!r}, "
                          f"token_shift={scorer.config.token_shift}")
@@ -162,7 +162,7 @@ def sequence_log_likelihood(scorer, tokens, attention_mask, scored_mask) -> tupl
     logits = _full_logits(scorer, tokens, jax.numpy.asarray(attention_mask, jax.numpy.int32))
     log_probs = jax.nn.log_softmax(logits.astype(jax.numpy.float32), axis=-1)
     token_log_probs = np.asarray(jax.numpy.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0])
-    scored = np.asarray(scored_mask, bool)
+    scored = np.array(scored_mask, bool)  # a copy: the caller's mask is left as it was
     scored[:, 0] = False
     return np.where(scored, token_log_probs, 0.0).sum(-1), scored.sum(-1)
 

@@ -443,7 +443,7 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
     if config.objective == "sft" and not data.has_answers:
         raise ValueError(f"TrainConfig.objective='sft' needs prompt/answer data; data.source="
                          f"{data.config.source!r} allows only objective='pretrain'")
-    if config.objective == "autoregressive" and (model_config.attention != "causal" or not model_config.token_shift):
+    if config.objective == "autoregressive" and not model_config.is_autoregressive:
         raise ValueError(f"TrainConfig.objective='autoregressive' needs ModelConfig.attention='causal' and "
                          f"token_shift=True; got attention={model_config.attention!r}, "
                          f"token_shift={model_config.token_shift}")

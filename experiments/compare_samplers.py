@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig
-from dllm.tasks import suite_examples
+from dllm.tasks import SUITES, suite_examples
 from experiments.common import REPO_ROOT, resolve_path
 
 SAMPLER_DIR = REPO_ROOT / "configs" / "sampler"
@@ -46,24 +46,28 @@ PRESETS = {  # a bundled model, the suite it was trained on and its decoding geo
                    "block_length": 32, "prompt_width": 96},
 }
 # Sweeps added on the parallel suite: the threshold bar and LLaDA's fixed k tokens per step.
-PARALLEL_EXTRA = {
-    **{f"threshold(tau={tau})": {"_target_": "samplers.threshold.Threshold", "tau": tau}
-       for tau in (0.5, 0.6, 0.7, 0.8, 0.95)},
-    **{f"low_confidence({k} tokens/step)": {"_target_": "samplers.low_confidence.LowConfidence", "steps": 128 // k}
-       for k in (2, 4)},
-}
+def parallel_extra(gen_length: int) -> dict[str, dict]:
+    return {
+        **{f"threshold(tau={tau})": {"_target_": "samplers.threshold.Threshold", "tau": tau}
+           for tau in (0.5, 0.6, 0.7, 0.8, 0.95)},
+        **{f"low_confidence({k} tokens/step)": {"_target_": "samplers.low_confidence.LowConfidence",
+                                                 "steps": gen_length // k}
+           for k in (2, 4)},
+    }
+
+
 # The bundled learned filter was trained for tiny-tasks at block 8; it has no filter for other models.
 TINY_ONLY = ("learned_filter",)
 
 
-def sampler_specs(names=None, suite: str = "tiny") -> dict[str, dict]:
+def sampler_specs(names=None, suite: str = "tiny", gen_length: int = 128) -> dict[str, dict]:
     specs = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted(SAMPLER_DIR.glob("*.yaml"))}
     if suite == "tiny":
         specs = {"low_confidence": specs.pop("low_confidence"), **specs, **COMPOSITIONS, **EXTRA}
     else:
         specs = {name: spec for name, spec in specs.items() if name not in TINY_ONLY}
         first = {name: specs.pop(name) for name in ("low_confidence", "threshold")}  # the sweep first
-        specs = {**first, **PARALLEL_EXTRA, **specs, **COMPOSITIONS}
+        specs = {**first, **parallel_extra(gen_length), **specs, **COMPOSITIONS}
     if names:
         unknown = sorted(set(names) - set(specs))
         if unknown:
@@ -77,7 +81,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny-tasks",
                         help="model, suite and geometry; the flags below override it")
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--suite", default=None)
+    parser.add_argument("--suite", default=None, choices=sorted(SUITES))
     parser.add_argument("--n-per-task", type=int, default=200)
     parser.add_argument("--gen-length", type=int, default=None)
     parser.add_argument("--block-length", type=int, default=None)
@@ -97,7 +101,7 @@ def main(argv=None) -> dict:
     examples = suite_examples("test", args.n_per_task, suite=args.suite)
     decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache)
     results = {}
-    for name, spec in sampler_specs(args.samplers, args.suite).items():
+    for name, spec in sampler_specs(args.samplers, args.suite, args.gen_length).items():
         sampler = instantiate(spec, _convert_="all")
         began = time.perf_counter()
         out = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
@@ -112,7 +116,8 @@ def main(argv=None) -> dict:
                        "decode": vars(args), "environment": evaluation.environment(), "results": results}
             evaluation.write_json_atomic(args.out, payload)
         if args.results_jsonl:  # the record experiments.evaluate writes, so experiments.report reads it
-            line = {"task": args.suite, "tasks": sorted(s["per_task"]), "split": "test", "model": str(args.checkpoint),
+            task = "suite" if args.suite == "tiny" else args.suite  # the name experiments.evaluate records
+            line = {"task": task, "tasks": sorted(s["per_task"]), "split": "test", "model": str(args.checkpoint),
                     "sampler": sampler.settings(), "decode": dataclasses.asdict(decode), "label": name,
                     **s, **evaluation.environment()}
             evaluation.write_json_atomic(args.results_jsonl, line, lines=True, append=True)

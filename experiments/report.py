@@ -289,6 +289,10 @@ def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]
     def overlaps(box, others):
         return any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in others)
 
+    def annotate(text, xy, offset, **leader):
+        return ax.annotate(text, xy, xytext=offset, textcoords="offset points", fontsize=fontsize,
+                           ha="left" if offset[0] >= 0 else "right", va="center", alpha=0.9, **leader)
+
     order = sorted(range(len(points)), key=lambda i: -points[i][1])
     right_edge = ax.bbox.x1
     for i in order:
@@ -296,9 +300,7 @@ def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]
         best = None
         near_right = to_display((x, y))[0] > right_edge - 160  # try the left side first there
         for dx, dy in sorted(candidates, key=lambda c: c[0] > 0) if near_right else candidates:
-            ha = "left" if dx >= 0 else "right"
-            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                ha=ha, va="center", alpha=0.9)
+            label = annotate(text, (x, y), (dx, dy))
             extent = label.get_window_extent(renderer)
             box = (extent.x0 - 1, extent.y0 - 1, extent.x1 + 1, extent.y1 + 1)
             others = placed + [m for j, m in enumerate(marker_boxes) if j != i]
@@ -308,16 +310,13 @@ def place_labels(ax, points: Sequence[tuple[float, float]], texts: Sequence[str]
             label.remove()
         if best is None:  # nowhere free: the first place, on top
             dx, dy = candidates[0]
-            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                va="center", alpha=0.9)
+            label = annotate(text, (x, y), (dx, dy))
             extent = label.get_window_extent(renderer)
             best = (label, (extent.x0, extent.y0, extent.x1, extent.y1), (dx, dy))
         label, box, (dx, dy) = best
         if abs(dx) > 10 or abs(dy) > 10:
             label.remove()
-            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                ha="left" if dx >= 0 else "right", va="center", alpha=0.9,
-                                arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5, alpha=0.7))
+            annotate(text, (x, y), (dx, dy), arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5, alpha=0.7))
         placed.append(box)
 
 

@@ -105,6 +105,13 @@ def test_bad_attention_pattern_and_cached_causal_steps_are_refused(causal_model)
     q = jnp.zeros((1, 2, 4, 8))
     with pytest.raises(ValueError, match="causal.*cache='none'"):
         attend(q, q, q, None, CAUSAL, window=True)
+    from dllm.models.transformer import KVCache
+
+    pallas = Transformer(CAUSAL.replace(window_attention_impl="pallas"), rngs=nnx.Rngs(0))
+    cache = KVCache.zeros(pallas.config, 1, 8)
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match="causal.*cache='none'"):  # refused before any kernel is chosen
+        pallas.forward_window(tokens, tokens, jnp.zeros((1,), jnp.int32), cache, None, logits_count=2, key_length=8)
 
 
 def test_autoregressive_objective_needs_a_causal_model(tmp_path):

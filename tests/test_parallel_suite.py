@@ -56,6 +56,9 @@ def test_lengths_fit_the_decoding_geometry_and_every_word_is_in_the_vocabulary(e
             assert 16 <= len(answer) <= PARALLEL[name].max_answer_tokens <= 127, (name, e.answer)
             assert unk not in prompt + answer, (name, e)
             assert len(answer) == len(e.answer.split())  # one token per word
+    for name, task in PARALLEL.items():  # the declared bound is reached: it is exact, not loose
+        longest = max(len(e.answer.split()) for e in task.examples("train", 2000))
+        assert longest == task.max_answer_tokens, name
 
 
 def test_every_reference_answer_scores_one(examples):
@@ -168,10 +171,10 @@ def test_bad_input_names_the_task_and_what_is_allowed():
         PARALLEL["sort"].examples("test", 0.5)
     # A prompt that does not parse is an error, not a silent 0.
     broken = Example("sudoku", "sudoku 1 2 3", "1 2 3", suite="parallel")
-    with pytest.raises(ValueError, match="does not parse"):
+    with pytest.raises(ValueError, match="task 'sudoku' of suite 'parallel': prompt .* does not parse"):
         PARALLEL["sudoku"].score(broken, "1 2 3")
     short_grid = Example("sudoku", "sudoku : 1 2 3 =>", "1 2 3", suite="parallel")
-    with pytest.raises(ValueError, match="does not parse.*9x9 grid"):
+    with pytest.raises(ValueError, match="'sudoku' of suite 'parallel': .*does not parse.*9x9 grid"):
         PARALLEL["sudoku"].score(short_grid, "1 2 3")
     with pytest.raises(ValueError, match="does not parse.*name <N> others"):
         PARALLEL["distinct_names"].score(Example("distinct_names", "name some : Ann =>", "Bob", suite="parallel"),
@@ -186,9 +189,11 @@ def test_bad_input_names_the_task_and_what_is_allowed():
 def test_gen_length_shorter_than_the_answers_is_refused_by_name():
     tokenizer = task_tokenizer("parallel")
     sudoku = PARALLEL["sudoku"].examples("test", 2)
-    with pytest.raises(ValueError, match=r"gen_length=64 .*'sudoku' \(89 tokens\).*gen_length >= 89"):
+    with pytest.raises(ValueError, match=r"gen_length=64 .*'sudoku' \(up to 89 tokens\).*gen_length >= 89"):
         check_fits(sudoku, 64, tokenizer)
     check_fits(sudoku, 89, tokenizer)
+    with pytest.raises(ValueError, match=r"'sort' of suite 'parallel' writes .* the tokenizer .*tiny suite"):
+        check_fits(PARALLEL["sort"].examples("test", 1), 128, task_tokenizer("tiny"))
 
 
 def test_evaluation_refuses_a_too_short_generation_before_decoding():
@@ -199,3 +204,17 @@ def test_evaluation_refuses_a_too_short_generation_before_decoding():
     with pytest.raises(ValueError, match="gen_length=24 is shorter than the answers of task\\(s\\) 'sort'"):
         evaluation.evaluate_examples(None, task_tokenizer("parallel"), None, examples,
                                      DecodeConfig(gen_length=24, block_length=8))
+
+
+def test_the_tiny_suite_is_the_one_its_bundled_model_was_trained_on():
+    """The refactor into `line_tasks` keeps every tiny example: sha256 of the first 300 train and test
+    examples of each task, computed at commit d7826fb (before the parallel suite existed)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for task in SUITES["tiny"].values():
+        for split in ("train", "test"):
+            for e in task.examples(split, 300):
+                digest.update(f"{e.prompt}|{e.answer}".encode())
+                assert len(e.answer.split()) <= task.max_answer_tokens
+    assert digest.hexdigest() == "5380b7e421b021efa5684421184f162947aa413b3506e9611b83c8a3e404f897"

@@ -351,7 +351,7 @@ def test_every_preset_builds_its_configs(model, preset):
 
 
 @pytest.mark.parametrize("preset", ["tasks_base", "text_base", "text_ar"])
-def test_issue19_presets_build_their_configs(preset):
+def test_bundled_model_presets_build_their_configs(preset):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(compose([f"model={preset}", f"train={preset}"]), resolve=True)
@@ -360,7 +360,7 @@ def test_issue19_presets_build_their_configs(preset):
     data = DataConfig(**cfg["data"])
     if preset == "tasks_base":  # the model's vocabulary and canvas are the parallel suite's
         assert data.suite == "parallel" and model.vocab_size == task_tokenizer("parallel").vocab_size
-        assert model.max_seq_len == data.prompt_width + data.gen_length == 224
+        assert model.max_seq_len == data.prompt_width + data.gen_length
     if preset == "text_ar":
         assert train.objective == "autoregressive" and model.attention == "causal" and model.token_shift
 

@@ -139,6 +139,11 @@ class ModelConfig:
                              "allowed None, 'xla', 'cudnn', 'pallas'")
 
     @property
+    def is_autoregressive(self) -> bool:
+        """Causal attention with token shift: the logits at position i predict token i from the tokens before it."""
+        return self.attention == "causal" and self.token_shift
+
+    @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
 

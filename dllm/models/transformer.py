@@ -509,6 +509,9 @@ class Transformer(nnx.Module):
         Returns (logits [B, logits_count, V], updated cache).
         """
         c = self.config
+        if c.attention == "causal":  # every window path (the fused Pallas kernel too) attends bidirectionally
+            raise ValueError("ModelConfig.attention='causal': cached window steps attend bidirectionally; "
+                             "a causal model runs only full forwards (decode it with cache='none')")
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
         fused_write = window_attention_impl(c, tokens.shape[0] * tokens.shape[1]) == "pallas"

@@ -104,19 +104,41 @@ def suite_examples(split: str, n_per_task: int | None, tasks: Sequence[str] | No
     return [example for name in names for example in suite_tasks[name].examples(split, n_per_task)]
 
 
-def check_fits(examples: Sequence[Example], gen_length: int, tokenizer) -> None:
-    """Raises ValueError naming the task when a reference answer is longer than `gen_length` tokens.
+UNKNOWN_TOKENS = ("<|unk|>", "<unk>", "[UNK]")
 
-    A decode that cannot write the answer would score 0 silently.
+
+def check_fits(examples: Sequence[Example], gen_length: int, tokenizer) -> None:
+    """Raises ValueError naming the task when a decode of `examples` could only score 0 silently:
+
+    * `tokenizer` turns words the task writes into its unknown token (a model
+      trained on another suite: the prompts would lose their content);
+    * `gen_length` is shorter than the task's longest answer: with the suite's
+      word-level tokenizer, the task's declared bound (`Task.max_answer_tokens`,
+      whatever examples were drawn, so a small run fails as a full one would);
+      with any other tokenizer (say a BPE one), the longest drawn answer.
     """
-    longest: dict[str, int] = {}
-    for example in examples:
-        n = len(tokenizer.encode(example.answer))
-        longest[example.task] = max(longest.get(example.task, 0), n)
-    too_long = {name: n for name, n in longest.items() if n > gen_length}
+    vocabulary = tokenizer.backend.get_vocab()
+    unknown = {vocabulary[t] for t in UNKNOWN_TOKENS if t in vocabulary}
+    tasks = {(e.suite, e.task): get_task(e.task, e.suite) for e in examples}
+    too_long: dict[str, int] = {}
+    for (suite, name), task in sorted(tasks.items()):
+        words = sorted(task.words)
+        if unknown:
+            lost = [w for w, ids in zip(words, tokenizer.backend.encode_batch(words, add_special_tokens=False))
+                    if unknown & set(ids.ids)]
+            if lost:
+                raise ValueError(f"task {name!r} of suite {suite!r} writes {len(lost)} word(s) the tokenizer "
+                                 f"({tokenizer.source}) does not know, e.g. {lost[:5]}; allowed: a tokenizer that "
+                                 f"knows them, e.g. the {suite!r} suite's (a model trained on that suite)")
+        if all(w in vocabulary for w in words):  # one token per word
+            longest = task.max_answer_tokens
+        else:
+            longest = max(len(tokenizer.encode(e.answer)) for e in examples if e.task == name and e.suite == suite)
+        if longest > gen_length:
+            too_long[name] = longest
     if too_long:
         raise ValueError(f"gen_length={gen_length} is shorter than the answers of task(s) "
-                         + ", ".join(f"{name!r} ({n} tokens)" for name, n in sorted(too_long.items()))
+                         + ", ".join(f"{name!r} (up to {n} tokens)" for name, n in sorted(too_long.items()))
                          + f"; allowed: gen_length >= {max(too_long.values())}")
 
 

@@ -37,5 +37,5 @@ def sample_addition(rng: np.random.Generator) -> tuple[str, str]:
 
 ADDITION = Task(
     "addition", True, sample_addition, exact_match,
-    ("add", ":", "+", ANSWER_DELIMITER, *DIGITS),
+    ("add", ":", "+", ANSWER_DELIMITER, *DIGITS), max_answer_tokens=OPERAND_DIGITS,
 )  # fmt: skip

@@ -31,9 +31,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 ANSWER_DELIMITER = "=>"
-# Upper bounds, in tokens, that hold for every example of every task (tested).
-# Actual maxima are lower (22 prompt tokens and 19 answer tokens, the puzzles);
-# these are the budgets a model's sequence length is sized against.
+# Upper bounds, in tokens, that hold for every example of every task of the tiny
+# suite (tested). Actual maxima are lower (22 prompt tokens and 19 answer tokens,
+# the puzzles); these are the budgets a model's sequence length is sized against.
+# Each task also declares its own exact answer bound (`Task.max_answer_tokens`).
 MAX_PROMPT_TOKENS = 40
 MAX_ANSWER_TOKENS = 24
 MIN_ANSWER_TOKENS = 8
@@ -111,7 +112,7 @@ class Task:
       words: every word the task can write in a prompt or an answer.
       suite: the suite it belongs to (a key of `dllm.tasks.SUITES`).
       max_answer_tokens: the longest answer it can draw, in words (= tokens of
-        the suite's word-level tokenizer); decoding needs gen_length >= this.
+        the suite's word-level tokenizer; tested); decoding needs gen_length >= this.
     """
 
     name: str
@@ -168,7 +169,10 @@ class Task:
         if not isinstance(output, str):
             raise TypeError(f"task {self.name!r} of suite {self.suite!r}: the output to score must be a str, "
                             f"got {type(output).__name__}")
-        correct = self.is_correct(example.prompt.split(), example.answer.split(), output.split())
+        try:
+            correct = self.is_correct(example.prompt.split(), example.answer.split(), output.split())
+        except ValueError as error:
+            raise ValueError(f"task {self.name!r} of suite {self.suite!r}: {error}") from None
         return 1.0 if correct else 0.0
 
 

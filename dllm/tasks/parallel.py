@@ -15,11 +15,12 @@ Tasks (deterministic ones scored by exact match, the others by validity):
   `shuffle` (validity: a permutation of the line that differs from it).
   Same prompts as the tiny suite's (`dllm.tasks.waiting_line`), longer lines.
 * `addition`: two 24-40-digit numbers of the same length n, most
-  significant digit first; the answer is the sum written with n + 1 digits
-  (a leading 0 when there is no final carry), so answer digit i + 1 lines up
+  significant digit first; the answer is the sum written with exactly n + 1
+  digits (a leading 0 when there is no final carry), so answer digit i + 1 lines up
   with operand digit i. Exact.
 * `multiplication`: a 24-40-digit number times one digit 2-9, the product
-  written with n + 1 digits (leading 0 allowed). Every product digit depends
+  written with n + 1 digits (a leading 0 is required when the product has n
+  digits, as for the sum). Every product digit depends
   on the carry from the digits to its right. Exact.
 * `latin_square`: a 6x6 latin square with 14-22 of its 36 cells blank;
   validity (rows and columns hold 1-6 once, givens kept).

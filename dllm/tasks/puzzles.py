@@ -152,5 +152,6 @@ def is_valid_sudoku(prompt_words: list[str], answer_words: list[str], output_wor
 
 
 GRID_WORDS = (":", ANSWER_DELIMITER, ROW_SEPARATOR, BLANK, *SYMBOLS)
-LATIN_SQUARE = Task("latin_square", False, sample_latin_square, is_valid_latin_square, ("latin", *GRID_WORDS))
-SUDOKU = Task("sudoku", False, sample_sudoku, is_valid_sudoku, ("sudoku", *GRID_WORDS))
+LATIN_SQUARE = Task("latin_square", False, sample_latin_square, is_valid_latin_square, ("latin", *GRID_WORDS),
+                    max_answer_tokens=GRID_TOKENS)
+SUDOKU = Task("sudoku", False, sample_sudoku, is_valid_sudoku, ("sudoku", *GRID_WORDS), max_answer_tokens=GRID_TOKENS)

@@ -151,16 +151,17 @@ def line_tasks(shape: LineShape = LineShape(), suite: str = "tiny") -> tuple[Tas
     """The seven waiting-line tasks over lines of `shape` (copy ... shuffle), in that order."""
     positions = tuple(str(p) for p in range(1, shape.high + 2))  # a line has high + 1 insertion points
     words = functools.partial(line_task_words, names=shape.names)
-    bound = dict(suite=suite, max_answer_tokens=shape.high + 1)
 
-    def task(name, deterministic, sample, checker, task_words):
-        return Task(name, deterministic, functools.partial(sample, shape=shape), checker, task_words, **bound)
+    def task(name, deterministic, sample, checker, task_words, longest=shape.high):
+        return Task(name, deterministic, functools.partial(sample, shape=shape), checker, task_words, suite=suite,
+                    max_answer_tokens=longest)
 
     return (
         task("copy", True, sample_copy, exact_match, words("copy")),
         task("reverse", True, sample_reverse, exact_match, words("reverse")),
         task("sort", True, sample_sort, exact_match, words("sort")),
-        task("insert_index", True, sample_insert_index, exact_match, words("insert", "at", positions=positions)),
+        task("insert_index", True, sample_insert_index, exact_match, words("insert", "at", positions=positions),
+             longest=shape.high + 1),
         task("remove_index", True, sample_remove_index, exact_match, words("remove", "at", positions=positions)),
         task("replace_index", True, sample_replace_index, exact_match,
              words("replace", "at", "with", positions=positions[:-1])),
