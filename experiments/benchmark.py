@@ -138,7 +138,8 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
         w = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
         matmuls = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, x: x @ w, x))
-        matmul_tflops[n] = round(chain * 2 * n ** 3 / best_seconds(matmuls, a, w) / 1e12, 1)
+        # three significant digits: a loaded CPU's few GFLOP/s must not round to a zero floor
+        matmul_tflops[n] = float(f"{chain * 2 * n ** 3 / best_seconds(matmuls, a, w) / 1e12:.3g}")
         del a, w
     x = jnp.ones((copy_mib * 2 ** 19,), jnp.bfloat16)
     nbytes = x.size * x.dtype.itemsize
@@ -147,7 +148,7 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
     # the operation a window step is made of: 32 rows against a weight matrix read once
     rows, weight = jnp.ones((32, 4096), jnp.bfloat16), x.reshape(4096, -1)
     stream_tb_s = nbytes / best_seconds(jax.jit(lambda a, w: a @ w), rows, weight) / 1e12
-    return {"peak_tflops": max(matmul_tflops.values()), "peak_tb_s": round(max(read_tb_s, copy_tb_s, stream_tb_s), 3),
+    return {"peak_tflops": max(matmul_tflops.values()), "peak_tb_s": float(f"{max(read_tb_s, copy_tb_s, stream_tb_s):.3g}"),
             "matmul_tflops": matmul_tflops, "read_tb_s": round(read_tb_s, 3), "copy_tb_s": round(copy_tb_s, 3),
             "stream_tb_s": round(stream_tb_s, 3), "copy_mib": copy_mib}
 

@@ -100,7 +100,8 @@ def suite_examples(split: str, n_per_task: int | None, tasks: Sequence[str] | No
     names = list(suite_tasks) if tasks is None else list(tasks)
     unknown = [name for name in names if name not in suite_tasks]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown} in suite {suite!r}; allowed tasks: {', '.join(suite_tasks)}")
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown))} in suite {suite!r}; "
+                         f"allowed tasks: {', '.join(suite_tasks)}")
     return [example for name in names for example in suite_tasks[name].examples(split, n_per_task)]
 
 
