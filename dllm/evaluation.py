@@ -8,6 +8,7 @@ compiles once; the compile is done by a warm-up batch that is not timed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,14 +24,23 @@ from flax import nnx
 from dllm.decoding import DecodeConfig, generate
 
 
+MASK_TEXT = "[MASK]"  # how a position a decode left masked is printed (never silently dropped)
+
+
 def answer_text(tokenizer, tokens) -> str:
-    """Decoded generation up to (excluding) the first EOS / end-of-turn."""
-    ids = []
+    """Decoded generation up to (excluding) the first EOS / end-of-turn; a position still
+    masked (a decode cut short by max_steps) reads `MASK_TEXT`."""
+    pieces, run = [], []
     for t in np.asarray(tokens).tolist():
         if t in (tokenizer.eos_id, tokenizer.eot_id):
             break
-        ids.append(t)
-    return tokenizer.decode(ids).strip()
+        if t == tokenizer.mask_id:
+            pieces += [tokenizer.decode(run).strip(), MASK_TEXT]
+            run = []
+        else:
+            run.append(t)
+    pieces.append(tokenizer.decode(run).strip())
+    return " ".join(p for p in pieces if p)
 
 
 def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +61,12 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
     `mesh`, `rules`: decode sharded (see `dllm.generate`); `batch_size` must
     then divide over the mesh's batch axes.
     """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive int")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings, got {prompts!r}"
+                        + (" (one string: wrap it in a list, e.g. prompts='[\"...\"]' from Hydra)"
+                           if isinstance(prompts, str) else ""))
     if hasattr(sampler, "bind"):
         sampler = sampler.bind(tokenizer)
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -80,10 +96,12 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
         nfe = np.asarray(result.nfe)
         committed = np.asarray((result.trace.commit_step >= 0).sum(-1))
         for i in range(len(chunk)):
+            left_masked = int((tokens[i] == tokenizer.mask_id).sum())
             rows.append({
                 "prompt": prompts[start + i], "output": answer_text(tokenizer, tokens[i]),
                 "tokens": tokens[i].tolist(), "nfe": int(nfe[i]),
                 "tokens_per_forward": float(committed[i] / max(nfe[i], 1)),
+                "finished": left_masked == 0, "left_masked": left_masked,
             })
     n_batches = -(-len(encoded) // batch_size)
     timing = {
@@ -134,6 +152,7 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
         "mean_nfe": float(nfe.mean()),
         "median_nfe": float(np.median(nfe)),
         "tokens_per_forward": float(np.mean([r["tokens_per_forward"] for r in rows])),
+        "unfinished": sum(not r["finished"] for r in rows),
         **timing,
         "per_task": {
             name: {"n": e["n"], "accuracy": e["correct"] / e["n"], "mean_nfe": float(np.mean(e["nfe"]))}
@@ -216,19 +235,33 @@ def environment() -> dict:
             "device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count()}
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path | str):
+    """Yields a temporary path beside `path`; renames it onto `path` when the block succeeds.
+
+    Readers never see a half-written file, and a failed write leaves the old
+    file (if any) in place. The file gets the umask's permissions, as `open` would.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path | str, payload, *, lines: bool = False, append: bool = False) -> Path:
     """Writes JSON (or appends one JSON line) without ever leaving a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, default=str) + "\n" if lines else json.dumps(payload, indent=2, default=str)
     if append and path.exists():
         text = path.read_text() + text
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
     return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import hydra
@@ -29,19 +28,50 @@ def model_config(cfg: DictConfig) -> dllm.ModelConfig:
     return dllm.ModelConfig(**values)
 
 
+def cli_overrides() -> list[str]:
+    """The command line's Hydra overrides of the running job ([] outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # no Hydra job (a notebook, a test composing by hand)
+        return []
+
+
+def missing_checkpoint_error(path: Path, given: str) -> FileNotFoundError:
+    """A FileNotFoundError naming `path` and the checkpoint folders next to it."""
+    parent = path.parent
+    nearby = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    where = f"folders in {parent}: {', '.join(nearby)}" if nearby else f"{parent} does not exist either"
+    return FileNotFoundError(f"checkpoint={given!r}: {path} does not exist ({where}); "
+                             "pass an existing folder, or checkpoint=null for a randomly initialised model")
+
+
 def load_model(cfg: DictConfig):
-    """(model, tokenizer, description): the checkpoint, else a random model."""
-    path = resolve_path(cfg.checkpoint) if cfg.get("checkpoint") else None
-    if path is not None and path.exists():
+    """(model, tokenizer, description): the checkpoint; a random model only for `checkpoint=null`.
+
+    A checkpoint path that does not exist is an error naming it and the
+    folders beside it (never a silent random model). With a checkpoint, the
+    architecture is the checkpoint's: `model.*` overrides on the command line
+    are refused by name (layout knobs go through `layout.*`).
+    """
+    if cfg.get("checkpoint"):
+        path = resolve_path(cfg.checkpoint)
+        if not path.exists():
+            raise missing_checkpoint_error(path, str(cfg.checkpoint))
+        ignored = [o for o in cli_overrides() if o.lstrip("+~").startswith("model.")]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: model.* settings do not apply when checkpoint={cfg.checkpoint} "
+                             "is loaded (its config.json fixes the architecture); allowed: layout.* for how it runs "
+                             "(scan_layers, fused_projections, attention_impl, window_attention_impl), or "
+                             "checkpoint=null to build a random model from model.*")
         layout = {k: v for k, v in (cfg.get("layout") or {}).items() if v is not None}
         model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"), **layout)
         return model, tokenizer, str(path)
-    from dllm.tasks.vocab import build_task_tokenizer
+    from dllm.data import task_tokenizer
 
-    warnings.warn(f"checkpoint {cfg.get('checkpoint')!r} not found: using a RANDOMLY INITIALISED model")
-    backend = build_task_tokenizer()
-    tokenizer = dllm.Tokenizer(backend, mask_id=backend.token_to_id("<|mask|>"),
-                               eos_id=backend.token_to_id("<|endoftext|>"), pad_id=backend.token_to_id("<|pad|>"))
+    print("checkpoint=null: using a RANDOMLY INITIALISED model (configs/model) with the tiny-suite tokenizer")
+    tokenizer = task_tokenizer()
     config = model_config(cfg).replace(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id,
                                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     return dllm.Transformer(config, rngs=nnx.Rngs(cfg.get("seed", 0))), tokenizer, "random-init"

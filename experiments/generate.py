@@ -28,6 +28,9 @@ def main(cfg: DictConfig) -> dict:
     decode = decode_config(cfg)
     mesh, rules = decode_mesh(cfg)
     if cfg.prompts:
+        if isinstance(cfg.prompts, str):
+            raise TypeError(f"prompts={cfg.prompts!r} is one string; allowed: a list of prompt texts, "
+                            f"e.g. 'prompts=[\"{cfg.prompts}\"]'")
         prompts = list(cfg.prompts)
     else:
         by_task: dict[str, list] = {}
@@ -41,8 +44,10 @@ def main(cfg: DictConfig) -> dict:
     total = time.perf_counter() - began
     print(f"model: {source}\nsampler: {sampler.settings()}\n")
     for row in rows:
+        unfinished = "" if row["finished"] else (f"  UNFINISHED: {row['left_masked']} positions still masked "
+                                                 "(decode.max_steps ran out)")
         print(f"prompt : {row['prompt']}\noutput : {row['output']}\n"
-              f"nfe {row['nfe']}  tokens/forward {row['tokens_per_forward']:.2f}\n")
+              f"nfe {row['nfe']}  tokens/forward {row['tokens_per_forward']:.2f}{unfinished}\n")
     print(f"wall time {total:.2f}s (incl. compile); decode {timing['seconds']:.3f}s, "
           f"{timing['tokens_per_s']:.0f} tokens/s")
     payload = {"model": source, "sampler": sampler.settings(), "decode": OmegaConf.to_container(cfg.decode),

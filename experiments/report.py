@@ -32,7 +32,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from dllm.evaluation import atomic_file
+
 REQUIRED = ("accuracy", "mean_nfe", "sampler")
+NUMERIC = ("accuracy", "mean_nfe", "median_nfe", "tokens_per_forward", "latency_per_sample_s", "tokens_per_s")
 # Settings printed next to a sampler's name even when they do not vary; any other
 # field is printed when its value differs between runs of the same sampler.
 KEY_SETTINGS = {
@@ -88,6 +91,11 @@ def read_results(root: Path | str) -> tuple[list[dict], list[str]]:
                 continue
             if not isinstance(record["sampler"], dict) or "name" not in record["sampler"]:
                 problems.append(f"{where}: 'sampler' is not a settings object with a 'name'; line skipped")
+                continue
+            not_numbers = [f"{k}={record[k]!r}" for k in NUMERIC if k in record and record[k] is not None
+                           and (isinstance(record[k], bool) or not isinstance(record[k], (int, float)))]
+            if not_numbers:
+                problems.append(f"{where}: {', '.join(not_numbers)} must be numbers; line skipped")
                 continue
             record.setdefault("run", run)
             key = json.dumps(record, sort_keys=True, default=str)
@@ -389,12 +397,16 @@ def write_report(source: Path | str, out: Path | str | None = None, *, title: st
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(records)
     paths = {"markdown": out / "report.md", "csv": out / "report.csv", "plot": out / "pareto.png"}
-    paths["markdown"].write_text(markdown(rows, problems, title or str(source)))
-    write_csv(rows, paths["csv"])
-    plot_pareto(rows, paths["plot"], title)
+    with atomic_file(paths["markdown"]) as tmp:
+        tmp.write_text(markdown(rows, problems, title or str(source)))
+    with atomic_file(paths["csv"]) as tmp:
+        write_csv(rows, tmp)
+    with atomic_file(paths["plot"]) as tmp:
+        plot_pareto(rows, tmp, title)
     if out.resolve() != (source if source.is_dir() else source.parent).resolve():  # never into the source
         paths["merged"] = out / "results.jsonl"
-        paths["merged"].write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+        with atomic_file(paths["merged"]) as tmp:
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
     return {"rows": rows, "problems": problems, "paths": paths}
 
 

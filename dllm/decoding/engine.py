@@ -51,6 +51,12 @@ def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
         tokens = np.asarray(prompts, np.int32)
         return tokens, np.ones_like(tokens)
+    if isinstance(prompts, str) or (len(prompts) and all(isinstance(p, str) for p in prompts)):
+        raise TypeError("prompt_tokens must be token ids, got text; encode it first "
+                        "([tokenizer.encode(text) for text in texts]) or use dllm.evaluation.decode_texts")
+    if len(prompts) and all(isinstance(p, (int, np.integer)) for p in prompts):
+        raise TypeError(f"prompt_tokens is one flat list of {len(prompts)} token ids; allowed: a list of "
+                        "token-id lists, one per prompt (for one prompt: [tokens]), or an int array [B, L]")
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         raise ValueError("prompt_tokens is empty: pass at least one prompt")
