@@ -45,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from dllm.tasks.base import ANSWER_DELIMITER, Task, exact_match, prompt_payload
+from dllm.tasks.puzzles import BLANK, ROW_SEPARATOR, grid_to_words
 from dllm.tasks.waiting_line import LineShape, line_tasks
 
 SUITE = "parallel"
@@ -60,7 +61,6 @@ LINE = LineShape(names=NAMES, low=16, high=48)
 
 DIGITS = tuple(str(d) for d in range(10))
 MIN_DIGITS, MAX_DIGITS = 24, 40
-BLANK, ROW_SEPARATOR = "_", "/"
 LATIN_SIZE, LATIN_BLANKS = 6, (14, 22)
 SUDOKU_SIZE, SUDOKU_BOX, SUDOKU_BLANKS = 9, 3, (30, 45)
 DISTINCT_GIVEN, DISTINCT_ASKED = (8, 24), (16, 32)
@@ -125,16 +125,6 @@ def random_sudoku(rng: np.random.Generator, box: int = SUDOKU_BOX) -> Grid:
     return grid
 
 
-def grid_words(cells: list[list[str]]) -> list[str]:
-    """Rows of cell words joined by "/" words."""
-    words: list[str] = []
-    for r, row in enumerate(cells):
-        if r:
-            words.append(ROW_SEPARATOR)
-        words.extend(row)
-    return words
-
-
 def draw_puzzle(rng: np.random.Generator, keyword: str, grid: Grid, blanks: tuple[int, int]) -> tuple[str, str]:
     """Blank a random number of cells in [blanks[0], blanks[1]]: ("<keyword> : <puzzle> =>", "<grid>")."""
     size = len(grid)
@@ -142,7 +132,7 @@ def draw_puzzle(rng: np.random.Generator, keyword: str, grid: Grid, blanks: tupl
     hidden = {int(i) for i in rng.permutation(size * size)[:n_blank]}
     solved = [[str(v) for v in row] for row in grid]
     puzzle = [[BLANK if r * size + c in hidden else solved[r][c] for c in range(size)] for r in range(size)]
-    return f"{keyword} : {' '.join(grid_words(puzzle))} {ANSWER_DELIMITER}", " ".join(grid_words(solved))
+    return f"{keyword} : {' '.join(grid_to_words(puzzle))} {ANSWER_DELIMITER}", " ".join(grid_to_words(solved))
 
 
 def sample_latin_square(rng: np.random.Generator) -> tuple[str, str]:
