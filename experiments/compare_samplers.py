@@ -45,8 +45,10 @@ PRESETS = {  # a bundled model, the suite it was trained on and its decoding geo
     "tasks-base": {"checkpoint": "checkpoints/tasks-base", "suite": "parallel", "gen_length": 128,
                    "block_length": 32, "prompt_width": 96},
 }
-# Sweeps added on the parallel suite: the threshold bar and LLaDA's fixed k tokens per step.
+
+
 def parallel_extra(gen_length: int) -> dict[str, dict]:
+    """Sweeps added on the parallel suite: the threshold bar, and LLaDA's fixed k tokens per step."""
     return {
         **{f"threshold(tau={tau})": {"_target_": "samplers.threshold.Threshold", "tau": tau}
            for tau in (0.5, 0.6, 0.7, 0.8, 0.95)},
