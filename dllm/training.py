@@ -182,9 +182,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
 
 
-def diffusion_loss(graphdef, params, batch, key, *, objective: str, mask_id: int, time_eps: float,
+def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int, time_eps: float,
                    low_discrepancy: bool):
-    """One Monte Carlo draw of the masked-diffusion loss of `batch` (see `dllm.diffusion`)."""
+    """The loss of `batch` under `objective`: one Monte Carlo draw of a masked-diffusion loss, or the
+    autoregressive next-token loss (all in `dllm.diffusion`)."""
     model = nnx.merge(graphdef, params)
     tokens, attention_mask = batch["tokens"], batch["attention_mask"]
     if objective == "autoregressive":
@@ -223,7 +224,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: T
     parameters and optimizer state to their rule shardings.
     """
     base_key = jax.random.PRNGKey(config.seed)
-    loss_fn = lambda params, batch, key: diffusion_loss(
+    loss_fn = lambda params, batch, key: training_loss(
         graphdef, params, batch, key, objective=config.objective, mask_id=mask_id,
         time_eps=config.time_eps, low_discrepancy=config.low_discrepancy)
 
@@ -249,7 +250,7 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
     masked accuracy, and for "pretrain" the ELBO in bits per token."""
 
     def eval_step(params, batch, key):
-        loss, metrics = diffusion_loss(graphdef, params, batch, key, objective=config.objective, mask_id=mask_id,
+        loss, metrics = training_loss(graphdef, params, batch, key, objective=config.objective, mask_id=mask_id,
                                        time_eps=config.time_eps, low_discrepancy=True)
         out = {"loss": loss, **metrics}
         if config.objective == "autoregressive":

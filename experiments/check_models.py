@@ -101,8 +101,8 @@ def check_tasks_base(n_per_task: int, batch_size: int) -> dict:
             "mean_nfe": result["summary"]["mean_nfe"], "first_forward_confidence": confidence}
 
 
-def val_windows(corpus: Path, windows: int, seq_len: int) -> tuple[np.ndarray, float]:
-    """`windows` evenly spaced windows of val.npy, and the corpus's UTF-8 bytes per token of val."""
+def validation_tokens(corpus: Path) -> tuple[np.ndarray, float]:
+    """val.npy's tokens, and the corpus's UTF-8 bytes per token of the validation split."""
     val_path = corpus / "val.npy"
     if not val_path.is_file():
         raise FileNotFoundError(f"{val_path}: no validation tokens; build them with "
@@ -114,8 +114,13 @@ def val_windows(corpus: Path, windows: int, seq_len: int) -> tuple[np.ndarray, f
     from dllm.corpus import DOCUMENT_SEPARATOR
 
     text_bytes = sum(len(doc.encode()) for doc in text_path.read_text().split(DOCUMENT_SEPARATOR))
-    starts = np.linspace(0, len(tokens) - seq_len - 1, windows).astype(int)
-    return np.stack([tokens[s:s + seq_len] for s in starts]), text_bytes / len(tokens)
+    return tokens, text_bytes / len(tokens)
+
+
+def windows_of(tokens: np.ndarray, count: int, length: int) -> np.ndarray:
+    """`count` evenly spaced windows of `length` tokens."""
+    starts = np.linspace(0, len(tokens) - length - 1, count).astype(int)
+    return np.stack([tokens[s:s + length] for s in starts])
 
 
 def sample_and_score(model, scorer, tokenizer, prompts: np.ndarray, sampler, *, gen_length: int, block_length: int,
@@ -146,7 +151,8 @@ def check_text_base(corpus: Path, windows: int, seq_len: int, elbo_samples: int,
     scorer, scorer_tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints/text-ar")
     if scorer_tokenizer.backend.get_vocab() != tokenizer.backend.get_vocab():
         raise ValueError("checkpoints/text-ar and checkpoints/text-base have different tokenizers")
-    batch, bytes_per_token = val_windows(corpus, windows, seq_len)
+    tokens, bytes_per_token = validation_tokens(corpus)
+    batch = windows_of(tokens, windows, seq_len)
     logits_fn = jax.jit(lambda t: model(t))
     bits = [float(elbo_bits_per_token(logits_fn, jnp.asarray(batch[i:i + 16]), jax.random.key(i),
                                       mask_id=tokenizer.mask_id, n_samples=elbo_samples))
@@ -161,10 +167,8 @@ def check_text_base(corpus: Path, windows: int, seq_len: int, elbo_samples: int,
     print(f"text-ar (scorer): validation {ar_bpt:.3f} bits per token = {ar_bpt / bytes_per_token:.3f} bits per byte")
 
     gen_length, prompt_length, block_length = 128, 32, 32
-    tokens = np.load(corpus / "val.npy").astype(np.int32)
-    starts = np.linspace(0, len(tokens) - prompt_length - gen_length - 1, n_samples).astype(int)
-    prompts = np.stack([tokens[s:s + prompt_length] for s in starts])
-    references = np.stack([tokens[s + prompt_length:s + prompt_length + gen_length] for s in starts])
+    pieces = windows_of(tokens, n_samples, prompt_length + gen_length)
+    prompts, references = pieces[:, :prompt_length], pieces[:, prompt_length:]
     rows = {"validation text (reference)": score_text(scorer, tokenizer, prompts, references) | {"mean_nfe": None}}
     runs = {"random remasking (1 token/step)": samplers.LowConfidence(remasking="random"),
             "low_confidence (1 token/step)": samplers.LowConfidence()}

@@ -88,13 +88,13 @@ def decode_config(cfg: DictConfig) -> DecodeConfig:
 def task_examples(cfg: DictConfig, tokenizer=None):
     """The examples of `cfg.task`: the synthetic suite, or a benchmark of `dllm.tasks.benchmarks`
     (prompts rendered with `tokenizer`'s chat template when the task config asks for it)."""
-    from dllm.tasks import SUITES, suite_examples
+    from dllm.tasks import SUITES, suite_examples, suite_of_task_config
     from dllm.tasks.benchmarks import BENCHMARKS, benchmark_examples
 
     task = cfg.task
     if task.name in BENCHMARKS:
         return benchmark_examples(OmegaConf.to_container(task, resolve=True), tokenizer)
-    suite = "tiny" if task.name == "suite" else task.name  # "suite": the tiny suite (configs/task/suite.yaml)
+    suite = suite_of_task_config(task.name)
     if suite not in SUITES:
         raise ValueError(f"unknown task config name {task.name!r}; allowed: suite, {', '.join(SUITES)}, "
                          f"{', '.join(BENCHMARKS)}")

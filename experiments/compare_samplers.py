@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig
-from dllm.tasks import SUITES, suite_examples
+from dllm.tasks import SUITES, suite_examples, task_config_of_suite
 from experiments.common import REPO_ROOT, resolve_path
 
 SAMPLER_DIR = REPO_ROOT / "configs" / "sampler"
@@ -118,8 +118,7 @@ def main(argv=None) -> dict:
                        "decode": vars(args), "environment": evaluation.environment(), "results": results}
             evaluation.write_json_atomic(args.out, payload)
         if args.results_jsonl:  # the record experiments.evaluate writes, so experiments.report reads it
-            task = "suite" if args.suite == "tiny" else args.suite  # the name experiments.evaluate records
-            line = {"task": task, "tasks": sorted(s["per_task"]), "split": "test", "model": str(args.checkpoint),
+            line = {"task": task_config_of_suite(args.suite), "tasks": sorted(s["per_task"]), "split": "test", "model": str(args.checkpoint),
                     "sampler": sampler.settings(), "decode": dataclasses.asdict(decode), "label": name,
                     **s, **evaluation.environment()}
             evaluation.write_json_atomic(args.results_jsonl, line, lines=True, append=True)

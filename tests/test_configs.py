@@ -119,13 +119,13 @@ def test_train_preset_composes(name):
 
 @pytest.mark.parametrize("name", of_group("task"))
 def test_task_config_composes(name):
-    from dllm.tasks import SUITES, suite_examples
+    from dllm.tasks import SUITES, suite_examples, suite_of_task_config
     from dllm.tasks.benchmarks import BENCHMARKS
 
     cfg = compose_cfg("config", [f"task={name}"])
     task = cfg.task
     assert task.name == name and task.split
-    suite = "tiny" if name == "suite" else name
+    suite = suite_of_task_config(name)
     if suite in SUITES:
         tasks = list(task.tasks) if task.get("tasks") else None
         assert all(t in SUITES[suite] for t in tasks or [])

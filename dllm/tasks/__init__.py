@@ -64,6 +64,19 @@ TASKS: dict[str, Task] = {
 SUITES: dict[str, dict[str, Task]] = {"tiny": TASKS, "parallel": PARALLEL_TASKS}
 
 
+TINY_TASK_CONFIG = "suite"  # configs/task/suite.yaml names the tiny suite; other suites' configs use their name
+
+
+def suite_of_task_config(name: str) -> str:
+    """The suite a task config's `name` selects ("suite" -> "tiny", "parallel" -> "parallel")."""
+    return "tiny" if name == TINY_TASK_CONFIG else name
+
+
+def task_config_of_suite(suite: str) -> str:
+    """The task config `name` of `suite`, as experiments.evaluate records it in results."""
+    return TINY_TASK_CONFIG if suite == "tiny" else suite
+
+
 def check_suite(suite: str) -> dict[str, Task]:
     """The tasks of `suite`; ValueError naming the allowed suites if there is none."""
     if suite not in SUITES:
