@@ -8,9 +8,9 @@
 #
 # `launch` starts the documented Hydra command in its own process session (setsid), so it
 # outlives call 1 on the still-held machine; `finish` waits for its saved model and returns
-# it as tar pieces under 16 MB with the metrics. If the machine was given back between the
-# calls, `finish` says so and exits 1 (run `launch` again: the command resumes from its
-# newest checkpoint only on the machine that holds it).
+# it as tar pieces under 16 MB with the metrics. The machine stays held only ~30 s after a
+# call: if it was given back between the calls, `finish` says so and exits 1, and the run is
+# lost with it (its checkpoints lived on that machine).
 set -u
 OUT=${OUT:-/tmp/out}
 WORKDIR=runs/tasks_base
