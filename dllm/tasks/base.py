@@ -113,6 +113,10 @@ class Task:
       suite: the suite it belongs to (a key of `dllm.tasks.SUITES`).
       max_answer_tokens: the longest answer it can draw, in words (= tokens of
         the suite's word-level tokenizer; tested); decoding needs gen_length >= this.
+      train_sample: draws the train split's examples when set (a training
+        curriculum that also holds smaller instances, as the `parallel` suite
+        does); None: the train split draws from `sample`, as the test split
+        always does.
     """
 
     name: str
@@ -122,6 +126,7 @@ class Task:
     words: tuple[str, ...]
     suite: str = "tiny"
     max_answer_tokens: int = MAX_ANSWER_TOKENS
+    train_sample: Sampler | None = None
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         """The first `n` examples of `split` ("train" or "test"); the same on every call.
@@ -136,6 +141,7 @@ class Task:
             raise ValueError(f"n must be a non-negative integer or None, got {n!r}")
         rng = np.random.default_rng(split_seed(self.name, split, self.suite))
         want_test = split == "test"
+        sample = self.sample if want_test or self.train_sample is None else self.train_sample
         # Guards against an endless loop if a task's prompt space is too small.
         max_draws = 1000 + 100 * TEST_BUCKETS * n
         seen_test_prompts: set[str] = set()
@@ -148,7 +154,7 @@ class Task:
                     f"of {n} asked in {max_draws} draws"
                 )
             draws += 1
-            prompt, answer = self.sample(rng)
+            prompt, answer = sample(rng)
             if is_test_prompt(prompt) != want_test:
                 continue
             if want_test:
@@ -174,6 +180,22 @@ class Task:
         except ValueError as error:
             raise ValueError(f"task {self.name!r} of suite {self.suite!r}: {error}") from None
         return 1.0 if correct else 0.0
+
+
+def curriculum(easy: Sampler, hard: Sampler, easy_share: float) -> Sampler:
+    """A sampler that draws from `easy` with probability `easy_share`, else from `hard`.
+
+    Used as a task's `train_sample`: smaller instances of the same task in the
+    training data let a small model form the circuit (content lookup, carries,
+    membership) on short inputs and extend it to the test's long ones.
+    """
+    if not 0.0 <= easy_share <= 1.0:
+        raise ValueError(f"easy_share must be in [0, 1], got {easy_share!r}")
+
+    def sample(rng: np.random.Generator) -> tuple[str, str]:
+        return easy(rng) if rng.random() < easy_share else hard(rng)
+
+    return sample
 
 
 def prompt_payload(prompt_words: Sequence[str]) -> list[str]:

@@ -33,6 +33,15 @@ Tasks (deterministic ones scored by exact match, the others by validity):
   few names: committing two positions from their marginals in one step can
   write one name twice, the failure ParallelBench measures.
 
+Training curriculum (not in ParallelBench): a quarter of the train split's
+examples (`EASY_SHARE`) are smaller instances of the same task, drawn below the
+test split's sizes: lines of 4-15 people, 2-23 digits, 2-13 / 5-29 blanks, 2-15
+names asked. The test split keeps the sizes above. A 14M model trained on the
+test sizes alone learned positional copies but never the content lookups
+(the newcomer of insert/replace, membership for sort/shuffle/distinct_names)
+or the two-operand sum, whose digit carries no signal from one operand alone;
+short instances are where those circuits can form (`dllm.tasks.base.curriculum`).
+
 Grids are written as in the tiny suite: cells row by row, rows separated by
 "/", a blank cell "_". Puzzles are drawn as a random relabelling of one
 solved grid (rows, columns and symbols permuted within the moves that keep
@@ -42,9 +51,11 @@ completions, which is why it is scored by validity.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from dllm.tasks.base import ANSWER_DELIMITER, Task, exact_match, prompt_payload
+from dllm.tasks.base import ANSWER_DELIMITER, Task, curriculum, exact_match, prompt_payload
 from dllm.tasks.puzzles import BLANK, ROW_SEPARATOR, grid_to_words
 from dllm.tasks.waiting_line import LineShape, line_tasks
 
@@ -58,12 +69,16 @@ NAMES = (
     "Vic", "Wes", "Wyn", "Xena", "Yuri", "Zed", "Zoe",
 )  # fmt: skip
 LINE = LineShape(names=NAMES, low=16, high=48)
+EASY_LINE = LineShape(names=NAMES, low=4, high=15)  # the train split's smaller lines
+EASY_SHARE = 0.25  # share of the train split drawn from the smaller instances
 
 DIGITS = tuple(str(d) for d in range(10))
 MIN_DIGITS, MAX_DIGITS = 24, 40
-LATIN_SIZE, LATIN_BLANKS = 6, (14, 22)
-SUDOKU_SIZE, SUDOKU_BOX, SUDOKU_BLANKS = 9, 3, (30, 45)
+EASY_DIGITS = (2, 23)
+LATIN_SIZE, LATIN_BLANKS, EASY_LATIN_BLANKS = 6, (14, 22), (2, 13)
+SUDOKU_SIZE, SUDOKU_BOX, SUDOKU_BLANKS, EASY_SUDOKU_BLANKS = 9, 3, (30, 45), (5, 29)
 DISTINCT_GIVEN, DISTINCT_ASKED = (8, 24), (16, 32)
+EASY_DISTINCT_GIVEN, EASY_DISTINCT_ASKED = (2, 24), (2, 15)
 NUMBERS = tuple(str(n) for n in range(0, LINE.high + 2))  # every number word the suite writes: 0 ... 49
 
 
@@ -79,16 +94,17 @@ def draw_operand(rng: np.random.Generator, digits: int) -> int:
     return int(str(first) + "".join(str(d) for d in rest))
 
 
-def sample_addition(rng: np.random.Generator) -> tuple[str, str]:
-    """add : <n digits> + <n digits> => <n + 1 digits of the sum>"""
-    n = int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
+def sample_addition(rng: np.random.Generator, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> tuple[str, str]:
+    """add : <n digits> + <n digits> => <n + 1 digits of the sum>, n in `digits` (inclusive)"""
+    n = int(rng.integers(digits[0], digits[1] + 1))
     left, right = draw_operand(rng, n), draw_operand(rng, n)
     return f"add : {spell(left, n)} + {spell(right, n)} {ANSWER_DELIMITER}", spell(left + right, n + 1)
 
 
-def sample_multiplication(rng: np.random.Generator) -> tuple[str, str]:
-    """multiply : <n digits> * <one digit> => <n + 1 digits of the product>"""
-    n = int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
+def sample_multiplication(rng: np.random.Generator,
+                          digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> tuple[str, str]:
+    """multiply : <n digits> * <one digit> => <n + 1 digits of the product>, n in `digits` (inclusive)"""
+    n = int(rng.integers(digits[0], digits[1] + 1))
     left, right = draw_operand(rng, n), int(rng.integers(2, 10))
     return f"multiply : {spell(left, n)} * {right} {ANSWER_DELIMITER}", spell(left * right, n + 1)
 
@@ -135,14 +151,14 @@ def draw_puzzle(rng: np.random.Generator, keyword: str, grid: Grid, blanks: tupl
     return f"{keyword} : {' '.join(grid_to_words(puzzle))} {ANSWER_DELIMITER}", " ".join(grid_to_words(solved))
 
 
-def sample_latin_square(rng: np.random.Generator) -> tuple[str, str]:
-    """latin : <6x6 grid with 14-22 blanks> => <a completed latin square>"""
-    return draw_puzzle(rng, "latin", random_latin_square(rng, LATIN_SIZE), LATIN_BLANKS)
+def sample_latin_square(rng: np.random.Generator, blanks: tuple[int, int] = LATIN_BLANKS) -> tuple[str, str]:
+    """latin : <6x6 grid with 14-22 blanks (`blanks`)> => <a completed latin square>"""
+    return draw_puzzle(rng, "latin", random_latin_square(rng, LATIN_SIZE), blanks)
 
 
-def sample_sudoku(rng: np.random.Generator) -> tuple[str, str]:
-    """sudoku : <9x9 grid with 30-45 blanks> => <a completed sudoku>"""
-    return draw_puzzle(rng, "sudoku", random_sudoku(rng), SUDOKU_BLANKS)
+def sample_sudoku(rng: np.random.Generator, blanks: tuple[int, int] = SUDOKU_BLANKS) -> tuple[str, str]:
+    """sudoku : <9x9 grid with 30-45 blanks (`blanks`)> => <a completed sudoku>"""
+    return draw_puzzle(rng, "sudoku", random_sudoku(rng), blanks)
 
 
 def parse_grid(words: list[str], size: int, cells: tuple[str, ...]) -> list[list[str]] | None:
@@ -193,10 +209,11 @@ def puzzle_checker(size: int, box: int | None):
 # ------------------------------------------------------------ distinct names
 
 
-def sample_distinct_names(rng: np.random.Generator) -> tuple[str, str]:
-    """name <N> others : <K names> => <N other names, alphabetical>"""
-    given = int(rng.integers(DISTINCT_GIVEN[0], DISTINCT_GIVEN[1] + 1))
-    asked = int(rng.integers(DISTINCT_ASKED[0], DISTINCT_ASKED[1] + 1))
+def sample_distinct_names(rng: np.random.Generator, given_range: tuple[int, int] = DISTINCT_GIVEN,
+                          asked_range: tuple[int, int] = DISTINCT_ASKED) -> tuple[str, str]:
+    """name <N> others : <K names> => <N other names, alphabetical>, K and N in the ranges (inclusive)"""
+    given = int(rng.integers(given_range[0], given_range[1] + 1))
+    asked = int(rng.integers(asked_range[0], asked_range[1] + 1))
     order = rng.permutation(len(NAMES))
     shown = [NAMES[i] for i in order[:given]]
     others = sorted(NAMES[i] for i in rng.choice(order[given:], size=asked, replace=False))
@@ -219,22 +236,35 @@ def is_valid_distinct_names(prompt_words: list[str], answer_words: list[str], ou
 GRID_WORDS = (":", ANSWER_DELIMITER, ROW_SEPARATOR, BLANK)
 ARITHMETIC_WORDS = (":", ANSWER_DELIMITER, *DIGITS)
 
+
+
+def with_easy(sample, **easy_sizes):
+    """The train-split sampler of `sample`: `EASY_SHARE` of its draws at `easy_sizes`, the rest at the test's."""
+    return curriculum(functools.partial(sample, **easy_sizes), sample, EASY_SHARE)
+
+
 PARALLEL_TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        *line_tasks(LINE, suite=SUITE),
+        *line_tasks(LINE, suite=SUITE, easy_shape=EASY_LINE, easy_share=EASY_SHARE),
         Task("addition", True, sample_addition, exact_match, ("add", "+", *ARITHMETIC_WORDS),
-             suite=SUITE, max_answer_tokens=MAX_DIGITS + 1),
+             suite=SUITE, max_answer_tokens=MAX_DIGITS + 1,
+             train_sample=with_easy(sample_addition, digits=EASY_DIGITS)),
         Task("multiplication", True, sample_multiplication, exact_match, ("multiply", "*", *ARITHMETIC_WORDS),
-             suite=SUITE, max_answer_tokens=MAX_DIGITS + 1),
+             suite=SUITE, max_answer_tokens=MAX_DIGITS + 1,
+             train_sample=with_easy(sample_multiplication, digits=EASY_DIGITS)),
         Task("latin_square", False, sample_latin_square, puzzle_checker(LATIN_SIZE, None),
              ("latin", *GRID_WORDS, *(str(s) for s in range(1, LATIN_SIZE + 1))),
-             suite=SUITE, max_answer_tokens=LATIN_SIZE * LATIN_SIZE + LATIN_SIZE - 1),
+             suite=SUITE, max_answer_tokens=LATIN_SIZE * LATIN_SIZE + LATIN_SIZE - 1,
+             train_sample=with_easy(sample_latin_square, blanks=EASY_LATIN_BLANKS)),
         Task("sudoku", False, sample_sudoku, puzzle_checker(SUDOKU_SIZE, SUDOKU_BOX),
              ("sudoku", *GRID_WORDS, *(str(s) for s in range(1, SUDOKU_SIZE + 1))),
-             suite=SUITE, max_answer_tokens=SUDOKU_SIZE * SUDOKU_SIZE + SUDOKU_SIZE - 1),
+             suite=SUITE, max_answer_tokens=SUDOKU_SIZE * SUDOKU_SIZE + SUDOKU_SIZE - 1,
+             train_sample=with_easy(sample_sudoku, blanks=EASY_SUDOKU_BLANKS)),
         Task("distinct_names", False, sample_distinct_names, is_valid_distinct_names,
              ("name", "others", ":", ANSWER_DELIMITER, *NUMBERS, *NAMES),
-             suite=SUITE, max_answer_tokens=DISTINCT_ASKED[1]),
+             suite=SUITE, max_answer_tokens=DISTINCT_ASKED[1],
+             train_sample=with_easy(sample_distinct_names, given_range=EASY_DISTINCT_GIVEN,
+                                    asked_range=EASY_DISTINCT_ASKED)),
     )
 }

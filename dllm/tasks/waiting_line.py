@@ -40,7 +40,7 @@ import functools
 
 import numpy as np
 
-from dllm.tasks.base import ANSWER_DELIMITER, Task, exact_match, prompt_payload
+from dllm.tasks.base import ANSWER_DELIMITER, Task, curriculum, exact_match, prompt_payload
 
 NAMES = (
     "Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal",
@@ -147,14 +147,23 @@ def line_task_words(*instruction_words: str, positions: tuple[str, ...] = (),
     return (*instruction_words, ":", ANSWER_DELIMITER, *positions, *names)
 
 
-def line_tasks(shape: LineShape = LineShape(), suite: str = "tiny") -> tuple[Task, ...]:
-    """The seven waiting-line tasks over lines of `shape` (copy ... shuffle), in that order."""
+def line_tasks(shape: LineShape = LineShape(), suite: str = "tiny", easy_shape: LineShape | None = None,
+               easy_share: float = 0.0) -> tuple[Task, ...]:
+    """The seven waiting-line tasks over lines of `shape` (copy ... shuffle), in that order.
+
+    With `easy_shape`, a share `easy_share` of the train split's lines come
+    from it instead (`dllm.tasks.base.curriculum`); the test split keeps `shape`.
+    """
     positions = tuple(str(p) for p in range(1, shape.high + 2))  # a line has high + 1 insertion points
     words = functools.partial(line_task_words, names=shape.names)
 
     def task(name, deterministic, sample, checker, task_words, longest=shape.high):
+        train_sample = None
+        if easy_shape is not None:
+            train_sample = curriculum(functools.partial(sample, shape=easy_shape),
+                                      functools.partial(sample, shape=shape), easy_share)
         return Task(name, deterministic, functools.partial(sample, shape=shape), checker, task_words, suite=suite,
-                    max_answer_tokens=longest)
+                    max_answer_tokens=longest, train_sample=train_sample)
 
     return (
         task("copy", True, sample_copy, exact_match, words("copy")),
