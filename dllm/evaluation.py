@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -83,14 +84,15 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
         return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
                         key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules, **fields)
 
+    keys_of = lambda start: jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + batch_size))
     jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),
-                              key).tokens)  # compile
+                              keys_of(0)).tokens)  # compile
     rows, seconds = [], 0.0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         filled = chunk + [chunk[0]] * (batch_size - len(chunk))
         began = time.perf_counter()
-        result = run(filled, jax.random.fold_in(key, start))
+        result = run(filled, keys_of(start))  # prompt i has key fold_in(key, i), whatever the batch
         tokens = np.asarray(jax.block_until_ready(result.tokens))
         seconds += time.perf_counter() - began
         nfe = np.asarray(result.nfe)

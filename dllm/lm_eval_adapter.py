@@ -182,7 +182,7 @@ class DllmLM(LM):
             batch += [batch[0]] * (self.batch_size - len(batch))  # one shape for every batch of this width
             tokens, mask = evaluation.left_pad(batch, width, self.tokenizer.pad_id)
             result = generate(self.model, tokens, self.sampler, gen_length=self.decode.gen_length,
-                              block_length=self.decode.block_length, key=jax.random.fold_in(self.key, start),
+                              block_length=self.decode.block_length, key=self._row_keys(index),
                               tokenizer=self.tokenizer, attention_mask=mask,
                               **{k: getattr(self.decode, k) for k in DECODE_FIELDS - {"gen_length", "block_length"}})
             generated = np.asarray(result.tokens)
@@ -247,6 +247,12 @@ class DllmLM(LM):
         whole = self.tokenizer.encode(context + continuation)
         prompt = self.tokenizer.encode(context)
         return prompt, whole[len(prompt):]
+
+    def _row_keys(self, index: list[int]) -> jax.Array:
+        """One key per row of a batch: request i draws from fold_in(key, i) in any batch (filler rows
+        repeat the first), so a request's answer does not depend on its batch."""
+        rows = index + [index[0]] * (self.batch_size - len(index))
+        return jax.vmap(lambda i: jax.random.fold_in(self.key, i))(jnp.asarray(rows))
 
     def _decode_until_eos(self, tokens) -> str:
         ids = []

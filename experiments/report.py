@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -374,7 +375,7 @@ def plot_pareto(rows: Sequence[dict], path: Path, title: str = "") -> None:
     handles += [plt.Line2D([], [], color="black", marker="o", markerfacecolor="none", markeredgewidth=1.5,
                            linestyle="--", linewidth=1, label="Pareto optimal / front")]
     fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-    fig.suptitle(title or "accuracy vs cost (black ring: Pareto optimal)")
+    fig.suptitle(textwrap.fill(title, 150) if title else "accuracy vs cost (black ring: Pareto optimal)")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.canvas.draw()  # fixes the axes' transforms before the labels are placed
     for ax, points, texts in to_label:

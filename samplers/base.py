@@ -19,10 +19,11 @@ Composition is by wrapping: a sampler may hold an `inner` sampler and call its
 `step` (early commit, adaptive blocks), or reshape the logits it passes on
 (credit).
 
-Randomness: step s of a decode draws from `state.step_key` =
-fold_in(key, s); `sample_tokens` uses fold_in(step_key, 0) and random
-remasking fold_in(step_key, 1), so a reference implementation can reproduce
-the exact draws.
+Randomness: each row has its own key (`dllm.decoding.engine.row_keys`), and
+step s of a decode draws from that row's `state.step_key` = fold_in(row key,
+s): `sample_tokens` uses fold_in(step_key, 0) and random remasking
+fold_in(step_key, 1), drawn per row, so a row's noise does not depend on the
+batch around it and a reference implementation can reproduce the exact draws.
 """
 
 from __future__ import annotations
@@ -156,17 +157,17 @@ def sample_tokens(logits: jax.Array, state: DecodeState) -> jax.Array:
 
     LLaDA computes argmax(exp(l) / (-log u)^T) in float64; we take the argmax
     of the monotone equivalent l - T * log(-log u), which cannot overflow in
-    float32. u ~ U(0, 1) is drawn from fold_in(step_key, 0) in `noise_dtype`,
-    over [B, G, V] also for window-only logits (their rows of it), so a
+    float32. u ~ U(0, 1) is drawn per row from fold_in(step_key, 0) in `noise_dtype`,
+    over [G, V] also for window-only logits (their rows of it), so a
     position gets the same draw from either.
     """
     temperature = state.config.temperature
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     dtype = noise_dtype(state)
-    batch, length, vocab = logits.shape
-    u = jax.random.uniform(jax.random.fold_in(state.step_key, 0), (batch, state.config.gen_length, vocab), dtype,
-                           minval=jnp.finfo(dtype).tiny, maxval=1.0)
+    _, length, vocab = logits.shape
+    u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (state.config.gen_length, vocab), dtype,
+                                                minval=jnp.finfo(dtype).tiny, maxval=1.0))(state.step_key)
     if length != state.config.gen_length:
         u = jax.vmap(lambda rows, start: jax.lax.dynamic_slice_in_dim(rows, start, length))(u, state.window_offsets)
     perturbed = logits.astype(dtype) - temperature * jnp.log(-jnp.log(u))

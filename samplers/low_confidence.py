@@ -91,8 +91,8 @@ class LowConfidence(base.Sampler):
             confidence = base.max_prob_confidence(base.probabilities(logits, state), proposed)
             confidence = base.on_generation(confidence, state, base.NEG_INF)
         else:
-            key = jax.random.fold_in(state.step_key, 1)
-            confidence = jax.random.uniform(key, tokens.shape, base.noise_dtype(state))
+            draw = lambda key: jax.random.uniform(jax.random.fold_in(key, 1), tokens.shape[1:], base.noise_dtype(state))
+            confidence = jax.vmap(draw)(state.step_key)
         confidence = base.deprioritize_eos(confidence, tokens, state)
         masked_at_start = jnp.where(state.step_in_block == 0, eligible.sum(-1), masked_at_start)
         k = self.commit_count(state, masked_at_start)

@@ -48,9 +48,10 @@ def reference_generate(model, prompt, *, steps, gen_length, block_length, temper
             logits = logits[p:]
             logits[:, MASK] = -np.inf  # the engine never proposes [MASK] (documented)
             if temperature > 0:
-                step_key = jax.random.fold_in(jax.random.fold_in(key, step), 0)
-                u = np.asarray(jax.random.uniform(step_key, (1, gen_length, VOCAB), jnp.float32,
-                                                  minval=np.finfo(np.float32).tiny, maxval=1.0), np.float64)[0]
+                row_key = jax.random.fold_in(key, 0)  # one prompt: row 0 of the engine's per-row keys
+                step_key = jax.random.fold_in(jax.random.fold_in(row_key, step), 0)
+                u = np.asarray(jax.random.uniform(step_key, (gen_length, VOCAB), jnp.float32,
+                                                  minval=np.finfo(np.float32).tiny, maxval=1.0), np.float64)
                 x0 = np.argmax(np.exp(logits) / (-np.log(u)) ** temperature, axis=-1)
             else:
                 x0 = np.argmax(logits, axis=-1)

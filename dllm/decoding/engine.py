@@ -16,10 +16,11 @@ count only real tokens, so a padded row decodes exactly as it does alone.
 KV cache (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618, §3.2 and Fig. 3):
 one mechanism for every sampler. A *refresh* step runs the full forward,
 stores K/V (after RoPE) of every position and also decodes (it counts as an
-NFE). A refresh happens whenever some unfinished row is at the first step of
-its block (rows move through blocks independently, so a batch may refresh
-more often than a single row would), and every `cache_refresh_every` steps if
-set. Between refreshes, a *window* step recomputes per row
+NFE). A row refreshes at the first step of each of its blocks, and every
+`cache_refresh_every` steps if set; the decision is per row (rows move through
+blocks independently: when only some rows refresh, the step runs both
+forwards and each row keeps its own, so a row decodes as it does alone).
+Between refreshes, a *window* step recomputes per row
   - "prefix": gen positions [block_start, block_start + gen_length) (the
     active block and everything after it; padded to a static length, so the
     query count does not shrink in later blocks as Fast-dLLM's does), or
@@ -86,8 +87,33 @@ def resolve_special_ids(model, tokenizer=None, special: SpecialIds | None = None
     return SpecialIds(mask=c.mask_token_id, eos=c.eos_token_id, eot=c.eos_token_id, pad=pad)
 
 
+def row_keys(key, batch: int) -> jax.Array:
+    """One PRNG key per row: `key` itself when it holds `batch` keys, else row i gets fold_in(key, i).
+
+    Every random draw of a row comes from its own key (`DecodeState.step_key`),
+    so a row's tokens depend on its prompt, its key and the settings, never on
+    the rows around it. To decode a prompt the same alone and in any batch,
+    give it the same key in both (`dllm.evaluation.decode_texts` keys rows by
+    their index in the prompt list).
+    """
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.dtype != jnp.uint32 or key.shape[-1:] != (2,):
+            raise ValueError(f"key of dtype {key.dtype} and shape {key.shape} is not a PRNG key; allowed: "
+                             "jax.random.key(seed), or one per prompt (shape [batch])")
+        key = jax.random.wrap_key_data(key)
+    if key.shape == ():
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    if key.shape != (batch,):
+        raise ValueError(f"key has shape {key.shape}; allowed: one key (row i draws from fold_in(key, i)) "
+                         f"or one key per prompt, shape ({batch},)")
+    return key
+
+
 def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds) -> DecodeState:
+    """`key`: one PRNG key or one per row (`row_keys`)."""
     batch, width = tokens.shape
+    key = row_keys(key, batch)
     g = config.gen_length
     canvas = jnp.concatenate([tokens, jnp.full((batch, g), special.mask, jnp.int32)], axis=1)
     mask = jnp.concatenate([attention_mask, jnp.ones((batch, g), jnp.int32)], axis=1)
@@ -206,15 +232,43 @@ def window_forward(model, state: DecodeState, padded: bool = True, window_only: 
     return place_logits(logits, state.block_start, config.gen_length), cache, computed
 
 
+def rows_to_refresh(state: DecodeState) -> jax.Array:
+    """bool [B]: the unfinished rows whose step is a refresh (first step of their block, or every
+    `cache_refresh_every` steps)."""
+    refresh = state.step_in_block == 0
+    if state.config.cache_refresh_every:
+        refresh = refresh | (state.step % state.config.cache_refresh_every == 0)
+    return refresh & ~state.done
+
+
+def select_rows(refresh: jax.Array, fresh, windowed):
+    """Per row: the refresh forward's output where `refresh`, else the window step's (pytrees of
+    arrays with the batch on axis 0, or on the "batch" axis of `CACHE_AXES` for the cache)."""
+    def pick(a, b, batch_axis=0):
+        shape = [1] * a.ndim
+        shape[batch_axis] = refresh.shape[0]
+        return jnp.where(refresh.reshape(shape), a, b)
+
+    logits, cache, computed = (pick(fresh[0], windowed[0]), None, pick(fresh[2], windowed[2]))
+    cache = jax.tree.map(lambda a, b: pick(a, b, CACHE_AXES[-a.ndim:].index("batch")), fresh[1], windowed[1])
+    return logits, cache, computed
+
+
 def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):
     """(logits, new cache, computed positions) for a cached engine step.
-    `window_only`: each row's block's logits, as `forward_logits`."""
-    config = state.config
-    refresh = jnp.any((state.step_in_block == 0) & ~state.done)
-    if config.cache_refresh_every:
-        refresh = refresh | (state.step % config.cache_refresh_every == 0)
-    logits, cache, computed = jax.lax.cond(refresh, lambda s: refresh_forward(model, s, window_only, padded),
-                                           lambda s: window_forward(model, s, padded, window_only), state)
+    `window_only`: each row's block's logits, as `forward_logits`.
+
+    The refresh is decided per row (`rows_to_refresh`), so a row decodes as it
+    would alone: when every unfinished row refreshes, one full forward; when
+    none does, one window step; when some do, both, each row taking its own.
+    """
+    refresh = rows_to_refresh(state)
+    active = ~state.done
+    full = lambda s: refresh_forward(model, s, window_only, padded)
+    window = lambda s: window_forward(model, s, padded, window_only)
+    mixed = lambda s: select_rows(refresh, full(s), window(s))
+    branch = jnp.where(jnp.all(refresh | ~active), 0, jnp.where(jnp.any(refresh), 2, 1))
+    logits, cache, computed = jax.lax.switch(branch, (full, window, mixed), state)
     return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
 
 
@@ -352,7 +406,9 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         array [B, P] (then pass `attention_mask` for its padding).
       sampler: a `samplers.base.Sampler`.
       gen_length, block_length: see `DecodeConfig`.
-      key: PRNG key; the same key gives the same tokens.
+      key: one PRNG key (row i draws from fold_in(key, i)) or one key per
+        prompt, shape [B] (`row_keys`); a row's tokens depend only on its
+        prompt, its key and the settings, never on the other rows.
       tokenizer: source of the special ids (else the model config's).
       mesh, rules: decode sharded over a `jax.sharding.Mesh` (see
         `dllm.sharding`): parameters placed by the logical-axis `rules`

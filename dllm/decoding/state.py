@@ -175,7 +175,8 @@ class DecodeState:
 
     @property
     def step_key(self) -> jax.Array:
-        return jax.random.fold_in(self.key, self.step)
+        """[B] keys: fold_in(row's key, step), the source of every random draw of this step."""
+        return jax.vmap(lambda key: jax.random.fold_in(key, self.step))(self.key)
 
     @property
     def progress(self) -> jax.Array:
