@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from dllm.models import hf_names
-from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, to_own_config_dict
+from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, read_json, to_own_config_dict
 from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups,
                                      layer_param_shapes, model_layer_shapes, model_param_tree)
 from dllm.tokenizer import Tokenizer
@@ -47,12 +47,26 @@ class SafetensorsFile:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: safetensors shard is missing")
+        size = self.path.stat().st_size
+        if size < 8:
+            raise ValueError(f"{self.path}: truncated safetensors shard ({size} bytes; the 8-byte header "
+                             "length alone is longer)")
         with open(self.path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            if header_len > size - 8:
+                raise ValueError(f"{self.path}: bad safetensors header: it says {header_len} header bytes, "
+                                 f"the file has {size - 8} after the length (truncated or not a safetensors file)")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ValueError(f"{self.path}: bad safetensors header: its {header_len} bytes are not JSON "
+                                 "(corrupted, or not a safetensors file)") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: bad safetensors header: expected a JSON object")
         header.pop("__metadata__", None)
         self.header = header
         self.data_start = 8 + header_len
+        self.size = size
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     def keys(self):
@@ -64,6 +78,13 @@ class SafetensorsFile:
         if dtype is None:
             raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        if self.data_start + end > self.size:
+            raise ValueError(f"{self.path}: truncated safetensors shard: tensor {name!r} needs bytes up to "
+                             f"{self.data_start + end}, the file has {self.size}")
+        expected = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != expected:
+            raise ValueError(f"{self.path}: bad safetensors header: tensor {name!r} of shape {info['shape']} "
+                             f"and dtype {info['dtype']} needs {expected} bytes, its offsets span {end - begin}")
         raw = self._mmap[self.data_start + begin:self.data_start + end]
         return raw.view(dtype).reshape(info["shape"])
 
@@ -77,7 +98,10 @@ class SafetensorsIndex:
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            index = read_json(index_path)
+            if not isinstance(index.get("weight_map"), dict):
+                raise ValueError(f"{index_path}: missing field 'weight_map' (tensor name -> shard file)")
+            weight_map = index["weight_map"]
             for shard in sorted(set(weight_map.values())):
                 if not (folder / shard).is_file():
                     raise FileNotFoundError(

@@ -56,8 +56,11 @@ def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndar
 
 
 def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeConfig, *, batch_size: int = 64,
-                 key=None, prompt_width: int | None = None, mesh=None, rules=None) -> tuple[list[dict], dict]:
+                 key=None, prompt_width: int | None = None, mesh=None, rules=None,
+                 progress: bool = True) -> tuple[list[dict], dict]:
     """Decodes every prompt; returns per-prompt rows and timing figures.
+
+    `progress`: a tqdm bar over the prompts (prompts/s) on a terminal; never in a log file.
 
     `mesh`, `rules`: decode sharded (see `dllm.generate`); `batch_size` must
     then divide over the mesh's batch axes.
@@ -88,6 +91,10 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
     jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),
                               keys_of(0)).tokens)  # compile
     rows, seconds = [], 0.0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(encoded), unit="prompt", desc="decoding", disable=None if progress else True,
+               dynamic_ncols=True)  # prompts/s; None: shown on a terminal, silent in logs
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
         filled = chunk + [chunk[0]] * (batch_size - len(chunk))
@@ -95,6 +102,7 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
         result = run(filled, keys_of(start))  # prompt i has key fold_in(key, i), whatever the batch
         tokens = np.asarray(jax.block_until_ready(result.tokens))
         seconds += time.perf_counter() - began
+        bar.update(len(chunk))
         nfe = np.asarray(result.nfe)
         committed = np.asarray((result.trace.commit_step >= 0).sum(-1))
         for i in range(len(chunk)):
@@ -105,6 +113,7 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
                 "tokens_per_forward": float(committed[i] / max(nfe[i], 1)),
                 "finished": left_masked == 0, "left_masked": left_masked,
             })
+    bar.close()
     n_batches = -(-len(encoded) // batch_size)
     timing = {
         "seconds": seconds, "batches": n_batches, "batch_size": batch_size,

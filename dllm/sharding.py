@@ -130,6 +130,31 @@ def logical_to_spec(axes: Sequence[str | None], rules, mesh_axes: Sequence[str] 
     return PartitionSpec(*spec)
 
 
+def fit_rules(rules, mesh: Mesh, model) -> Rules:
+    """`rules` with each logical axis that some parameter of `model` cannot split replicated instead.
+
+    For presets meant to run any model (`MeshConfig.fit_to_model`): a
+    dimension that does not divide over its mesh axes (the tiny-tasks model's
+    57-token vocabulary over tensor=4) is replicated along that logical axis
+    everywhere, with a printed notice naming the parameter and the sizes.
+    Rules given to `generate` / `Layout.of` directly are not fitted: there an
+    indivisible dimension stays an error.
+    """
+    rules = check_rules(default_rules(mesh) if rules is None else rules, mesh.axis_names)
+    layout = Layout(mesh, rules)
+    dropped: dict[str, str] = {}
+    for path, var in _params(model):
+        axes = _logical_axes(path, var)
+        spec = tuple(layout.spec(axes)) + (None,) * len(axes)
+        for dim, (size, name, entry) in enumerate(zip(var.shape, axes, spec)):
+            if name is not None and name not in dropped and size % layout.split(entry):
+                dropped[name] = (f"parameter {_name(path)!r} dimension {dim} ({name!r}) of size {size} does not "
+                                 f"divide over {layout.split(entry)} devices")
+    for name, why in dropped.items():
+        print(f"sharding: {why}: replicating {name!r} (the other rules hold)", flush=True)
+    return tuple((logical, None if logical in dropped else target) for logical, target in rules)
+
+
 def default_rules(mesh: Mesh) -> Rules:
     """`DEFAULT_RULES` restricted to the axes `mesh` has (for `rules=None` with a hand-made mesh)."""
     out = []
@@ -164,6 +189,10 @@ class MeshConfig:
         SLURM, Open MPI, Kubernetes) or read JAX_COORDINATOR_ADDRESS etc.
         The environment variables DLLM_COORDINATOR_ADDRESS,
         DLLM_NUM_PROCESSES and DLLM_PROCESS_ID override them.
+      fit_to_model: replicate a logical axis some parameter of the model
+        cannot split over its mesh axes, with a printed notice (`fit_rules`;
+        the presets set it, so they run every bundled model); False: such a
+        dimension is an error naming it.
     """
 
     axes: dict = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
@@ -173,6 +202,7 @@ class MeshConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    fit_to_model: bool = False
 
     def __post_init__(self):
         axes = dict(self.axes)

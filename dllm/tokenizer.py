@@ -20,7 +20,14 @@ PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The JSON object in `path` ({} when absent), or one ValueError line naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    return value if isinstance(value, dict) else {}
 
 
 def _token_text(value) -> str | None:
@@ -52,6 +59,9 @@ class Tokenizer:
             raise ValueError(f"{source}: pad id {self.pad_id} equals the mask id; padding must not look masked")
         self.chat_template = chat_template
         self.source = source
+        unk = json.loads(tokenizer.to_str()).get("model", {}).get("unk_token")
+        self.unk_id = tokenizer.token_to_id(unk) if unk else None
+        self.allow_unk = False  # True: words outside the vocabulary become the unknown token silently
 
     @property
     def vocab_size(self) -> int:
@@ -65,7 +75,16 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`. A word outside the vocabulary of a tokenizer with an unknown token
+        (the task suites' word-level ones) is an error naming it, unless `allow_unk` is set."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        if self.unk_id is not None and not self.allow_unk and self.unk_id in encoding.ids:
+            unknown = [text[a:b] for (a, b), i in zip(encoding.offsets, encoding.ids) if i == self.unk_id]
+            raise ValueError(f"{self.source}: {unknown} not in the tokenizer's vocabulary of {self.vocab_size} "
+                             f"tokens (in {text!r}); they would all read as "
+                             f"{self.backend.id_to_token(self.unk_id)!r}. Fix the text, or allow it "
+                             "(tokenizer.allow_unk = True; Hydra: allow_unk=true)")
+        return encoding.ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -92,7 +111,10 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json in the checkpoint folder")
-        backend = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises its own exception type
+            raise ValueError(f"{path}: not a readable tokenizer.json ({str(error).splitlines()[0][:200]})") from None
         model_config = _read_json(folder / "config.json")
         tok_config = _read_json(folder / "tokenizer_config.json")
         special_map = _read_json(folder / "special_tokens_map.json")

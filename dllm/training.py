@@ -338,11 +338,16 @@ def save_checkpoint(manager, step: int, params, opt_state, data_state: dict, mod
     manager.wait_until_finished()
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint that is intact but belongs to another model shape or data stream."""
+
+
 def restore_checkpoint(manager, step: int, params, opt_state, data_state: dict):
     """Restores (params, opt_state) of `step` after checking shapes and the data stream.
 
-    Raises ValueError naming the parameter and both shapes when the checkpoint
-    belongs to another model shape, or the field when the data stream differs.
+    Raises ResumeMismatch (a ValueError) naming the parameter and both shapes
+    when the checkpoint belongs to another model shape, or the field when the
+    data stream differs.
     """
     import orbax.checkpoint as ocp
 
@@ -351,21 +356,47 @@ def restore_checkpoint(manager, step: int, params, opt_state, data_state: dict):
     stored = {name: tuple(shape) for name, shape in meta["param_shapes"].items()}
     for name, value in params.items():
         if name not in stored:
-            raise ValueError(f"{where}: cannot resume: parameter {name!r} (shape {tuple(value.shape)}) "
+            raise ResumeMismatch(f"{where}: cannot resume: parameter {name!r} (shape {tuple(value.shape)}) "
                              f"is not in the checkpoint; it holds {sorted(stored)}")
         if stored[name] != tuple(value.shape):
-            raise ValueError(f"{where}: cannot resume: parameter {name!r} has shape {stored[name]} in the "
+            raise ResumeMismatch(f"{where}: cannot resume: parameter {name!r} has shape {stored[name]} in the "
                              f"checkpoint, the model config expects {tuple(value.shape)}")
     if extra := sorted(set(stored) - set(params)):
-        raise ValueError(f"{where}: cannot resume: the checkpoint has parameters {extra} the model config lacks")
+        raise ResumeMismatch(f"{where}: cannot resume: the checkpoint has parameters {extra} the model config lacks")
     for field, value in data_state.items():
         if meta["data"].get(field) != value:
-            raise ValueError(f"{where}: cannot resume exactly: data {field}={meta['data'].get(field)!r} in the "
+            raise ResumeMismatch(f"{where}: cannot resume exactly: data {field}={meta['data'].get(field)!r} in the "
                              f"checkpoint, {value!r} now; use a new workdir or train.resume=false")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             {"params": params, "opt_state": opt_state})
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     return state["params"], state["opt_state"]
+
+
+def restore_newest(manager, params, opt_state, data_state: dict):
+    """(params, opt_state, step) of the newest checkpoint that restores.
+
+    A damaged checkpoint (killed mid-write on a filesystem without atomic
+    renames, a truncated or corrupted file) is skipped with one printed line
+    naming it and the error, and the one before it is tried; a checkpoint
+    that restores but belongs to another run (`ResumeMismatch`) is an error,
+    not skipped. RuntimeError when none restores, listing each one's error.
+    """
+    skipped = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            params_, opt_state_ = restore_checkpoint(manager, step, params, opt_state, data_state)
+        except ResumeMismatch:
+            raise
+        except Exception as error:  # noqa: BLE001: any damage; the message is kept and shown
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            where = Path(manager.directory) / str(step)
+            print(f"resume: skipping damaged checkpoint {where} ({type(error).__name__}: {first})", flush=True)
+            skipped.append(f"{where}: {type(error).__name__}: {first}")
+            continue
+        return params_, opt_state_, step
+    raise RuntimeError("resume: no checkpoint restores; " + "; ".join(skipped)
+                       + ". Remove the damaged folders or use a new workdir")
 
 
 # --------------------------------------------------------------------------- #
@@ -478,8 +509,7 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
         raise ValueError(f"TrainConfig.resume=False but {workdir / 'checkpoints'} holds checkpoints up to step "
                          f"{latest}; allowed: resume=True, or a new workdir")
     if latest is not None:
-        params, opt_state = restore_checkpoint(manager, latest, params, opt_state, data.train.state())
-        step = latest
+        params, opt_state, step = restore_newest(manager, params, opt_state, data.train.state())
         writer.write({"event": "resume", "step": step})
     else:
         writer.write({"event": "start", "step": 0, "n_params": n_params, "model_config": model_config.to_dict(),

@@ -67,11 +67,13 @@ def load_model(cfg: DictConfig):
                              "checkpoint=null to build a random model from model.*")
         layout = {k: v for k, v in (cfg.get("layout") or {}).items() if v is not None}
         model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"), **layout)
+        tokenizer.allow_unk = bool(cfg.get("allow_unk", False))
         return model, tokenizer, str(path)
     from dllm.data import task_tokenizer
 
     print("checkpoint=null: using a RANDOMLY INITIALISED model (configs/model) with the tiny-suite tokenizer")
     tokenizer = task_tokenizer()
+    tokenizer.allow_unk = bool(cfg.get("allow_unk", False))
     config = model_config(cfg).replace(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id,
                                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     return dllm.Transformer(config, rngs=nnx.Rngs(cfg.get("seed", 0))), tokenizer, "random-init"
@@ -102,10 +104,12 @@ def task_examples(cfg: DictConfig, tokenizer=None):
     return suite_examples(task.split, task.n_per_task, tasks=tasks, suite=suite)
 
 
-def decode_mesh(cfg: DictConfig):
+def decode_mesh(cfg: DictConfig, model=None):
     """(mesh, rules) of `cfg.mesh` for sharded decoding, or (None, None) for one
-    device (`mesh=single`, or a mesh of one device: the unsharded path)."""
-    from dllm.sharding import MeshConfig, make_mesh
+    device (`mesh=single`, or a mesh of one device: the unsharded path).
+    With `mesh.fit_to_model` (the presets) the rules are fitted to `model`
+    (`dllm.sharding.fit_rules`: an indivisible axis is replicated, with a notice)."""
+    from dllm.sharding import MeshConfig, fit_rules, make_mesh
 
     if cfg.get("mesh") is None:
         return None, None
@@ -113,4 +117,6 @@ def decode_mesh(cfg: DictConfig):
     mesh = make_mesh(mesh_config)
     if mesh.size == 1:
         return None, None
+    if mesh_config.fit_to_model and model is not None:
+        return mesh, fit_rules(mesh_config.rules, mesh, model)
     return mesh, mesh_config.rules

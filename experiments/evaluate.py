@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> dict:
     model, tokenizer, source = load_model(cfg)
     sampler = build_sampler(cfg)
     decode = decode_config(cfg)
-    mesh, rules = decode_mesh(cfg)
+    mesh, rules = decode_mesh(cfg, model)
     examples = task_examples(cfg, tokenizer)
     result = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules)

@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> dict:
     model, tokenizer, source = load_model(cfg)
     sampler = build_sampler(cfg)
     decode = decode_config(cfg)
-    mesh, rules = decode_mesh(cfg)
+    mesh, rules = decode_mesh(cfg, model)
     if cfg.prompts:
         if isinstance(cfg.prompts, str):
             raise TypeError(f"prompts={cfg.prompts!r} is one string; allowed: a list of prompt texts, "

@@ -94,7 +94,7 @@ class LowConfidence(base.Sampler):
             draw = lambda key: jax.random.uniform(jax.random.fold_in(key, 1), tokens.shape[1:], base.noise_dtype(state))
             confidence = jax.vmap(draw)(state.step_key)
         confidence = base.deprioritize_eos(confidence, tokens, state)
-        masked_at_start = jnp.where(state.step_in_block == 0, eligible.sum(-1), masked_at_start)
+        masked_at_start = jnp.where(state.step_in_block == 0, eligible.sum(-1, dtype=jnp.int32), masked_at_start)  # int32 carry under x64 too
         k = self.commit_count(state, masked_at_start)
         commit = base.top_k_commit(confidence, eligible, k)
         return base.Commit(tokens=tokens, commit=commit, confidence=confidence.astype(jnp.float32)), masked_at_start

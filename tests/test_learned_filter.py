@@ -305,6 +305,7 @@ def test_configs_build():
     assert ft.OracleConfig(**oracle).block_length == 8
     assert ft.FilterTrainConfig(**cfg["train"]).accept_threshold == 0.96
     ft.check_features(cfg["filter"]["features"])
+    assert cfg["filter_path"] == "runs/train_filter/filter"  # its run folder, never the bundled filter by default
 
 
 def test_bad_input(tmp_path, hand_filter):

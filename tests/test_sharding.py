@@ -37,6 +37,8 @@ if __name__ == "__main__":
     os.environ.update(WORKER_ENV)
     sys.path.insert(0, str(REPO))
 
+import contextlib
+import io
 import json
 import subprocess
 import tempfile
@@ -219,6 +221,11 @@ def run_worker(name: str) -> dict:
             except ValueError as e:
                 errors[what] = str(e)
         out["errors"] = errors
+        notice = io.StringIO()
+        with contextlib.redirect_stdout(notice):  # a preset's rules fitted to a model they cannot split
+            fitted = sharding.fit_rules(DEFAULT_RULES, mesh, gqa)
+        sharding.Layout.of(mesh, fitted).param_shardings(gqa)  # no error now
+        out["fitted"] = {"rules": [[k, list(v) if v else None] for k, v in fitted], "notice": notice.getvalue()}
     return out
 
 
@@ -389,6 +396,14 @@ def test_indivisible_dimensions_name_the_parameter_axis_and_sizes(workers):
         "(data=1, fsdp=2); allowed: a multiple of 2 rows")
     assert "parameter 'embed': dimension 0 ('vocab') of size 30 does not divide over mesh axis tensor" \
         in errors["place_indivisible"]
+
+
+def test_a_preset_fitted_to_a_model_replicates_the_axis_it_cannot_split(workers):
+    fitted = workers["fsdp2_tensor4"]["fitted"]
+    rules = dict((k, v) for k, v in fitted["rules"])
+    assert rules["kv_heads"] is None and rules["heads"] == ["tensor"] and rules["embed"] == ["fsdp"]
+    assert fitted["notice"] == ("sharding: parameter 'k_proj' dimension 2 ('kv_heads') of size 2 does not divide "
+                                "over 4 devices: replicating 'kv_heads' (the other rules hold)\n")
 
 
 

@@ -35,6 +35,7 @@ positions have logits (others get zeros), commits elsewhere are dropped and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -356,6 +357,22 @@ def _decode_with(compiler_options: tuple):
                    compiler_options=dict(compiler_options) or None)
 
 
+def decode_step(model, state: DecodeState, carry, *, sampler, padded: bool = True,
+                constrain=lambda x, axes: x, constrain_cache=lambda cache: cache):
+    """One forward pass (one NFE) and its commits: (state, carry, logits, commit).
+
+    The body of the decoding loop; `steps` runs it one call at a time."""
+    window_only = uses_window_logits(sampler, state.config)
+    if state.config.cache == "none":
+        logits, computed = forward_logits(model, state, window_only, padded), None
+    else:
+        logits, cache, computed = cached_logits(model, state, window_only, padded)
+        state = state.replace(cache=constrain_cache(cache))
+    commit, carry = sampler.step(logits, state, carry)
+    state = apply_commit(state, commit, computed)
+    return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry, logits, commit
+
+
 def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None, padded=True):
     """`padded`: whether some prompt has left padding (else full forwards run
     unmasked attention). `layout` (a `dllm.sharding.Layout`, or None on one device): the canvas
@@ -372,22 +389,15 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
         empty = KVCache.zeros(model.config, tokens.shape[0], cache_length(state))
         state = state.replace(cache=constrain_cache(empty))
     carry = sampler.init(state)
-    window_only = uses_window_logits(sampler, config)
 
     def cond(loop):
         state, _ = loop
         return (state.step < config.max_steps) & ~jnp.all(state.done)
 
     def body(loop):
-        state, carry = loop
-        if config.cache == "none":
-            logits, computed = forward_logits(model, state, window_only, padded), None
-        else:
-            logits, cache, computed = cached_logits(model, state, window_only, padded)
-            state = state.replace(cache=constrain_cache(cache))
-        commit, carry = sampler.step(logits, state, carry)
-        state = apply_commit(state, commit, computed)
-        return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry
+        state, carry, _, _ = decode_step(model, *loop, sampler=sampler, padded=padded, constrain=constrain,
+                                         constrain_cache=constrain_cache)
+        return state, carry
 
     state, _ = jax.lax.while_loop(cond, body, (state, carry))
     trace = Trace(state.commit_step, state.committed_per_step, state.confidence_history)
@@ -426,6 +436,37 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     Returns:
       DecodeResult with tokens [B, gen_length], nfe [B] and the trace.
     """
+    config, sampler, special, tokens, mask, key = prepare(model, prompt_tokens, sampler, gen_length, block_length,
+                                                          key, tokenizer, attention_mask, special, config_fields)
+    graphdef, params = nnx.split(model)
+    padded = bool(np.any(np.asarray(mask) == 0))
+    options = COMPILER_OPTIONS if compiler_options is None else compiler_options
+    decode = _decode_with(tuple(sorted(options.items())))
+    if mesh is None:
+        return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
+                       sampler=sampler, config=config, special=special, padded=padded)
+    if model.config.window_attention_impl == "pallas":
+        raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
+                         "with a mesh use 'xla', 'cudnn' or None")
+    from dllm import sharding
+
+    layout = sharding.Layout.of(mesh, rules)
+    layout.check_batch(tokens.shape[0], "the prompt batch")
+    if config.cache != "none":
+        c = model.config
+        length = tokens.shape[1] + gen_length + window_length(config) + 1  # as cache_length(state)
+        layout.check("the KV cache", (c.n_layers, tokens.shape[0], length, c.n_kv_heads, c.head_dim), CACHE_AXES)
+    shardings = layout.param_shardings(model)
+    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
+    tokens, mask = layout.put_batch((tokens, mask))
+    key = jax.device_put(key, layout.replicated())
+    return decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
+                   layout=layout, padded=padded)
+
+
+def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,
+            config_fields):
+    """`generate`'s and `steps`' checks and inputs: (config, bound sampler, special ids, tokens, mask, key)."""
     from samplers.base import Sampler
 
     if not isinstance(sampler, Sampler):
@@ -455,27 +496,69 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     if np.any(real == special.mask):
         raise ValueError(f"a prompt contains the mask token id {special.mask}; prompts must be fully observed")
     key = jax.random.key(0) if key is None else key
-    graphdef, params = nnx.split(model)
-    padded = bool(np.any(np.asarray(mask) == 0))
-    options = COMPILER_OPTIONS if compiler_options is None else compiler_options
-    decode = _decode_with(tuple(sorted(options.items())))
-    if mesh is None:
-        return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
-                       sampler=sampler, config=config, special=special, padded=padded)
-    if model.config.window_attention_impl == "pallas":
-        raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
-                         "with a mesh use 'xla', 'cudnn' or None")
-    from dllm import sharding
+    return config, sampler, special, tokens, mask, row_keys(key, tokens.shape[0])
 
-    layout = sharding.Layout.of(mesh, rules)
-    layout.check_batch(tokens.shape[0], "the prompt batch")
-    if config.cache != "none":
-        c = model.config
-        length = tokens.shape[1] + gen_length + window_length(config) + 1  # as cache_length(state)
-        layout.check("the KV cache", (c.n_layers, tokens.shape[0], length, c.n_kv_heads, c.head_dim), CACHE_AXES)
-    shardings = layout.param_shardings(model)
-    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
-    tokens, mask = layout.put_batch((tokens, mask))
-    key = jax.device_put(key, layout.replicated())
-    return decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
-                   layout=layout, padded=padded)
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One forward pass of a decode, as `steps` yields it (host arrays).
+
+    index: the step (0-based); nfe after it = index + 1 for unfinished rows.
+    tokens: int32 [B, G], the generation canvas after this step's commits.
+    logits: float32 [B, G or block_length, V], what the sampler read (the
+      active blocks only for window-only samplers, `uses_window_logits`).
+    commit: the sampler's `Commit` (tokens, commit mask, confidence, ...).
+    committed: bool [B, G], the positions this step actually wrote.
+    done: bool [B], rows finished after this step.
+    state: the `DecodeState` after the step (device arrays), for anything else.
+    """
+
+    index: int
+    tokens: np.ndarray
+    logits: np.ndarray
+    commit: object
+    committed: np.ndarray
+    done: np.ndarray
+    state: DecodeState
+
+
+def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, key=None, tokenizer=None,
+          attention_mask=None, special: SpecialIds | None = None, **config_fields):
+    """Steps through a decode one forward pass at a time: yields a `Step` per NFE.
+
+    The same inputs, checks and tokens as `generate` (tested): each step is
+    `decode_step`, the loop body `generate` compiles, here jitted alone and
+    driven from Python, so a notebook can stop anywhere and read the logits,
+    the confidences and the commits. Slower than `generate` (one dispatch and
+    one host copy per step); one device, no mesh.
+
+        for s in dllm.decoding.steps(model, [tokens], sampler, gen_length=24, block_length=8, tokenizer=tok):
+            print(s.index, s.committed.sum(), s.commit.confidence.max())
+    """
+    config, sampler, special, tokens, mask, key = prepare(model, prompt_tokens, sampler, gen_length, block_length,
+                                                          key, tokenizer, attention_mask, special, config_fields)
+    padded = bool(np.any(np.asarray(mask) == 0))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def start(params, tokens, mask, key):
+        state = initial_state(tokens, mask, key, config, special)
+        if config.cache != "none":
+            state = state.replace(cache=KVCache.zeros(nnx.merge(graphdef, params).config, tokens.shape[0],
+                                                      cache_length(state)))
+        return state, sampler.init(state)
+
+    @jax.jit
+    def advance(params, state, carry):
+        before = state.gen_tokens
+        state, carry, logits, commit = decode_step(nnx.merge(graphdef, params), state, carry, sampler=sampler,
+                                                   padded=padded)
+        return state, carry, logits, commit, state.gen_tokens != before
+
+    state, carry = start(params, jnp.asarray(tokens), jnp.asarray(mask), key)
+    index = 0
+    while index < config.max_steps and not bool(jnp.all(state.done)):
+        state, carry, logits, commit, committed = advance(params, state, carry)
+        yield Step(index=index, tokens=np.asarray(state.gen_tokens), logits=np.asarray(logits), commit=commit,
+                   committed=np.asarray(committed), done=np.asarray(state.done), state=state)
+        index += 1

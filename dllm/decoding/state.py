@@ -129,7 +129,7 @@ class DecodeState:
     commit_step:     int32 [B, gen_length], step that committed each position (-1: never).
     committed_per_step: int32 [B, max_steps].
     confidence_history: float32 [max_steps, B, gen_length] or None.
-    key:             the PRNG key of the whole decode; step s uses fold_in(key, s).
+    key:             [B] PRNG keys, one per row; row r's step s draws from fold_in(key[r], s).
     cache:           a `KVCache` when DecodeConfig.cache != "none", else None.
     """
 

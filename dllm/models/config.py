@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,15 @@ def _require(config: dict, path: Path, *names: str):
     raise ValueError(f"{path}: missing config field {' or '.join(repr(n) for n in names)}")
 
 
+def _default(config: dict, path: Path, name: str, value, source: str):
+    """config[name], or `value` (the architecture's documented default, `source`) with a printed
+    notice: a field that changes the numbers is never filled in silently."""
+    if config.get(name) is not None:
+        return config[name]
+    warnings.warn(f"{path}: no {name!r}; using {value!r}, {source}", stacklevel=3)
+    return value
+
+
 def detect_architecture(config: dict, path: Path) -> str:
     """'llada' or 'dream' from an HF config.json dict, or a clear error."""
     names = [a.lower() for a in config.get("architectures") or []]
@@ -175,7 +185,10 @@ def detect_architecture(config: dict, path: Path) -> str:
     if model_type == "dream" or any("dream" in a for a in names):
         return "dream"
     if model_type == "dllm":  # our own config.json, written by save_hf / orbax export
-        return config["arch"]
+        arch = _require(config, path, "arch")
+        if arch not in ("llada", "dream"):
+            raise ValueError(f"{path}: arch={arch!r}; allowed: 'llada', 'dream'")
+        return arch
     raise ValueError(
         f"{path}: unknown architecture (model_type={config.get('model_type')!r}, "
         f"architectures={config.get('architectures')!r}); allowed: LLaDA (model_type 'llada') "
@@ -201,8 +214,8 @@ def from_hf_config(config: dict, path: Path | str = "config.json", **overrides) 
             n_heads=n_heads,
             n_kv_heads=config.get("n_kv_heads") or n_heads,
             mlp_hidden=mlp_hidden,
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(_default(config, path, "rope_theta", 10000.0, "LLaDAConfig's default")),
+            rms_norm_eps=float(_default(config, path, "rms_norm_eps", 1e-5, "LLaDAConfig's default")),
             qkv_bias=bool(config.get("include_qkv_bias", False) or config.get("include_bias", False)),
             token_shift=False,
             tie_embeddings=bool(config.get("weight_tying", False)),
@@ -222,8 +235,8 @@ def from_hf_config(config: dict, path: Path | str = "config.json", **overrides) 
             n_kv_heads=config.get("num_key_value_heads") or n_heads,
             head_dim=config.get("head_dim"),
             mlp_hidden=_require(config, path, "intermediate_size"),
-            rope_theta=float(config.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_default(config, path, "rope_theta", 10000.0, "DreamConfig's (Qwen2's) default")),
+            rms_norm_eps=float(_default(config, path, "rms_norm_eps", 1e-6, "DreamConfig's (Qwen2's) default")),
             qkv_bias=True,
             token_shift=True,
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -240,7 +253,21 @@ def read_hf_config(folder: Path | str) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json in the checkpoint folder")
-    return json.loads(path.read_text())
+    return read_json(path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or one ValueError line naming the file and what is wrong."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (bad bytes); expected a JSON object") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, "
+                         f"column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def to_own_config_dict(config: ModelConfig) -> dict:
