@@ -488,7 +488,12 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
                                         pad_token_id=tokenizer.pad_id)
     mesh_config = mesh_config or sharding.MeshConfig()
     mesh = sharding.make_mesh(mesh_config, devices)
-    layout = sharding.Layout.of(mesh, mesh_config.rules)
+    rules = mesh_config.rules
+    if mesh_config.fit_to_model and mesh.size > 1:  # a preset: replicate an axis this model cannot split
+        from dllm.models.transformer import Transformer
+
+        rules = sharding.fit_rules(rules, mesh, nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+    layout = sharding.Layout.of(mesh, rules)
     batch_axes, n_batch_shards = layout.batch_devices()
     split = [a for a in batch_axes if mesh.shape[a] > 1]
     check_batch_divides(config.batch_size, n_batch_shards, split[0] if len(split) == 1 else " x ".join(split))
