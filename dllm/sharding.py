@@ -141,18 +141,22 @@ def fit_rules(rules, mesh: Mesh, model) -> Rules:
     indivisible dimension stays an error.
     """
     rules = check_rules(default_rules(mesh) if rules is None else rules, mesh.axis_names)
-    layout = Layout(mesh, rules)
     dropped: dict[str, str] = {}
-    for path, var in _params(model):
-        axes = _logical_axes(path, var)
-        spec = tuple(layout.spec(axes)) + (None,) * len(axes)
-        for dim, (size, name, entry) in enumerate(zip(var.shape, axes, spec)):
-            if name is not None and name not in dropped and size % layout.split(entry):
-                dropped[name] = (f"parameter {_name(path)!r} dimension {dim} ({name!r}) of size {size} does not "
-                                 f"divide over {layout.split(entry)} devices")
+    while True:  # replicating one axis frees its mesh axes for another dimension: check again until stable
+        fitted = tuple((logical, None if logical in dropped else target) for logical, target in rules)
+        layout, before = Layout(mesh, fitted), len(dropped)
+        for path, var in _params(model):
+            axes = _logical_axes(path, var)
+            spec = tuple(layout.spec(axes)) + (None,) * len(axes)
+            for dim, (size, name, entry) in enumerate(zip(var.shape, axes, spec)):
+                if name is not None and name not in dropped and size % layout.split(entry):
+                    dropped[name] = (f"parameter {_name(path)!r} dimension {dim} ({name!r}) of size {size} "
+                                     f"does not divide over {layout.split(entry)} devices")
+        if len(dropped) == before:
+            break
     for name, why in dropped.items():
         print(f"sharding: {why}: replicating {name!r} (the other rules hold)", flush=True)
-    return tuple((logical, None if logical in dropped else target) for logical, target in rules)
+    return fitted
 
 
 def default_rules(mesh: Mesh) -> Rules:

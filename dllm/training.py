@@ -332,10 +332,13 @@ def save_checkpoint(manager, step: int, params, opt_state, data_state: dict, mod
         "param_shapes": {name: list(value.shape) for name, value in params.items()},
         "model_config": model_config.to_dict(),
     }
-    manager.save(step, args=ocp.args.Composite(
+    saved = manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
         meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
+    if not saved:  # orbax refuses a step at or below its latest; never report a save that did not happen
+        raise RuntimeError(f"{manager.directory}: checkpoint of step {step} was not written (the manager holds "
+                           f"steps {sorted(manager.all_steps())})")
 
 
 class ResumeMismatch(ValueError):
@@ -376,13 +379,16 @@ def restore_checkpoint(manager, step: int, params, opt_state, data_state: dict):
 def restore_newest(manager, params, opt_state, data_state: dict):
     """(params, opt_state, step) of the newest checkpoint that restores.
 
-    A damaged checkpoint (killed mid-write on a filesystem without atomic
-    renames, a truncated or corrupted file) is skipped with one printed line
-    naming it and the error, and the one before it is tried; a checkpoint
-    that restores but belongs to another run (`ResumeMismatch`) is an error,
-    not skipped. RuntimeError when none restores, listing each one's error.
+    A checkpoint that does not restore (killed mid-write on a filesystem
+    without atomic renames, a truncated or corrupted file) is skipped with
+    one printed line naming it and the error, and the one before it is tried.
+    Once an older one restores, each skipped folder is renamed
+    `<step>.unrestorable` (kept, not deleted; orbax ignores it), so the run
+    can save those steps again. A checkpoint that restores but belongs to
+    another run (`ResumeMismatch`) is an error, not skipped. RuntimeError
+    when none restores, listing each one's error (nothing is renamed then).
     """
-    skipped = []
+    skipped, skipped_folders = [], []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             params_, opt_state_ = restore_checkpoint(manager, step, params, opt_state, data_state)
@@ -393,10 +399,17 @@ def restore_newest(manager, params, opt_state, data_state: dict):
             where = Path(manager.directory) / str(step)
             print(f"resume: skipping damaged checkpoint {where} ({type(error).__name__}: {first})", flush=True)
             skipped.append(f"{where}: {type(error).__name__}: {first}")
+            skipped_folders.append(where)
             continue
+        for where in skipped_folders:
+            aside = where.with_name(f"{where.name}.unrestorable")
+            where.rename(aside)
+            print(f"resume: moved {where} to {aside}; restored step {step}", flush=True)
+        if skipped_folders:
+            manager.reload()
         return params_, opt_state_, step
-    raise RuntimeError("resume: no checkpoint restores; " + "; ".join(skipped)
-                       + ". Remove the damaged folders or use a new workdir")
+    raise RuntimeError("resume: no checkpoint restores (a changed model or optimizer also looks like this); "
+                       + "; ".join(skipped) + ". Use a new workdir, or move the folders aside")
 
 
 # --------------------------------------------------------------------------- #
@@ -531,7 +544,7 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
                file=sys.stderr, desc="train")
     last = {}
     window_start, window_steps, start_time = time.perf_counter(), 0, time.perf_counter()
-    saved_step = latest
+    saved_step = step if latest is not None else None
     try:
         while step < config.steps:
             batch = put_batch(data.train.batch(step))

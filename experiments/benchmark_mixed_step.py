@@ -50,6 +50,9 @@ def main(cfg: DictConfig) -> list[dict]:
     for batch in cfg.batch_sizes:
         prompts = jnp.asarray(random_prompts(cfg, model.config, batch), jnp.int32)
         for cache in cfg.caches:
+            if cache == "none":  # no cache, no refresh decision: every step is a full forward
+                print("cache=none has no mixed step: skipped", flush=True)
+                continue
             config = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cache)
             state = engine.initial_state(prompts, jnp.ones_like(prompts), jax.random.key(0), config, special)
             state = state.replace(cache=KVCache.zeros(model.config, batch, engine.cache_length(state)))

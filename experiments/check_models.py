@@ -128,9 +128,10 @@ def sample_and_score(model, scorer, tokenizer, prompts: np.ndarray, sampler, *, 
     """Decodes `prompts` (no padding) with temperature 1 and scores the samples (gen-PPL, entropy, NFE)."""
     outputs, nfe = [], []
     for start in range(0, len(prompts), batch_size):
-        result = generate(model, prompts[start:start + batch_size], sampler, gen_length=gen_length,
-                          block_length=block_length, key=jax.random.fold_in(key, start), tokenizer=tokenizer,
-                          temperature=1.0)
+        rows = prompts[start:start + batch_size]
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + len(rows)))  # per prompt
+        result = generate(model, rows, sampler, gen_length=gen_length, block_length=block_length, key=keys,
+                          tokenizer=tokenizer, temperature=1.0)
         outputs.append(np.asarray(result.tokens))
         nfe.append(np.asarray(result.nfe))
     generations, nfe = np.concatenate(outputs), np.concatenate(nfe)

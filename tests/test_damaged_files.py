@@ -89,6 +89,12 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_says_so(tmp_path, capsys):
     longer = tiny_train_config(tmp_path, steps=16, checkpoint_every=4, keep_checkpoints=3)
     resumed = train(TINY, longer, tiny_data(longer))
     assert resumed.step == 16
-    assert f"resume: skipping damaged checkpoint {tmp_path / 'checkpoints' / '12'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resume: skipping damaged checkpoint {tmp_path / 'checkpoints' / '12'}" in out
+    assert f"moved {tmp_path / 'checkpoints' / '12'} to {tmp_path / 'checkpoints' / '12.unrestorable'}" in out
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "resume"] == [8]
+    # the steps after the restored one are saved again (orbax would refuse them with the damaged 12 in place)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["12", "12.unrestorable", "16", "8"]
+    again = train(TINY, longer, tiny_data(longer))  # and the next resume starts from the new, intact 16
+    assert again.step == 16 and "skipping" not in capsys.readouterr().out
