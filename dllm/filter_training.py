@@ -59,6 +59,7 @@ from flax import nnx
 
 from dllm.checkpoints import atomic_folder
 from dllm.decoding.engine import apply_commit, forward_logits, initial_state, resolve_special_ids
+from dllm.decoding.sampler import Commit, Sampler
 from dllm.decoding.state import DecodeConfig, DecodeState, SpecialIds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -229,13 +230,12 @@ def feature_values(probs: jax.Array, tokens: jax.Array, state: DecodeState, bloc
     }
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "special"))
-def _reference_loop(graphdef, params, tokens, attention_mask, *, config: DecodeConfig, special: SpecialIds):
-    """LLaDA low confidence, one token per step, T = 0; records the argmax canvas of every step."""
-    from samplers.low_confidence import LowConfidence  # samplers imports this module's users
-
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "special", "sampler"))
+def _reference_loop(graphdef, params, tokens, attention_mask, *, config: DecodeConfig, special: SpecialIds,
+                    sampler: Sampler):
+    """The reference decode (LLaDA low confidence, one token per step, T = 0); records the argmax canvas of
+    every step."""
     model = nnx.merge(graphdef, params)
-    sampler = LowConfidence()
     state = initial_state(tokens, attention_mask, jax.random.key(0), config, special)
     canvases = jnp.zeros((config.max_steps, *state.gen_tokens.shape), jnp.int32)
 
@@ -255,8 +255,6 @@ def _reference_loop(graphdef, params, tokens, attention_mask, *, config: DecodeC
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "special"))
 def _oracle_loop(graphdef, params, tokens, attention_mask, reference, *, config: DecodeConfig, special: SpecialIds):
     """The Extremely Greedy Parallel re-decode; records the window's features and labels each step."""
-    from samplers.base import Commit
-
     model = nnx.merge(graphdef, params)
     block = config.block_length
     state = initial_state(tokens, attention_mask, jax.random.key(0), config, special)
@@ -297,8 +295,13 @@ def _oracle_loop(graphdef, params, tokens, attention_mask, reference, *, config:
     return state.gen_tokens, state.nfe, records
 
 
-def decode_oracle_batch(model, tokens, attention_mask, config: DecodeConfig, special: SpecialIds) -> dict:
+def decode_oracle_batch(model, tokens, attention_mask, config: DecodeConfig, special: SpecialIds,
+                        reference_sampler: Sampler) -> dict:
     """Both decodes of one batch of left-padded prompts, as numpy arrays.
+
+    `reference_sampler`: LLaDA's low-confidence rule, one token per step
+    (`samplers.LowConfidence()`, Learn2PD's reference); the caller builds it,
+    since the `samplers` package builds on this one.
 
     Returns reference [B, G] and reference_nfe [B] (the one-token-per-step
     decode), canvases [steps, B, G] (its argmax canvas at each step),
@@ -308,7 +311,7 @@ def decode_oracle_batch(model, tokens, attention_mask, config: DecodeConfig, spe
     graphdef, params = nnx.split(model)
     tokens, attention_mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
     reference, reference_nfe, canvases = _reference_loop(graphdef, params, tokens, attention_mask, config=config,
-                                                          special=special)
+                                                          special=special, sampler=reference_sampler)
     final, oracle_nfe, records = _oracle_loop(graphdef, params, tokens, attention_mask, reference, config=config,
                                               special=special)
     if not np.array_equal(np.asarray(reference), np.asarray(final)):
@@ -392,9 +395,10 @@ class OracleData:
         return cls(records, examples, settings)
 
 
-def build_oracle_data(model, tokenizer, examples, config: OracleConfig, *, log: Callable[[str], None] = print,
-                      settings: dict | None = None) -> OracleData:
-    """Reference decode + EGP oracle re-decode of `examples` (any mix of tasks)."""
+def build_oracle_data(model, tokenizer, examples, config: OracleConfig, reference_sampler: Sampler, *,
+                      log: Callable[[str], None] = print, settings: dict | None = None) -> OracleData:
+    """Reference decode (`reference_sampler`, see `decode_oracle_batch`) + EGP oracle re-decode of `examples`
+    (any mix of tasks)."""
     from dllm.evaluation import answer_text, left_pad
     from dllm.tasks import get_task
 
@@ -412,7 +416,7 @@ def build_oracle_data(model, tokenizer, examples, config: OracleConfig, *, log: 
         chunk = encoded[start:start + config.batch_size]
         filled = chunk + [chunk[0]] * (config.batch_size - len(chunk))  # one shape, one compile
         tokens, mask = left_pad(filled, width, tokenizer.pad_id)
-        out = decode_oracle_batch(model, tokens, mask, decode, special)
+        out = decode_oracle_batch(model, tokens, mask, decode, special, reference_sampler)
         reference, ref_nfe, canvases = out["reference"], out["reference_nfe"], out["canvases"]
         oracle_nfe, rec = out["oracle_nfe"], out["records"]
         n = len(chunk)

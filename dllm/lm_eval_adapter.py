@@ -45,6 +45,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, generate
+from dllm.decoding.sampler import Sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DECODE_FIELDS = {"gen_length", "block_length", "temperature", "noise_dtype", "cfg_scale", "eos_policy", "max_steps",
@@ -55,8 +56,6 @@ def build_sampler(sampler, overrides: dict):
     """A Sampler from a configs/sampler/<name>.yaml name (plus field overrides) or a Sampler itself."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from samplers.base import Sampler
 
     if isinstance(sampler, Sampler):
         if overrides:
@@ -101,7 +100,7 @@ class DllmLM(LM):
     Args:
       checkpoint: the model folder (relative paths resolve against the repo).
       model, tokenizer: an already-loaded pair instead of `checkpoint`.
-      sampler: a name of configs/sampler/*.yaml or a `samplers.base.Sampler`;
+      sampler: a name of configs/sampler/*.yaml or a `Sampler` (`dllm.decoding.sampler`);
         `sampler.<field>=<value>` keyword arguments override its fields.
       gen_length, block_length, temperature, cache, ...: `DecodeConfig` fields.
       batch_size: prompts decoded together by `generate_until` (on the CLI: --batch_size).
@@ -233,9 +232,8 @@ class DllmLM(LM):
         return -total / self.mc_num
 
     def _is_greedy(self, prompt: list[int], target: list[int]) -> bool:
-        from samplers.low_confidence import LowConfidence
-
-        result = generate(self.model, [prompt], LowConfidence(), gen_length=len(target), block_length=len(target),
+        one_per_step = build_sampler("low_confidence", {})  # configs/sampler/low_confidence.yaml: LLaDA's rule
+        result = generate(self.model, [prompt], one_per_step, gen_length=len(target), block_length=len(target),
                           key=self.key, tokenizer=self.tokenizer)
         return np.asarray(result.tokens)[0].tolist() == list(target)
 

@@ -44,6 +44,7 @@ import jax
 from omegaconf import DictConfig, OmegaConf
 
 import dllm
+import samplers
 from dllm import evaluation
 from dllm import filter_training as ft
 from dllm.tasks import suite_examples
@@ -64,7 +65,7 @@ def oracle_data(cfg: dict, model, tokenizer, workdir: Path) -> ft.OracleData:
             print(f"oracle data: reusing {path} ({len(cached.records['example'])} records)")
             return cached
     examples = suite_examples(config.split, config.n_per_task, tasks=config.tasks)
-    data = ft.build_oracle_data(model, tokenizer, examples, config, settings=made_by)
+    data = ft.build_oracle_data(model, tokenizer, examples, config, samplers.LowConfidence(), settings=made_by)
     print(f"oracle data: wrote {data.save(path)}")
     return data
 

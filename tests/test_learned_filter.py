@@ -77,7 +77,7 @@ class StallModel(nnx.Module):
 
 def test_oracle_records_labels_and_stall_by_hand():
     config = DecodeConfig(gen_length=3, block_length=3)
-    out = ft.decode_oracle_batch(StallModel(), [[4]], [[1]], config, SPECIAL)
+    out = ft.decode_oracle_batch(StallModel(), [[4]], [[1]], config, SPECIAL, LowConfidence())
     np.testing.assert_array_equal(out["reference"], [[A, B, X]])
     # Independent route: the engine with the LowConfidence sampler gives the same reference.
     engine = dllm.generate(StallModel(), [[4]], LowConfidence(), gen_length=3, block_length=3, special=SPECIAL)

@@ -138,3 +138,17 @@ def test_stepping_through_a_decode_gives_the_tokens_of_generate(tiny, sampler, c
     first = np.asarray(result.trace.commit_step)
     np.testing.assert_array_equal(written.argmax(0), first)  # the step each position was written at
     assert steps[0].logits.shape[0] == 2 and steps[0].logits.shape[-1] == model.config.vocab_size
+
+
+def test_dllm_never_imports_samplers():
+    """The layers run one way: `samplers` builds on `dllm` (the contract is `dllm.decoding.sampler`)."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO_ROOT / "dllm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(REPO_ROOT)}:{node.lineno}" for n in names
+                          if n == "samplers" or n.startswith("samplers.")]
+    assert offenders == []

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm.decoding.sampler import Sampler
 from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace, place_logits
 from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
 
@@ -414,7 +415,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
       model: a `dllm.Transformer` (anything with the same call signature).
       prompt_tokens: a list of token-id lists (left-padded here) or an int
         array [B, P] (then pass `attention_mask` for its padding).
-      sampler: a `samplers.base.Sampler`.
+      sampler: a `dllm.decoding.sampler.Sampler` (every sampler of the `samplers` package).
       gen_length, block_length: see `DecodeConfig`.
       key: one PRNG key (row i draws from fold_in(key, i)) or one key per
         prompt, shape [B] (`row_keys`); a row's tokens depend only on its
@@ -467,8 +468,6 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
 def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,
             config_fields):
     """`generate`'s and `steps`' checks and inputs: (config, bound sampler, special ids, tokens, mask, key)."""
-    from samplers.base import Sampler
-
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler={sampler!r} is not a samplers.base.Sampler; build one with samplers.get_sampler(name)")
     config = DecodeConfig(gen_length=gen_length, block_length=block_length, **config_fields)
