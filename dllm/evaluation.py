@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dllm.decoding import DecodeConfig, generate
+from dllm.decoding.engine import prompt_keys
 
 
 MASK_TEXT = "[MASK]"  # how a position a decode left masked is printed (never silently dropped)
@@ -87,7 +87,7 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
         return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
                         key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules, **fields)
 
-    keys_of = lambda start: jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + batch_size))
+    keys_of = lambda start: prompt_keys(key, np.arange(start, start + batch_size))
     jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),
                               keys_of(0)).tokens)  # compile
     rows, seconds = [], 0.0

@@ -45,6 +45,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, generate
+from dllm.decoding.engine import prompt_keys
 from dllm.decoding.sampler import Sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -249,8 +250,7 @@ class DllmLM(LM):
     def _row_keys(self, index: list[int]) -> jax.Array:
         """One key per row of a batch: request i draws from fold_in(key, i) in any batch (filler rows
         repeat the first), so a request's answer does not depend on its batch."""
-        rows = index + [index[0]] * (self.batch_size - len(index))
-        return jax.vmap(lambda i: jax.random.fold_in(self.key, i))(jnp.asarray(rows))
+        return prompt_keys(self.key, index + [index[0]] * (self.batch_size - len(index)))
 
     def _decode_until_eos(self, tokens) -> str:
         ids = []

@@ -146,10 +146,8 @@ def fit_rules(rules, mesh: Mesh, model) -> Rules:
         fitted = tuple((logical, None if logical in dropped else target) for logical, target in rules)
         layout, before = Layout(mesh, fitted), len(dropped)
         for path, var in _params(model):
-            axes = _logical_axes(path, var)
-            spec = tuple(layout.spec(axes)) + (None,) * len(axes)
-            for dim, (size, name, entry) in enumerate(zip(var.shape, axes, spec)):
-                if name is not None and name not in dropped and size % layout.split(entry):
+            for dim, name, size, entry in layout.indivisible(var.shape, _logical_axes(path, var)):
+                if name is not None and name not in dropped:
                     dropped[name] = (f"parameter {_name(path)!r} dimension {dim} ({name!r}) of size {size} "
                                      f"does not divide over {layout.split(entry)} devices")
         if len(dropped) == before:
@@ -320,15 +318,19 @@ class Layout:
         does not divide over its mesh axes."""
         if len(axes) != len(shape):
             raise ValueError(f"{what}: logical axes {tuple(axes)} do not match its shape {tuple(shape)}")
-        spec = self.spec(axes)
-        for dim, (size, name, entry) in enumerate(zip(shape, axes, tuple(spec) + (None,) * len(shape))):
-            n = self.split(entry)
-            if size % n:
-                mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry)
-                sizes = ", ".join(f"{a}={self.mesh.shape[a]}" for a in mesh_axes)
-                raise ValueError(f"{what}: dimension {dim} ({name!r}) of size {size} does not divide over mesh "
-                                 f"axis {' x '.join(mesh_axes)} ({sizes}: {n} devices); shape {tuple(shape)}")
-        return NamedSharding(self.mesh, spec)
+        for dim, name, size, entry in self.indivisible(shape, axes)[:1]:
+            mesh_axes = (entry,) if isinstance(entry, str) else tuple(entry)
+            sizes = ", ".join(f"{a}={self.mesh.shape[a]}" for a in mesh_axes)
+            raise ValueError(f"{what}: dimension {dim} ({name!r}) of size {size} does not divide over mesh "
+                             f"axis {' x '.join(mesh_axes)} ({sizes}: {self.split(entry)} devices); "
+                             f"shape {tuple(shape)}")
+        return NamedSharding(self.mesh, self.spec(axes))
+
+    def indivisible(self, shape: Sequence[int], axes: Sequence[str | None]) -> list[tuple]:
+        """(dimension, logical name, size, spec entry) of each dimension that does not divide over its mesh axes."""
+        spec = tuple(self.spec(axes)) + (None,) * len(shape)
+        return [(dim, name, size, entry) for dim, (size, name, entry) in enumerate(zip(shape, axes, spec))
+                if size % self.split(entry)]
 
     def put(self, what: str, array, axes: Sequence[str | None]) -> jax.Array:
         """Places `array` with the sharding of `axes`. A host array goes shard by shard

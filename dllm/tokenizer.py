@@ -12,6 +12,8 @@ from pathlib import Path
 
 import tokenizers
 
+from dllm.models.config import read_json
+
 # Token strings that mark each special role in the checkpoints we know.
 MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<|eos|>")
@@ -20,14 +22,8 @@ PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")
 
 
 def _read_json(path: Path) -> dict:
-    """The JSON object in `path` ({} when absent), or one ValueError line naming the file."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    return value if isinstance(value, dict) else {}
+    """The JSON object in `path` ({} when absent), or one ValueError line naming the file (`read_json`)."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _token_text(value) -> str | None:

@@ -26,7 +26,6 @@ from omegaconf import DictConfig
 
 from dllm.decoding import DecodeConfig, engine
 from dllm.evaluation import environment, write_json_atomic
-from dllm.models.transformer import KVCache
 from experiments.benchmark import random_model, random_model_special_ids, random_prompts
 
 
@@ -54,8 +53,8 @@ def main(cfg: DictConfig) -> list[dict]:
                 print("cache=none has no mixed step: skipped", flush=True)
                 continue
             config = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cache)
-            state = engine.initial_state(prompts, jnp.ones_like(prompts), jax.random.key(0), config, special)
-            state = state.replace(cache=KVCache.zeros(model.config, batch, engine.cache_length(state)))
+            state = engine.initial_state(prompts, jnp.ones_like(prompts), jax.random.key(0), config, special,
+                                         model.config)
             half = jnp.arange(batch) % 2 == 0
 
             @jax.jit

@@ -38,6 +38,7 @@ import dllm
 import samplers
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, generate
+from dllm.decoding.engine import prompt_keys
 from dllm.diffusion import elbo_bits_per_token
 from dllm.tasks import SUITES, suite_examples
 from experiments.common import REPO_ROOT
@@ -129,8 +130,8 @@ def sample_and_score(model, scorer, tokenizer, prompts: np.ndarray, sampler, *, 
     outputs, nfe = [], []
     for start in range(0, len(prompts), batch_size):
         rows = prompts[start:start + batch_size]
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(start, start + len(rows)))  # per prompt
-        result = generate(model, rows, sampler, gen_length=gen_length, block_length=block_length, key=keys,
+        result = generate(model, rows, sampler, gen_length=gen_length, block_length=block_length,
+                          key=prompt_keys(key, np.arange(start, start + len(rows))),  # per prompt, any batch_size
                           tokenizer=tokenizer, temperature=1.0)
         outputs.append(np.asarray(result.tokens))
         nfe.append(np.asarray(result.nfe))

@@ -89,6 +89,12 @@ def resolve_special_ids(model, tokenizer=None, special: SpecialIds | None = None
     return SpecialIds(mask=c.mask_token_id, eos=c.eos_token_id, eot=c.eos_token_id, pad=pad)
 
 
+def prompt_keys(key, indices) -> jax.Array:
+    """[len(indices)] keys: fold_in(key, i) for each i, the key of prompt i of a list decoded in batches
+    (`dllm.evaluation.decode_texts`), whatever batch it lands in."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices))
+
+
 def row_keys(key, batch: int) -> jax.Array:
     """One PRNG key per row: `key` itself when it holds `batch` keys, else row i gets fold_in(key, i).
 
@@ -105,22 +111,24 @@ def row_keys(key, batch: int) -> jax.Array:
                              "jax.random.key(seed), or one per prompt (shape [batch])")
         key = jax.random.wrap_key_data(key)
     if key.shape == ():
-        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+        return prompt_keys(key, np.arange(batch))
     if key.shape != (batch,):
         raise ValueError(f"key has shape {key.shape}; allowed: one key (row i draws from fold_in(key, i)) "
                          f"or one key per prompt, shape ({batch},)")
     return key
 
 
-def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds) -> DecodeState:
-    """`key`: one PRNG key or one per row (`row_keys`)."""
+def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds,
+                  model_config=None) -> DecodeState:
+    """The state before the first step. `key`: one PRNG key or one per row (`row_keys`).
+    `model_config` (a `ModelConfig`): with a cache policy, the empty KV cache is made for it."""
     batch, width = tokens.shape
     key = row_keys(key, batch)
     g = config.gen_length
     canvas = jnp.concatenate([tokens, jnp.full((batch, g), special.mask, jnp.int32)], axis=1)
     mask = jnp.concatenate([attention_mask, jnp.ones((batch, g), jnp.int32)], axis=1)
     history = (jnp.zeros((config.max_steps, batch, g), jnp.float32) if config.record_confidence else None)
-    return DecodeState(
+    state = DecodeState(
         tokens=canvas, attention_mask=mask,
         block_start=jnp.zeros((batch,), jnp.int32),
         block_end=jnp.full((batch,), config.block_length, jnp.int32),
@@ -133,6 +141,9 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         confidence_history=history,
         key=key, cache=None, config=config, special=special, prompt_width=width,
     )
+    if model_config is not None and config.cache != "none":
+        state = state.replace(cache=KVCache.zeros(model_config, batch, cache_length(state)))
+    return state
 
 
 def head_request(state: DecodeState, window_only: bool) -> tuple[int, jax.Array | None]:
@@ -251,9 +262,8 @@ def select_rows(refresh: jax.Array, fresh, windowed):
         shape[batch_axis] = refresh.shape[0]
         return jnp.where(refresh.reshape(shape), a, b)
 
-    logits, cache, computed = (pick(fresh[0], windowed[0]), None, pick(fresh[2], windowed[2]))
     cache = jax.tree.map(lambda a, b: pick(a, b, CACHE_AXES[-a.ndim:].index("batch")), fresh[1], windowed[1])
-    return logits, cache, computed
+    return pick(fresh[0], windowed[0]), cache, pick(fresh[2], windowed[2])
 
 
 def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):
@@ -383,12 +393,10 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
     # Stacked caches use every CACHE_AXES name; per-layer (unrolled) ones drop "layers".
     constrain_cache = lambda cache: jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
     model = nnx.merge(graphdef, params)
-    state = initial_state(tokens, attention_mask, key, config, special)
+    state = initial_state(tokens, attention_mask, key, config, special, model.config)
     state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
-                          attention_mask=constrain(state.attention_mask, ("batch", "length")))
-    if config.cache != "none":
-        empty = KVCache.zeros(model.config, tokens.shape[0], cache_length(state))
-        state = state.replace(cache=constrain_cache(empty))
+                          attention_mask=constrain(state.attention_mask, ("batch", "length")),
+                          cache=None if state.cache is None else constrain_cache(state.cache))
     carry = sampler.init(state)
 
     def cond(loop):
@@ -540,11 +548,8 @@ def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, 
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def start(params, tokens, mask, key):
-        state = initial_state(tokens, mask, key, config, special)
-        if config.cache != "none":
-            state = state.replace(cache=KVCache.zeros(nnx.merge(graphdef, params).config, tokens.shape[0],
-                                                      cache_length(state)))
+    def start(tokens, mask, key):
+        state = initial_state(tokens, mask, key, config, special, model.config)
         return state, sampler.init(state)
 
     @jax.jit
@@ -554,7 +559,7 @@ def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, 
                                                    padded=padded)
         return state, carry, logits, commit, state.gen_tokens != before
 
-    state, carry = start(params, jnp.asarray(tokens), jnp.asarray(mask), key)
+    state, carry = start(jnp.asarray(tokens), jnp.asarray(mask), key)
     index = 0
     while index < config.max_steps and not bool(jnp.all(state.done)):
         state, carry, logits, commit, committed = advance(params, state, carry)
