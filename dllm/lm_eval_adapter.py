@@ -46,30 +46,11 @@ import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, generate
 from dllm.decoding.engine import prompt_keys
-from dllm.decoding.sampler import Sampler
+from dllm.decoding.sampler import build_sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DECODE_FIELDS = {"gen_length", "block_length", "temperature", "noise_dtype", "cfg_scale", "eos_policy", "max_steps",
                  "cache", "cache_refresh_every", "cache_window"}
-
-
-def build_sampler(sampler, overrides: dict):
-    """A Sampler from a configs/sampler/<name>.yaml name (plus field overrides) or a Sampler itself."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    if isinstance(sampler, Sampler):
-        if overrides:
-            raise ValueError(f"sampler overrides {sorted(overrides)} need a sampler name, not a Sampler object")
-        return sampler
-    path = REPO_ROOT / "configs" / "sampler" / f"{sampler}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"sampler={sampler!r}: no {path}; allowed: {', '.join(names)}")
-    spec = OmegaConf.load(path)
-    for key, value in overrides.items():
-        OmegaConf.update(spec, key, value, merge=True)
-    return instantiate(spec, _convert_="all")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "samples", "mask_id"))
@@ -136,7 +117,7 @@ class DllmLM(LM):
                 raise ValueError("model= needs tokenizer= as well")
             self._name = "<memory>"
         self.model, self.tokenizer = model, tokenizer
-        self.sampler = build_sampler(sampler, sampler_overrides)
+        self.sampler = build_sampler(sampler, **sampler_overrides)
         decode_fields.setdefault("gen_length", 128)
         decode_fields.setdefault("block_length", decode_fields["gen_length"])
         self.decode = DecodeConfig(**{k: (int(v) if k in ("gen_length", "block_length") else v)
@@ -233,7 +214,7 @@ class DllmLM(LM):
         return -total / self.mc_num
 
     def _is_greedy(self, prompt: list[int], target: list[int]) -> bool:
-        one_per_step = build_sampler("low_confidence", {})  # configs/sampler/low_confidence.yaml: LLaDA's rule
+        one_per_step = build_sampler("low_confidence")  # configs/sampler/low_confidence.yaml: LLaDA's rule
         result = generate(self.model, [prompt], one_per_step, gen_length=len(target), block_length=len(target),
                           key=self.key, tokenizer=self.tokenizer)
         return np.asarray(result.tokens)[0].tolist() == list(target)

@@ -2,7 +2,7 @@
 
     python -m experiments.benchmark_mixed_step batch_sizes=[8,32] caches=[prefix,dual]
 
-The engine decides the KV-cache refresh per row (`dllm.decoding.engine.cached_logits`): a step
+The engine decides the KV-cache refresh per row (`dllm.decoding.cache.FastDLLMCache.step_logits`): a step
 where every unfinished row starts a block runs one full forward, a step where none does runs
 one window forward, and a step where some do runs both and each row keeps its own. Rows in lock
 step (batch 1, or the fixed schedule of `experiments.benchmark`) never take the mixed branch;
@@ -25,6 +25,7 @@ from flax import nnx
 from omegaconf import DictConfig
 
 from dllm.decoding import DecodeConfig, engine
+from dllm.decoding.cache import cache_policy
 from dllm.evaluation import environment, write_json_atomic
 from experiments.benchmark import random_model, random_model_special_ids, random_prompts
 
@@ -59,8 +60,8 @@ def main(cfg: DictConfig) -> list[dict]:
 
             @jax.jit
             def step(params, state):
-                logits, cache, _ = engine.cached_logits(nnx.merge(graphdef, params), state, padded=False)
-                return logits, cache
+                out = cache_policy(state.config).step_logits(nnx.merge(graphdef, params), state, padded=False)
+                return out.logits, out.cache
 
             branches = {"full": jnp.zeros(batch, jnp.int32), "window": jnp.ones(batch, jnp.int32),
                         "mixed": jnp.where(half, 0, 1).astype(jnp.int32)}

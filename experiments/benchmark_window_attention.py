@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> list[dict]:
     c = model_config(cfg)
     dtype = jnp.dtype(cfg.dtype)
     window, canvas = cfg.block_length, cfg.prompt_length + cfg.gen_length
-    length = canvas + window + 1  # as the engine's cache_length
+    length = canvas + window + 1  # as the dual cache policy's length (dllm.decoding.cache.FastDLLMCache.length)
     rows = []
     for batch in cfg.batch_sizes:
         keys = jax.random.split(jax.random.key(0), 2 * c.n_layers + 1)

@@ -1,5 +1,11 @@
-"""Pluggable commit rules: one file per rule, the contract in `base.py`."""
+"""Pluggable commit rules: one file per rule, the contract in `base.py`.
 
+The registry is configs/sampler/*.yaml (`dllm.decoding.sampler`): `get_sampler(name, **overrides)`
+builds a sampler from its YAML, `sampler_names()` lists them.
+"""
+
+from dllm.decoding.sampler import build_sampler as get_sampler
+from dllm.decoding.sampler import sampler_names
 from samplers.base import Commit, Sampler
 from samplers.adaptive_block import AdaptiveBlock
 from samplers.credit import Credit
@@ -9,24 +15,5 @@ from samplers.learned_filter import LearnedFilter
 from samplers.low_confidence import LowConfidence
 from samplers.threshold import Factor, Threshold
 
-SAMPLERS = {
-    "low_confidence": LowConfidence,
-    "threshold": Threshold,
-    "factor": Factor,
-    "credit": Credit,
-    "early_commit": EarlyCommit,
-    "adaptive_block": AdaptiveBlock,
-    "learned_filter": LearnedFilter,
-    "end_of_text": EndOfText,
-}
-
-
-def get_sampler(name: str, **settings) -> Sampler:
-    """Builds a sampler by name; unknown names list the allowed ones."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; allowed: {sorted(SAMPLERS)}")
-    return SAMPLERS[name](**settings)
-
-
-__all__ = ["AdaptiveBlock", "Commit", "Credit", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence", "SAMPLERS", "Sampler",
-           "Threshold", "get_sampler"]
+__all__ = ["AdaptiveBlock", "Commit", "Credit", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence",
+           "Sampler", "Threshold", "get_sampler", "sampler_names"]

@@ -37,8 +37,10 @@ Our choices where the reference is silent or single-row:
 * Ties between candidates: the lower position (torch.max returns the first).
 * The inner sampler's commit is clipped to the new window, except for rows
   the inner stops (an inner early commit fills every block on purpose).
-* With the dual KV cache the engine clips each window to `cache_window`; we
-  clip L the same way so the inner commits inside the window that is kept.
+* A KV cache bounds the window to what its steps recompute (the dual cache:
+  `cache_window`); we clip L with the engine's own rule
+  (`dllm.decoding.cache.clip_window`), so the inner commits inside the window
+  that is kept.
 * Delimiter ids come from the tokenizer (`bind`), never from literals; the
   reference hard-codes LLaDA's newline 198 (and Qwen's 24 newline tokens for
   Dream).
@@ -51,6 +53,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dllm.decoding.cache import clip_window
 from dllm.decoding.state import DecodeConfig, DecodeState
 from samplers import base
 
@@ -89,7 +92,7 @@ class AdaptiveBlock(base.Sampler):
     delimiter_threshold: float = 0.3
     lookahead: float = 0.25
     default_block_length: int | None = None
-    name: str = dataclasses.field(default="adaptive_block", init=False, repr=False)
+    name = "adaptive_block"  # registry name: configs/sampler/adaptive_block.yaml
 
     def __post_init__(self):
         if not isinstance(self.inner, base.Sampler):
@@ -105,12 +108,9 @@ class AdaptiveBlock(base.Sampler):
         if not texts and not ids:
             raise ValueError("AdaptiveBlock: no delimiter (delimiters=() and delimiter_ids=()); "
                              "set delimiters (token texts, e.g. ['/']) or delimiter_ids")
-        threshold = self.delimiter_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(f"AdaptiveBlock.delimiter_threshold={threshold!r}: allowed range [0, 1]")
-        lookahead = self.lookahead
-        if isinstance(lookahead, bool) or not isinstance(lookahead, (int, float)) or not 0 < lookahead <= 1:
-            raise ValueError(f"AdaptiveBlock.lookahead={lookahead!r}: allowed range (0, 1] (a fraction of gen_length)")
+        base.check_number("AdaptiveBlock", "delimiter_threshold", self.delimiter_threshold, 0, 1)
+        base.check_number("AdaptiveBlock", "lookahead", self.lookahead, 0, 1, low_open=True,
+                          unit=" (a fraction of gen_length)")
         length = self.default_block_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
             raise ValueError(f"AdaptiveBlock.default_block_length={length!r}: must be a positive int or None")
@@ -159,9 +159,7 @@ class AdaptiveBlock(base.Sampler):
         default = self.default_block_length or config.block_length
         length = jnp.where(best_confidence >= self.delimiter_threshold,  # -inf when no candidate
                            best - start + 1, jnp.minimum(default, remaining))
-        if getattr(config, "cache", "none") == "dual":
-            length = jnp.minimum(length, config.cache_window)
-        resized = (start + length).astype(jnp.int32)
+        resized = clip_window(state, start + length).astype(jnp.int32)  # within the cache's recomputed range
         return jnp.where(state.step_in_block == 0, resized, state.block_end).astype(jnp.int32)
 
     def step(self, logits, state: DecodeState, carry):

@@ -28,12 +28,15 @@ batch around it and a reference implementation can reproduce the exact draws.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 # The contract lives with the engine that calls it (so dllm never imports this package); re-exported here.
 from dllm.decoding.sampler import Commit, Sampler
-from dllm.decoding.state import DecodeConfig, DecodeState, place_logits
+from dllm.decoding.cache import place_logits
+from dllm.decoding.state import DecodeConfig, DecodeState
 
 NEG_INF = -jnp.inf
 
@@ -148,6 +151,37 @@ def top2_logit_gap(logits: jax.Array) -> jax.Array:
     """Top-1 minus top-2 raw logit (Prophet's early-commit signal)."""
     first, second = top2(logits)
     return first - second
+
+
+# The one confidence table every rule scores positions with: name -> (probs, proposed tokens) -> score,
+# higher is more confident. A rule takes a `confidence` setting naming one of these.
+CONFIDENCES = {
+    "max_prob": max_prob_confidence,
+    "margin": lambda probs, tokens: margin_confidence(probs),
+    "neg_entropy": lambda probs, tokens: neg_entropy_confidence(probs),
+}
+
+
+def check_confidence(owner: str, name, allowed=tuple(CONFIDENCES)) -> None:
+    if name not in allowed:
+        raise ValueError(f"{owner}.confidence={name!r}: allowed {tuple(allowed)}")
+
+
+def check_number(owner: str, field: str, value, low=None, high=None, *, low_open=False, high_open=False,
+                 integer=False, unit="") -> None:
+    """ValueError naming `owner.field`, the value and the allowed range unless `value` is a number
+    (an int with `integer`; never a bool) in [low, high] (open ends as asked; None: unbounded)."""
+    kinds = (int,) if integer else (int, float)
+    ok = not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ValueError(f"{owner}.{field}={value!r}: allowed range {span}{unit}" + (" (an int)" if integer else ""))
 
 
 # ----------------------------------------------------------------- selection

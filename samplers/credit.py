@@ -46,7 +46,6 @@ temporary of the same size as the logits.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -135,20 +134,13 @@ class Credit(base.Sampler):
     tau: float = 0.95
     reset: str = "block"
     adaptive: bool = False
-    name: str = dataclasses.field(default="credit", init=False, repr=False)
+    name = "credit"  # registry name: configs/sampler/credit.yaml
 
     def __post_init__(self):
-        def number(value):
-            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-        if not number(self.alpha) or self.alpha < 0:
-            raise ValueError(f"Credit.alpha={self.alpha!r}: allowed range [0, inf)")
-        if not number(self.beta) or not 0 <= self.beta <= 1:
-            raise ValueError(f"Credit.beta={self.beta!r}: allowed range [0, 1]")
-        if not number(self.gamma) or self.gamma <= 0:
-            raise ValueError(f"Credit.gamma={self.gamma!r}: allowed range (0, inf)")
-        if not number(self.tau) or not 0 < self.tau <= 1:
-            raise ValueError(f"Credit.tau={self.tau!r}: allowed range (0, 1]")
+        base.check_number("Credit", "alpha", self.alpha, 0)
+        base.check_number("Credit", "beta", self.beta, 0, 1)
+        base.check_number("Credit", "gamma", self.gamma, 0, low_open=True)
+        base.check_number("Credit", "tau", self.tau, 0, 1, low_open=True)
         if self.reset not in RESETS:
             raise ValueError(f"Credit.reset={self.reset!r}: allowed {RESETS}")
         if not isinstance(self.adaptive, bool):

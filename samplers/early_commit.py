@@ -55,11 +55,12 @@ Deviations from Prophet:
 * Thresholds and progress bounds are settings of any length n + 1 and n
   (Prophet's three phases are the default).
 
-Under a KV cache (DecodeConfig.cache != "none") the engine, between
-refreshes, hands over logits only for the recomputed positions (zeros
-elsewhere: gap 0), keeps commits only there and ignores `stop`: the test is
-exact at refresh steps; at the other steps it sees a deflated gap and an
-all-in fill reaches only the recomputed positions.
+Under a KV cache (DecodeConfig.cache != "none") a window step between
+refreshes has logits only for the recomputed positions (`state.has_logits`;
+zeros elsewhere, gap 0); the engine keeps commits only there and ignores
+`stop` until a step that has them all: the test is exact at refresh steps; at
+the other steps it sees a deflated gap and an all-in fill reaches only the
+recomputed positions.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class EarlyCommit(base.Sampler):
     thresholds: tuple[float, ...] = (7.5, 5.0, 2.5)
     progress_bounds: tuple[float, ...] = (0.33, 0.67)
     gap: str = "logit"
-    name: str = dataclasses.field(default="early_commit", init=False, repr=False)
+    name = "early_commit"  # registry name: configs/sampler/early_commit.yaml
 
     def __post_init__(self):
         if not isinstance(self.inner, base.Sampler):

@@ -25,10 +25,9 @@ and never decodes them. Deviations:
   LLaDA-Instruct and our task model, was trained on exactly that).
 * Commits the inner sampler made past the cut at this same step are dropped
   (the reference drops them with the slice).
-* A position counts as an EOS proposal only where its logits have a strict
-  top-1 (top-1 logit > top-2 logit). With a KV cache the engine hands over
-  zero logits outside the recomputed range between refreshes; without this
-  guard their argmax (the lowest token id) could read as EOS.
+* A position counts as an EOS proposal only where this step computed its
+  logits (`state.has_logits`): with a KV cache a window step has none outside
+  the recomputed range.
 * Batches: the decision is per row (the reference handles one row).
 
 `EndOfText(inner=...)` adds EoTP to any sampler; "accepted" then means
@@ -49,20 +48,18 @@ from samplers import base
 from samplers.low_confidence import LowConfidence
 
 
-def truncation_point(logits: jax.Array, tokens: jax.Array, confidence: jax.Array, accepted_eos: jax.Array,
+def truncation_point(tokens: jax.Array, confidence: jax.Array, accepted_eos: jax.Array,
                      state: DecodeState) -> jax.Array:
     """int32 [B]: the EoTP cut of each row (gen_length: no cut).
 
     Args:
-      logits: [B, G, V] the proposals came from (for the strict top-1 guard).
       tokens: int32 [B, G] proposals x0.
       confidence: [B, G] softmax(logits)[x0] (not lowered by the EOS policy).
       accepted_eos: bool [B, G] masked positions where this step accepted an
         EOS; the first one wins over every other EOS proposal.
     """
     g = state.config.gen_length
-    first, second = base.top2(logits)
-    eos = (tokens == state.special.eos) & state.is_masked & (first > second)
+    eos = (tokens == state.special.eos) & state.is_masked & state.has_logits
     accepted_eos = accepted_eos & state.is_masked
     first_accepted = jnp.argmax(accepted_eos, axis=-1)
     most_confident = jnp.argmax(jnp.where(eos, confidence, -jnp.inf), axis=-1)
@@ -94,7 +91,7 @@ class EndOfText(base.Sampler):
     """
 
     inner: base.Sampler = dataclasses.field(default_factory=LowConfidence)
-    name: str = dataclasses.field(default="end_of_text", init=False, repr=False)
+    name = "end_of_text"  # registry name: configs/sampler/end_of_text.yaml
 
     def __post_init__(self):
         if not isinstance(self.inner, base.Sampler):
@@ -115,5 +112,5 @@ class EndOfText(base.Sampler):
         tokens = base.sample_tokens(logits, state)
         confidence = base.max_prob_confidence(base.probabilities(logits, state), tokens)
         accepted = commit.commit & state.is_masked & (commit.tokens == state.special.eos)
-        cut = truncation_point(logits, tokens, confidence, accepted, state)
+        cut = truncation_point(tokens, confidence, accepted, state)
         return apply_truncation(commit, cut), carry

@@ -78,13 +78,12 @@ class LearnedFilter(base.Sampler):
     filter_path: str = DEFAULT_FILTER
     accept_threshold: float = 0.96
     eot_prediction: bool = False
-    name: str = dataclasses.field(default="learned_filter", init=False, repr=False)
+    name = "learned_filter"  # registry name: configs/sampler/learned_filter.yaml
     weights: FilterWeights = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
-        t = self.accept_threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1:
-            raise ValueError(f"LearnedFilter.accept_threshold={t!r}: allowed range (0, 1), exclusive")
+        base.check_number("LearnedFilter", "accept_threshold", self.accept_threshold, 0, 1, low_open=True,
+                          high_open=True, unit=", exclusive")
         if not isinstance(self.eot_prediction, bool):
             raise ValueError(f"LearnedFilter.eot_prediction={self.eot_prediction!r}: must be true or false")
         if not isinstance(self.filter_path, (str, os.PathLike)):
@@ -127,5 +126,5 @@ class LearnedFilter(base.Sampler):
         commit = base.Commit(tokens=tokens, commit=accepted | best, confidence=confidence.astype(jnp.float32))
         if self.eot_prediction:
             accepted_eos = accepted & (tokens == state.special.eos)
-            commit = apply_truncation(commit, truncation_point(logits, tokens, confidence, accepted_eos, state))
+            commit = apply_truncation(commit, truncation_point(tokens, confidence, accepted_eos, state))
         return commit, carry

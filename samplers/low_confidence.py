@@ -14,6 +14,12 @@ as implemented in ML-GSAI/LLaDA `generate.py` (reference/samplers.md §1):
   noise: LLaDA issue #37). Random: the k positions with the highest U(0, 1)
   score. Committed tokens are never re-masked.
 
+`confidence` picks the score from the shared table (`samplers.base.CONFIDENCES`):
+"max_prob" is LLaDA's; "margin" (top-1 minus top-2 probability) and
+"neg_entropy" give Dream's `alg="topk_margin"` / `alg="entropy"` orderings at
+LLaDA's fixed schedule (Dream's own schedule differs: it is not LLaDA's
+per-block split).
+
 NFE is exactly `steps` (unless DecodeConfig.max_steps cuts the decode short). Ties are broken by lower position first (torch.topk's
 order is unspecified). We require steps_per_block <= block_length, so every
 step commits at least one token; LLaDA would allow idle steps.
@@ -40,18 +46,22 @@ class LowConfidence(base.Sampler):
       steps: total forward passes over the whole generation (LLaDA `steps`);
         None means one token per step (steps = gen_length).
       remasking: "low_confidence" (default) or "random".
+      confidence: the score "low_confidence" ranks by, a name of
+        `samplers.base.CONFIDENCES` (default "max_prob", LLaDA's).
     """
 
     steps: int | None = None
     remasking: str = "low_confidence"
+    confidence: str = "max_prob"
     reads_only_window = True  # not a field: see base.Sampler
-    name: str = dataclasses.field(default="low_confidence", init=False, repr=False)
+    name = "low_confidence"  # registry name: configs/sampler/low_confidence.yaml
 
     def __post_init__(self):
         if self.remasking not in REMASKING:
             raise ValueError(f"LowConfidence.remasking={self.remasking!r}: allowed {REMASKING}")
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
             raise ValueError(f"LowConfidence.steps={self.steps!r}: must be a positive int or None")
+        base.check_confidence("LowConfidence", self.confidence)
 
     def steps_per_block(self, config: DecodeConfig) -> int:
         steps = config.gen_length if self.steps is None else self.steps
@@ -88,7 +98,7 @@ class LowConfidence(base.Sampler):
         tokens = base.on_generation(proposed, state, state.special.mask)
         eligible = base.masked_in_window(state)
         if self.remasking == "low_confidence":
-            confidence = base.max_prob_confidence(base.probabilities(logits, state), proposed)
+            confidence = base.CONFIDENCES[self.confidence](base.probabilities(logits, state), proposed)
             confidence = base.on_generation(confidence, state, base.NEG_INF)
         else:
             draw = lambda key: jax.random.uniform(jax.random.fold_in(key, 1), tokens.shape[1:], base.noise_dtype(state))

@@ -30,12 +30,7 @@ import jax.numpy as jnp
 from dllm.decoding.state import DecodeState
 from samplers import base
 
-CONFIDENCES = ("max_prob", "margin", "neg_entropy", "entropy_bound")
-
-
-def _check_probability(owner: str, field: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{owner}.{field}={value!r}: allowed range (0, 1]")
+CONFIDENCES = (*base.CONFIDENCES, "entropy_bound")  # the shared table, plus dParallel's bar on the entropy
 
 
 def _proposals(logits: jax.Array, state: DecodeState) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -81,26 +76,20 @@ class Threshold(base.Sampler):
     confidence: str = "max_prob"
     entropy_bound: float = 0.5
     reads_only_window = True  # not a field: see base.Sampler
-    name: str = dataclasses.field(default="threshold", init=False, repr=False)
+    name = "threshold"  # registry name: configs/sampler/threshold.yaml
 
     def __post_init__(self):
-        _check_probability("Threshold", "tau", self.tau)
-        if self.confidence not in CONFIDENCES:
-            raise ValueError(f"Threshold.confidence={self.confidence!r}: allowed {CONFIDENCES}")
-        bound = self.entropy_bound
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound < math.inf:
-            raise ValueError(f"Threshold.entropy_bound={bound!r}: allowed range [0, inf) nats")
+        base.check_number("Threshold", "tau", self.tau, 0, 1, low_open=True)
+        base.check_confidence("Threshold", self.confidence, CONFIDENCES)
+        base.check_number("Threshold", "entropy_bound", self.entropy_bound, 0, unit=" nats")
 
     def scores(self, probs: jax.Array, tokens: jax.Array) -> tuple[jax.Array, float]:
         """(score at the logits' positions, [B, G] or [B, block_length]; the bar it
         must reach): higher is more confident."""
-        if self.confidence == "max_prob":
-            return base.max_prob_confidence(probs, tokens), self.tau
-        if self.confidence == "margin":
-            return base.margin_confidence(probs), self.tau
-        if self.confidence == "neg_entropy":
-            return base.neg_entropy_confidence(probs), math.log(self.tau)
-        return base.neg_entropy_confidence(probs), -self.entropy_bound
+        if self.confidence == "entropy_bound":
+            return base.neg_entropy_confidence(probs), -self.entropy_bound
+        bar = math.log(self.tau) if self.confidence == "neg_entropy" else self.tau
+        return base.CONFIDENCES[self.confidence](probs, tokens), bar
 
     def step(self, logits, state: DecodeState, carry):
         _, tokens, probs = _proposals(logits, state)
@@ -156,12 +145,10 @@ class Factor(base.Sampler):
 
     factor: float = 1.0
     reads_only_window = True  # not a field: see base.Sampler
-    name: str = dataclasses.field(default="factor", init=False, repr=False)
+    name = "factor"  # registry name: configs/sampler/factor.yaml
 
     def __post_init__(self):
-        f = self.factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < math.inf:
-            raise ValueError(f"Factor.factor={f!r}: allowed range (0, inf)")
+        base.check_number("Factor", "factor", self.factor, 0, low_open=True)
 
     def step(self, logits, state: DecodeState, carry):
         _, tokens, probs = _proposals(logits, state)

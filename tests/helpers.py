@@ -51,3 +51,13 @@ def top(c, token=0):
     p = [(1.0 - c) / 3] * 4 + [0.0, 0.0]
     p[token] = c
     return p
+
+
+def registered_samplers(delimiter_id: int, answer_delimiter_id: int = 3) -> dict:
+    """Every registered sampler (configs/sampler/*.yaml) with its YAML defaults; the token texts
+    of the task-suite YAMLs given as ids of the test's vocabulary."""
+    from dllm.decoding.sampler import build_sampler, sampler_names
+
+    ids = {"early_commit": {"answer_delimiter_id": answer_delimiter_id},
+           "adaptive_block": {"delimiter_ids": [delimiter_id]}}
+    return {name: build_sampler(name, **ids.get(name, {})) for name in sampler_names()}

@@ -111,7 +111,8 @@ def test_bad_attention_pattern_and_cached_causal_steps_are_refused(causal_model)
     cache = KVCache.zeros(pallas.config, 1, 8)
     tokens = jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(ValueError, match="causal.*cache='none'"):  # refused before any kernel is chosen
-        pallas.forward_window(tokens, tokens, jnp.zeros((1,), jnp.int32), cache, None, logits_count=2, key_length=8)
+        pallas.forward_window(tokens, tokens, cache, None, start=jnp.zeros((1,), jnp.int32), queries=2, logits_count=2,
+                              key_length=8)
 
 
 def test_autoregressive_objective_needs_a_causal_model(tmp_path):

@@ -9,6 +9,7 @@ from flax import nnx
 import dllm
 import samplers
 from dllm.decoding import SpecialIds
+from tests.helpers import registered_samplers
 
 SPECIAL = SpecialIds(mask=39, eos=38, eot=38, pad=0)
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11]]
@@ -28,8 +29,7 @@ def decode(model, sampler, **kw):
 
 
 def all_samplers():
-    bound = {"early_commit": dict(answer_delimiter_id=3), "adaptive_block": dict(delimiter_ids=(38,))}
-    return [cls(**bound.get(name, {})) for name, cls in samplers.SAMPLERS.items()]
+    return list(registered_samplers(delimiter_id=38).values())
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
@@ -59,13 +59,13 @@ def test_window_forward_matches_full_forward():
     tokens = jnp.array([[0, 0, 5, 6, 7, 39, 39, 39, 39, 39], [4, 5, 6, 7, 8, 9, 39, 39, 39, 39]], jnp.int32)
     mask = jnp.array([[0, 0] + [1] * 8, [1] * 10], jnp.int32)
     full = model(tokens, mask)
-    _, cache = model.forward_with_cache(tokens, mask, logits_start=0, logits_length=10, cache_length=14)
+    empty = dllm.models.transformer.KVCache.zeros(model.config, 2, 14)
+    _, cache = model.forward(tokens, mask, logits_start=0, logits_length=10, cache=empty)
     start = jnp.array([5, 6], jnp.int32)
-    positions = dllm.models.transformer.positions_from_mask(mask)
-    take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, 3))
+    positions = jnp.pad(dllm.models.transformer.positions_from_mask(mask), ((0, 0), (0, 4)))
     key_mask = jnp.pad(mask, ((0, 0), (0, 4)))
-    logits, _ = model.forward_window(take(tokens, start), take(positions, start), start, cache, key_mask,
-                                     logits_count=3)
+    logits, _ = model.forward_window(jnp.pad(tokens, ((0, 0), (0, 4))), positions, cache, key_mask, start=start,
+                                     queries=3, logits_count=3)
     np.testing.assert_allclose(logits[0], full[0, 5:8], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits[1], full[1, 6:9], rtol=1e-5, atol=1e-5)
 
@@ -91,7 +91,7 @@ def test_bad_cache_settings():
 def test_place_logits_puts_each_row_at_its_start_and_drops_the_overhang():
     """Window logits land at their generation positions; a window running past G
     loses its tail; every other position is zero."""
-    from dllm.decoding.engine import place_logits
+    from dllm.decoding.cache import place_logits
 
     logits = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2) + 1.0  # [B=2, L=3, V=2]
     placed = np.asarray(place_logits(logits, jnp.array([1, 4]), 6))
@@ -116,7 +116,7 @@ def test_write_rows_writes_each_row_at_its_start_clamped_like_dynamic_update_sli
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_refresh_into_an_existing_cache_writes_the_canvas_and_keeps_the_tail(scan_layers):
-    """forward_with_cache(cache=...) (the decoder's refresh) writes the canvas's K/V in
+    """forward(cache=...) (the decoder's refresh) writes the canvas's K/V in
     place from column 0, as a fresh cache would hold them, and leaves the tail alone."""
     from dllm.checkpoints import model_from_params
     from dllm.models.transformer import KVCache, canonical_params
@@ -124,10 +124,11 @@ def test_refresh_into_an_existing_cache_writes_the_canvas_and_keeps_the_tail(sca
     model = make_model("llada", 2)
     model = model_from_params(model.config.replace(scan_layers=scan_layers), canonical_params(model))
     tokens = jnp.array([[4, 5, 6, 7, 8, 9, 39, 39]], jnp.int32)
-    logits, fresh = model.forward_with_cache(tokens, None, logits_start=0, logits_length=8, cache_length=12)
+    logits, fresh = model.forward(tokens, None, logits_start=0, logits_length=8,
+                                  cache=KVCache.zeros(model.config, 1, 12))
     old = KVCache.zeros(model.config, 1, 12)
     old = jax.tree.map(lambda a: a + 7.0, old)  # a stale tail to keep
-    again, written = model.forward_with_cache(tokens, None, logits_start=0, logits_length=8, cache=old)
+    again, written = model.forward(tokens, None, logits_start=0, logits_length=8, cache=old)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
     for new, ref in zip(jax.tree.leaves(written), jax.tree.leaves(fresh)):
         np.testing.assert_array_equal(np.asarray(new)[..., :8, :, :], np.asarray(ref)[..., :8, :, :])

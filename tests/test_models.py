@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import dllm
+from dllm.models.transformer import KVCache
 from tests import hf_fixtures
 
 PAD = 0
@@ -204,8 +205,9 @@ def test_no_attention_mask_equals_an_all_ones_mask(tmp_path):
     model, _ = dllm.from_pretrained(tmp_path)
     tokens = jnp.arange(4, 16)[None]
     np.testing.assert_allclose(model(tokens), model(tokens, jnp.ones_like(tokens)), rtol=1e-6, atol=1e-6)
-    _, cache_a = model.forward_with_cache(tokens, None, logits_start=4, logits_length=8)
-    _, cache_b = model.forward_with_cache(tokens, jnp.ones_like(tokens), logits_start=4, logits_length=8)
+    empty = KVCache.zeros(model.config, 1, 12)
+    _, cache_a = model.forward(tokens, None, logits_start=4, logits_length=8, cache=empty)
+    _, cache_b = model.forward(tokens, jnp.ones_like(tokens), logits_start=4, logits_length=8, cache=empty)
     np.testing.assert_allclose(cache_a.k, cache_b.k, rtol=1e-6, atol=1e-6)
 
 
@@ -215,9 +217,10 @@ def test_window_key_length_equals_a_key_mask(tmp_path):
     hf_fixtures.make_llada(tmp_path)
     model, _ = dllm.from_pretrained(tmp_path)
     tokens = jnp.arange(4, 16)[None]
-    _, cache = model.forward_with_cache(tokens, None, logits_start=4, logits_length=8, cache_length=15)
+    _, cache = model.forward(tokens, None, logits_start=4, logits_length=8, cache=KVCache.zeros(model.config, 1, 15))
     key_mask = jnp.pad(jnp.ones_like(tokens), ((0, 0), (0, 3)))
-    window = dict(tokens=tokens[:, 6:10], positions=jnp.arange(6, 10)[None], start=jnp.array([6]), cache=cache)
+    canvas = jnp.pad(tokens, ((0, 0), (0, 3)))
+    window = dict(tokens=canvas, positions=jnp.arange(15)[None], start=jnp.array([6]), cache=cache, queries=4)
     masked, cache_a = model.forward_window(**window, key_mask=key_mask, logits_count=4)
     by_length, cache_b = model.forward_window(**window, key_mask=None, logits_count=4, key_length=12)
     np.testing.assert_allclose(masked, by_length, rtol=1e-6, atol=1e-6)

@@ -55,6 +55,7 @@ from dllm import sharding
 from dllm.decoding import SpecialIds
 from dllm.sharding import DEFAULT_RULES, MeshConfig
 from jax.sharding import PartitionSpec as P
+from tests.helpers import registered_samplers
 
 MESHES = {
     "data8": {"data": 8, "fsdp": 1, "tensor": 1},
@@ -79,8 +80,7 @@ def decode_model(mesh=None):
 
 
 def all_samplers():
-    bound = {"early_commit": dict(answer_delimiter_id=3), "adaptive_block": dict(delimiter_ids=(SPECIAL.eos,))}
-    return {name: cls(**bound.get(name, {})) for name, cls in samplers.SAMPLERS.items()}
+    return registered_samplers(delimiter_id=SPECIAL.eos)
 
 
 def grid_cases(mesh: str, full: bool = False):
@@ -323,10 +323,10 @@ def test_every_mesh_preset_builds():
 def test_the_two_meshes_cover_every_sampler_and_cache_mode_pair():
     for mesh in MESHES:  # each mesh alone: every sampler and every cache mode
         names = [case for case, _, _ in grid_cases(mesh)]
-        assert {n.split("/")[0] for n in names} == set(samplers.SAMPLERS)
+        assert {n.split("/")[0] for n in names} == set(samplers.sampler_names())
         assert {n.split("/")[1] for n in names} >= set(CACHE_MODES)
     together = {case for mesh in MESHES for case, _, _ in grid_cases(mesh)}
-    assert together >= {f"{s}/{m}" for s in samplers.SAMPLERS for m in CACHE_MODES}
+    assert together >= {f"{s}/{m}" for s in samplers.sampler_names() for m in CACHE_MODES}
 
 
 def test_one_device_mesh_is_the_plain_path():

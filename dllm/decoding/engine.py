@@ -13,24 +13,10 @@ may finish row 0's block before row 1's). Rows are left-padded: the
 generation region is the same columns for every row, and RoPE positions
 count only real tokens, so a padded row decodes exactly as it does alone.
 
-KV cache (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618, §3.2 and Fig. 3):
-one mechanism for every sampler. A *refresh* step runs the full forward,
-stores K/V (after RoPE) of every position and also decodes (it counts as an
-NFE). A row refreshes at the first step of each of its blocks, and every
-`cache_refresh_every` steps if set; the decision is per row (rows move through
-blocks independently: when only some rows refresh, the step runs both
-forwards and each row keeps its own, so a row decodes as it does alone).
-Between refreshes, a *window* step recomputes per row
-  - "prefix": gen positions [block_start, block_start + gen_length) (the
-    active block and everything after it; padded to a static length, so the
-    query count does not shrink in later blocks as Fast-dLLM's does), or
-  - "dual": gen positions [block_start, block_start + cache_window),
-against the cache, writing the recomputed K/V in place (DualCache's
-`replace_position`). Both caches are approximate: K/V outside the
-recomputed range are stale until the next refresh (with a one-layer model
-they are exact, which the tests use). In window steps only the recomputed
-positions have logits (others get zeros), commits elsewhere are dropped and
-`stop` is ignored until the next refresh.
+KV caches (none, Fast-dLLM's prefix and dual): one policy object per
+`DecodeConfig.cache` mode in `dllm/decoding/cache.py` decides what each step's
+forward runs and which positions get logits (`DecodeState.has_logits`); the
+engine commits nowhere else.
 """
 
 from __future__ import annotations
@@ -44,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dllm.decoding.cache import cache_policy, clip_window, guided_logits, without_mask_token
 from dllm.decoding.sampler import Sampler
-from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace, place_logits
-from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
+from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
+from dllm.models.transformer import CACHE_AXES
 
 
 def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +108,7 @@ def row_keys(key, batch: int) -> jax.Array:
 def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds,
                   model_config=None) -> DecodeState:
     """The state before the first step. `key`: one PRNG key or one per row (`row_keys`).
-    `model_config` (a `ModelConfig`): with a cache policy, the empty KV cache is made for it."""
+    `model_config` (a `ModelConfig`): the cache policy's empty buffer is made for it (none without)."""
     batch, width = tokens.shape
     key = row_keys(key, batch)
     g = config.gen_length
@@ -139,149 +126,18 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         commit_step=jnp.full((batch, g), -1, jnp.int32),
         committed_per_step=jnp.zeros((batch, config.max_steps), jnp.int32),
         confidence_history=history,
-        key=key, cache=None, config=config, special=special, prompt_width=width,
+        key=key, cache=None, has_logits=jnp.ones((batch, g), bool), config=config, special=special,
+        prompt_width=width,
     )
-    if model_config is not None and config.cache != "none":
-        state = state.replace(cache=KVCache.zeros(model_config, batch, cache_length(state)))
+    if model_config is not None:
+        state = state.replace(cache=cache_policy(config).init(model_config, batch, canvas.shape[1], config))
     return state
 
 
-def head_request(state: DecodeState, window_only: bool) -> tuple[int, jax.Array | None]:
-    """(positions per row, per-row offsets or None) the output head computes:
-    each row's block (`DecodeState.window_offsets`) when `window_only`, else all of G."""
-    if window_only:
-        return state.config.block_length, state.window_offsets
-    return state.config.gen_length, None
-
-
-def attention_mask_of(state: DecodeState, padded: bool):
-    """The canvas mask for the model, or None when no prompt is padded (the
-    attention then runs unmasked; `generate` knows this on the host)."""
-    return state.attention_mask if padded else None
-
-
 def forward_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True) -> jax.Array:
-    """Logits [B, G, V] of the generation region, with LLaDA's unsupervised CFG.
-
-    `window_only` (samplers that read only the active block, see
-    `Sampler.reads_only_window`): the logits [B, block_length, V] of each
-    row's block alone, at `state.window_offsets`: the output head and the
-    sampler's softmax run there only. At LLaDA-8B size the head over all of
-    G = 256 positions is 0.27 TFLOP and its logits 129 MB of float32 per row.
-
-    The [MASK] token itself is never a valid proposal: its logit is -inf.
-    (LLaDA relies on training for this; an untrained or under-trained model
-    could otherwise "commit" [MASK] and make no progress.)
-    """
-    logits = _guided_logits(model, state, window_only, padded)
-    return logits.at[..., state.special.mask].set(-jnp.inf)
-
-
-def _guided_logits(model, state: DecodeState, window_only: bool, padded: bool) -> jax.Array:
-    config, width = state.config, state.prompt_width
-    length, offsets = head_request(state, window_only)
-    if window_only:
-        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=length, logits_offsets=o)
-    else:  # no logits_offsets argument: a stand-in model need not know it
-        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=length)
-    mask = attention_mask_of(state, padded)
-    if config.cfg_scale == 0:
-        return call(state.tokens, mask, offsets)
-    is_prompt = (jnp.arange(state.tokens.shape[1]) < width)[None, :] & (state.attention_mask == 1)
-    unconditional = jnp.where(is_prompt, state.special.mask, state.tokens)
-    both = call(jnp.concatenate([state.tokens, unconditional]), None if mask is None else jnp.concatenate([mask] * 2),
-                None if offsets is None else jnp.concatenate([offsets] * 2))
-    cond, uncond = jnp.split(both, 2)
-    return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
-
-
-def window_length(config: DecodeConfig) -> int:
-    return config.gen_length if config.cache == "prefix" else config.cache_window
-
-
-def cache_length(state: DecodeState) -> int:
-    """Canvas plus a tail so every window slice stays in bounds."""
-    return state.tokens.shape[1] + window_length(state.config) + 1
-
-
-def refresh_forward(model, state: DecodeState, window_only: bool = False, padded: bool = True):
-    """Full forward: logits of the whole generation (or of each row's block,
-    see `forward_logits`) and the canvas's K/V, written into the carried cache."""
-    length, offsets = head_request(state, window_only)
-    logits, cache = model.forward_with_cache(
-        state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
-        logits_length=length, logits_offsets=offsets, cache=state.cache)
-    return logits, cache, jnp.ones(state.gen_tokens.shape, bool)
-
-
-def window_forward(model, state: DecodeState, padded: bool = True, window_only: bool = False):
-    """Recompute each row's window against the cache (see module docstring).
-    Without prompt padding the only hidden keys are the cache's tail, given to
-    the attention as a key length rather than a mask.
-
-    Logits: [B, G, V] with the window's placed (zeros elsewhere); `window_only`
-    (`uses_window_logits`): those of each row's block alone,
-    [B, block_length, V]. Window-only samplers run fixed blocks, whose starts
-    are multiples of block_length, so an unfinished row's block starts its
-    window and sits at `state.window_offsets` (a finished row's step is ignored)."""
-    config, width = state.config, state.prompt_width
-    q = window_length(config)
-    shift = 1 if model.config.token_shift else 0  # position i is predicted from hidden i-1
-    tail = cache_length(state) - state.tokens.shape[1]
-    tokens = jnp.pad(state.tokens, ((0, 0), (0, tail)), constant_values=state.special.mask)
-    key_mask = jnp.pad(state.attention_mask, ((0, 0), (0, tail)))
-    positions = positions_from_mask(state.attention_mask)
-    positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(tail)[None, :]], axis=1)
-    start = width + state.block_start - shift
-    take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, q + shift))
-    logits, cache = model.forward_window(take(tokens, start), take(positions, start), start, state.cache,
-                                         key_mask if padded else None,
-                                         logits_count=config.block_length if window_only else q,
-                                         key_length=state.tokens.shape[1])
-    j = jnp.arange(config.gen_length)[None, :]
-    computed = (j >= state.block_start[:, None]) & (j < state.block_start[:, None] + q)
-    if window_only:
-        return logits, cache, computed
-    return place_logits(logits, state.block_start, config.gen_length), cache, computed
-
-
-def rows_to_refresh(state: DecodeState) -> jax.Array:
-    """bool [B]: the unfinished rows whose step is a refresh (first step of their block, or every
-    `cache_refresh_every` steps)."""
-    refresh = state.step_in_block == 0
-    if state.config.cache_refresh_every:
-        refresh = refresh | (state.step % state.config.cache_refresh_every == 0)
-    return refresh & ~state.done
-
-
-def select_rows(refresh: jax.Array, fresh, windowed):
-    """Per row: the refresh forward's output where `refresh`, else the window step's (pytrees of
-    arrays with the batch on axis 0, or on the "batch" axis of `CACHE_AXES` for the cache)."""
-    def pick(a, b, batch_axis=0):
-        shape = [1] * a.ndim
-        shape[batch_axis] = refresh.shape[0]
-        return jnp.where(refresh.reshape(shape), a, b)
-
-    cache = jax.tree.map(lambda a, b: pick(a, b, CACHE_AXES[-a.ndim:].index("batch")), fresh[1], windowed[1])
-    return pick(fresh[0], windowed[0]), cache, pick(fresh[2], windowed[2])
-
-
-def cached_logits(model, state: DecodeState, window_only: bool = False, padded: bool = True):
-    """(logits, new cache, computed positions) for a cached engine step.
-    `window_only`: each row's block's logits, as `forward_logits`.
-
-    The refresh is decided per row (`rows_to_refresh`), so a row decodes as it
-    would alone: when every unfinished row refreshes, one full forward; when
-    none does, one window step; when some do, both, each row taking its own.
-    """
-    refresh = rows_to_refresh(state)
-    active = ~state.done
-    full = lambda s: refresh_forward(model, s, window_only, padded)
-    window = lambda s: window_forward(model, s, padded, window_only)
-    mixed = lambda s: select_rows(refresh, full(s), window(s))
-    branch = jnp.where(jnp.all(refresh | ~active), 0, jnp.where(jnp.any(refresh), 2, 1))
-    logits, cache, computed = jax.lax.switch(branch, (full, window, mixed), state)
-    return logits.at[..., state.special.mask].set(-jnp.inf), cache, computed
+    """Logits [B, G, V] of a full forward over the canvas (no cache), [MASK] at -inf:
+    the "none" policy's step (`dllm.decoding.cache.NoCache`)."""
+    return without_mask_token(guided_logits(model, state, window_only, padded), state)
 
 
 def next_window(state: DecodeState, gen_tokens, block_end):
@@ -301,19 +157,17 @@ def next_window(state: DecodeState, gen_tokens, block_end):
     return new_start, new_end, step_in_block
 
 
-def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
+def apply_commit(state: DecodeState, commit) -> DecodeState:
     """Writes committed tokens, updates the trace, the windows and `done`.
 
-    `computed` (cached window steps): positions that have logits this step;
-    commits elsewhere are dropped and `stop` waits for a full forward.
+    Commits where this step computed no logits (`state.has_logits`: a cached
+    window step) are dropped, and `stop` waits for a step that has them all.
     """
     special, g = state.special, state.config.gen_length
     active = ~state.done
     gen = state.gen_tokens
     masked = gen == special.mask
-    chosen = commit.commit & masked & active[:, None]
-    if computed is not None:
-        chosen = chosen & computed
+    chosen = commit.commit & masked & active[:, None] & state.has_logits
     gen = jnp.where(chosen, commit.tokens, gen)
     commit_step = jnp.where(chosen, state.step, state.commit_step)
     if commit.truncate_at is not None:  # end-of-text prediction
@@ -322,13 +176,11 @@ def apply_commit(state: DecodeState, commit, computed=None) -> DecodeState:
         commit_step = jnp.where(beyond, state.step, commit_step)
         chosen = chosen | beyond
     block_end = state.block_end if commit.block_end is None else jnp.where(active, commit.block_end, state.block_end)
-    if state.config.cache == "dual":  # a window must fit in the recomputed range
-        block_end = jnp.minimum(block_end, state.block_start + state.config.cache_window)
+    block_end = clip_window(state, block_end)  # a window must fit in what its steps recompute
     block_start, block_end, step_in_block = next_window(state, gen, block_end)
     finished = ~jnp.any(gen == special.mask, axis=-1)
     if commit.stop is not None:
-        stop = commit.stop if computed is None else commit.stop & jnp.all(computed, axis=-1)
-        finished = finished | stop
+        finished = finished | (commit.stop & jnp.all(state.has_logits, axis=-1))
     history = state.confidence_history
     if history is not None and commit.confidence is not None:
         history = history.at[state.step].set(commit.confidence.astype(jnp.float32))
@@ -357,7 +209,7 @@ def uses_window_logits(sampler, config: DecodeConfig) -> bool:
     """Whether the engine computes and passes only the active blocks' logits:
     the sampler reads nothing else, the trace does not record every position's
     confidence, and a cached window step covers a block."""
-    covered = config.cache == "none" or window_length(config) >= config.block_length
+    covered = cache_policy(config).max_window(config) >= config.block_length
     return sampler.reads_only_window and not config.record_confidence and covered
 
 
@@ -373,15 +225,12 @@ def decode_step(model, state: DecodeState, carry, *, sampler, padded: bool = Tru
     """One forward pass (one NFE) and its commits: (state, carry, logits, commit).
 
     The body of the decoding loop; `steps` runs it one call at a time."""
-    window_only = uses_window_logits(sampler, state.config)
-    if state.config.cache == "none":
-        logits, computed = forward_logits(model, state, window_only, padded), None
-    else:
-        logits, cache, computed = cached_logits(model, state, window_only, padded)
-        state = state.replace(cache=constrain_cache(cache))
-    commit, carry = sampler.step(logits, state, carry)
-    state = apply_commit(state, commit, computed)
-    return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry, logits, commit
+    out = cache_policy(state.config).step_logits(model, state, uses_window_logits(sampler, state.config), padded)
+    cache = None if out.cache is None else constrain_cache(out.cache)
+    state = state.replace(cache=cache, has_logits=out.has_logits)
+    commit, carry = sampler.step(out.logits, state, carry)
+    state = apply_commit(state, commit)
+    return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry, out.logits, commit
 
 
 def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None, padded=True):
@@ -461,10 +310,9 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
 
     layout = sharding.Layout.of(mesh, rules)
     layout.check_batch(tokens.shape[0], "the prompt batch")
-    if config.cache != "none":
-        c = model.config
-        length = tokens.shape[1] + gen_length + window_length(config) + 1  # as cache_length(state)
-        layout.check("the KV cache", (c.n_layers, tokens.shape[0], length, c.n_kv_heads, c.head_dim), CACHE_AXES)
+    empty = jax.eval_shape(lambda: cache_policy(config).init(model.config, tokens.shape[0], tokens.shape[1] + gen_length, config))
+    for leaf in jax.tree.leaves(empty)[:1]:
+        layout.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
     shardings = layout.param_shardings(model)
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
     tokens, mask = layout.put_batch((tokens, mask))

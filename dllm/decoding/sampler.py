@@ -1,17 +1,25 @@
-"""The sampler contract the decoding engine calls: `Commit` (one step's decision) and `Sampler`.
+"""The sampler contract the decoding engine calls (`Commit`, `Sampler`) and the sampler registry.
 
 Samplers live in the `samplers` package, which builds on this one
 (`samplers.base` re-exports both names); the engine and the rest of `dllm`
 only ever see this contract.
+
+The registry is configs/sampler/*.yaml: one YAML per sampler, with its
+defaults, read by Hydra (`sampler=<name>`), by `build_sampler` (and
+`samplers.get_sampler`), by the lm-eval adapter and by the tests. A sampler
+class without a YAML, or a YAML that builds nothing, fails a test.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
 from flax import struct
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from dllm.decoding.state import DecodeConfig, DecodeState
 
@@ -58,6 +66,7 @@ class Sampler:
     """
 
     reads_only_window = False
+    name = "sampler"  # the registry name (configs/sampler/<name>.yaml); each rule sets its own
 
     def validate(self, config: DecodeConfig) -> None:
         """Raises ValueError when this sampler cannot run with `config`."""
@@ -74,8 +83,48 @@ class Sampler:
 
     def settings(self) -> dict:
         """All fields, nested for wrapped samplers: what a results row records."""
-        out = {"name": getattr(self, "name", type(self).__name__)}
+        out = {"name": self.name}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             out[field.name] = value.settings() if isinstance(value, Sampler) else value
         return out
+
+
+SAMPLER_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sampler"
+
+
+def sampler_names() -> list[str]:
+    """Every registered sampler: the stems of configs/sampler/*.yaml."""
+    return sorted(path.stem for path in SAMPLER_CONFIGS.glob("*.yaml"))
+
+
+def sampler_spec(name: str) -> dict:
+    """configs/sampler/<name>.yaml as a plain dict (`_target_` and the defaults)."""
+    path = SAMPLER_CONFIGS / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(sampler_names())}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def build_sampler(sampler: str | dict | Sampler, **overrides) -> Sampler:
+    """A sampler from its registry name (or a spec dict with `_target_`), with field overrides:
+
+        build_sampler("threshold", tau=0.7)
+        build_sampler("early_commit", **{"inner.tau": 0.9})   # dotted keys reach wrapped samplers
+
+    A `Sampler` passes through (overrides then are an error)."""
+    if isinstance(sampler, Sampler):
+        if overrides:
+            raise ValueError(f"sampler overrides {sorted(overrides)} need a sampler name, not a Sampler object")
+        return sampler
+    spec = OmegaConf.create(sampler_spec(sampler) if isinstance(sampler, str) else sampler)
+    objects = {key: value for key, value in overrides.items() if isinstance(value, Sampler)}  # e.g. inner=...
+    for key, value in overrides.items():
+        if key in objects:
+            spec.pop(key, None)
+        else:
+            OmegaConf.update(spec, key, value, merge=True)
+    built = instantiate(spec, _convert_="all")
+    if not isinstance(built, Sampler):
+        raise TypeError(f"sampler {sampler!r} built {type(built).__name__}, not a Sampler")
+    return dataclasses.replace(built, **objects) if objects else built

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dllm.decoding.cache import CACHE_MODES
+
 EOS_POLICIES = ("none", "logits_eos_inf", "confidence_eos_eot_inf")
 NOISE_DTYPES = ("float32", "float64")
-CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ class DecodeConfig:
         it against cached K/V of the prefix); "dual" (recompute only the
         active window against cached prefix *and* suffix). Both are
         approximate: K/V outside the recomputed range are stale until the next
-        refresh. See `dllm/decoding/engine.py`.
+        refresh. One policy object per mode: `dllm/decoding/cache.py`.
       cache_refresh_every: besides the refresh at every block start, refresh
         every k-th step (0 = only at block starts; 1 = every step, which
         makes cached decoding exact).
@@ -130,7 +131,10 @@ class DecodeState:
     committed_per_step: int32 [B, max_steps].
     confidence_history: float32 [max_steps, B, gen_length] or None.
     key:             [B] PRNG keys, one per row; row r's step s draws from fold_in(key[r], s).
-    cache:           a `KVCache` when DecodeConfig.cache != "none", else None.
+    cache:           the cache policy's buffer (`dllm.decoding.cache`): a `KVCache`, or None without one.
+    has_logits:      bool [B, gen_length], positions whose logits this step's forward computed (all of
+                     them, except in a cached window step); the sampler reads it, the engine commits
+                     nowhere else.
     """
 
     tokens: jax.Array
@@ -146,6 +150,7 @@ class DecodeState:
     confidence_history: jax.Array | None
     key: jax.Array
     cache: Any
+    has_logits: jax.Array
     config: DecodeConfig = struct.field(pytree_node=False)
     special: SpecialIds = struct.field(pytree_node=False)
     prompt_width: int = struct.field(pytree_node=False)
@@ -211,20 +216,3 @@ class DecodeResult:
     def tokens_per_forward(self) -> jax.Array:
         committed = (self.trace.commit_step >= 0).sum(axis=-1)
         return committed / jnp.maximum(self.nfe, 1)
-
-
-def place_logits(values: jax.Array, starts: jax.Array, gen_length: int, fill=0) -> jax.Array:
-    """[B, L, ...] values of generation positions starts[b] + [0, L) -> [B, G, ...],
-    `fill` elsewhere; positions past G are dropped. One write per row into a
-    G-sized buffer (no larger buffer sliced back down)."""
-    length = values.shape[1]
-    at = jnp.minimum(starts, gen_length - length)  # where a row's slab fits
-    shift = starts - at  # > 0 only when the window runs past G: roll its tail out
-
-    def place(row, start, k):
-        kept = (jnp.arange(length) >= k).reshape((length,) + (1,) * (row.ndim - 1))
-        row = jnp.where(kept, jnp.roll(row, k, axis=0), fill)
-        return jax.lax.dynamic_update_slice_in_dim(jnp.full((gen_length, *row.shape[1:]), fill, row.dtype), row,
-                                                   start, 0)
-
-    return jax.vmap(place)(values, at, shift)

@@ -263,12 +263,6 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, is_causal=causal)
 
 
-def transformer_block(x, p, config: ModelConfig, cos, sin, key_mask):
-    """One full (uncached) block over all positions."""
-    q, k, v = attention_qkv(x, p, config, cos, sin)
-    return attention_out_and_mlp(x, attend(q, k, v, key_mask, config), p, config)
-
-
 def run_layers(block_fn, x, layer_params, config: ModelConfig, per_layer=None):
     """Applies `x, out_i = block_fn(x, params_i, per_layer_i)` for every layer.
 
@@ -423,88 +417,74 @@ class Transformer(nnx.Module):
         logits = jnp.einsum("bld,dv->blv", h, self.head_weight().astype(self.config.compute_dtype))
         return logits.astype(jnp.float32)
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-        *,
-        logits_start: int = 0,
-        logits_length: int | None = None,
-        logits_offsets: jax.Array | None = None,
-    ) -> jax.Array:
-        """tokens int32[B, L] -> float32 logits [B, logits_length or L, V].
+    def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 *, logits_start: int = 0, logits_length: int | None = None,
+                 logits_offsets: jax.Array | None = None) -> jax.Array:
+        """tokens int32[B, L] -> float32 logits [B, logits_length or L, V]: `forward` without a cache."""
+        return self.forward(tokens, attention_mask, positions, logits_start=logits_start,
+                            logits_length=logits_length, logits_offsets=logits_offsets)[0]
+
+    def forward(self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                *, logits_start: int = 0, logits_length: int | None = None, logits_offsets: jax.Array | None = None,
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The full forward over every position: (logits, cache).
 
         Args:
+          tokens: int32 [B, L].
           attention_mask: [B, L], 1 for real tokens, 0 for left padding; None
             when no row is padded (attention then runs without a mask, which
             the fused cuDNN kernel does about 2x faster at 512 tokens).
           positions: RoPE positions [B, L]; default counts real tokens only.
           logits_start, logits_length: static slice of positions whose logits
             are computed (the output head dominates at large vocabularies, so
-            the decoder asks only for the generation region).
+            the decoder asks only for the generation region); default all.
           logits_offsets: int32 [B], optional per-row shift of that slice
             (row b gets positions logits_start + offsets[b] + [0, length)).
+          cache: a `KVCache` of S >= L positions to write every position's K/V
+            (after RoPE) into, in place from column 0 (a cache refresh; its tail
+            beyond L is left as it was and must be hidden from attention). None:
+            no K/V are kept, and the returned cache is None.
+
+        Returns (logits float32 [B, logits_length, V], the written cache or None).
+        The logits of position i come from hidden state i, or i - 1 with `token_shift`.
         """
         c = self.config
         if positions is None:
             positions = default_positions(tokens, attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        x = self.embed_tokens(tokens)
-        block = lambda carry, p, _: (transformer_block(carry, p, c, cos, sin, attention_mask), None)
-        hidden, _ = run_layers(block, x, self.layer_params(), c)
-        if c.token_shift:
-            hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
-        length = tokens.shape[1] - logits_start if logits_length is None else logits_length
-        return self.hidden_to_logits(take_positions(hidden, logits_start, length, logits_offsets))
-
-
-    def forward_with_cache(self, tokens, attention_mask, positions=None, *, logits_start: int,
-                           logits_length: int, cache_length: int | None = None, logits_offsets=None,
-                           cache: KVCache | None = None):
-        """Full forward that also returns every position's K/V (a cache refresh).
-        `attention_mask` as in `__call__` (None: no padding).
-
-        `cache`: an existing cache (S >= L) to write the L positions' K/V into,
-        in place from column 0 (its tail beyond L is left as it was, and must be
-        hidden from attention); the decoder passes its own, so a refresh needs
-        no second cache in memory. Without it, a zero cache of S = cache_length
-        (or L) positions is written into.
-
-        Returns (logits [B, logits_length, V], KVCache).
-        """
-        c = self.config
-        if positions is None:
-            positions = default_positions(tokens, attention_mask)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
-        if cache is None:
-            cache = KVCache.zeros(c, tokens.shape[0], cache_length or tokens.shape[1])
 
         def block(x, p, layer_cache):
             q, k, v = attention_qkv(x, p, c, cos, sin)
             x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c), p, c)
+            if layer_cache is None:
+                return x, None
             write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a, 0, axis=1)
             return written_before_next_layer(x, write(layer_cache[0], k), write(layer_cache[1], v))
 
-        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
+        per_layer = None if cache is None else cache.per_layer(c)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, per_layer)
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
-        hidden = take_positions(hidden, logits_start, logits_length, logits_offsets)
-        return self.hidden_to_logits(hidden), KVCache.from_layers(kv, c)
+        length = tokens.shape[1] - logits_start if logits_length is None else logits_length
+        logits = self.hidden_to_logits(take_positions(hidden, logits_start, length, logits_offsets))
+        return logits, None if cache is None else KVCache.from_layers(kv, c)
 
-    def forward_window(self, tokens, positions, start, cache: KVCache, key_mask, *, logits_count: int,
+    def forward_window(self, tokens, positions, cache: KVCache, key_mask, *, start, queries: int, logits_count: int,
                        key_length: int | None = None):
-        """Recomputes a window of queries against cached K/V (Fast-dLLM caches).
+        """Recomputes a window of positions against cached K/V (Fast-dLLM's caches).
 
         Args:
-          tokens, positions: [B, Q] the window's tokens and RoPE positions.
-          start: int32 [B], canvas column of each row's first window position.
+          tokens, positions: [B, S] the canvas (padded to the cache's length S)
+            and its RoPE positions.
           cache: K/V of every position; the window's fresh K/V are written into
-            it at `start` (in place, as DualCache's replace_position).
+            it (in place, as DualCache's replace_position).
           key_mask: [B, S] 1 for keys that may be attended (real, non-padding);
             or None with `key_length`: every row attends to keys [0, key_length).
-          logits_count: logits for the first `logits_count` queries (no token
-            shift here: the caller picks the query range).
+          start: int32 [B], the canvas column of each row's first window position.
+          queries: static window length: positions start + [0, queries) are
+            recomputed (with `token_shift`, from start - 1, whose hidden state
+            predicts position start).
+          logits_count: logits for window positions start + [0, logits_count).
 
         Returns (logits [B, logits_count, V], updated cache).
         """
@@ -512,6 +492,10 @@ class Transformer(nnx.Module):
         if c.attention == "causal":  # every window path (the fused Pallas kernel too) attends bidirectionally
             raise ValueError("ModelConfig.attention='causal': cached window steps attend bidirectionally; "
                              "a causal model runs only full forwards (decode it with cache='none')")
+        shift = 1 if c.token_shift else 0  # position i is predicted from hidden i - 1
+        first = start - shift
+        take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, queries + shift))
+        tokens, positions = take(tokens, first), take(positions, first)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
         fused_write = window_attention_impl(c, tokens.shape[0] * tokens.shape[1]) == "pallas"
@@ -520,10 +504,10 @@ class Transformer(nnx.Module):
             cache_k, cache_v = layer_cache
             q, k, v = attention_qkv(x, p, c, cos, sin)
             if fused_write:  # one kernel attends and writes the window's K/V into the cache
-                attended, cache_k, cache_v = window_attention(q, cache_k, cache_v, key_mask, (k, v), start,
+                attended, cache_k, cache_v = window_attention(q, cache_k, cache_v, key_mask, (k, v), first,
                                                               key_length=key_length)
             else:
-                cache_k, cache_v = write_rows(cache_k, k, start), write_rows(cache_v, v, start)
+                cache_k, cache_v = write_rows(cache_k, k, first), write_rows(cache_v, v, first)
                 attended = attend(q, cache_k, cache_v, key_mask, c, key_length, window=True)
             x = attention_out_and_mlp(x, attended, p, c)
             return written_before_next_layer(x, cache_k, cache_v)

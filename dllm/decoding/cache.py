@@ -1,0 +1,247 @@
+"""KV-cache policies: what one decoding step runs, what it keeps, and which positions get logits.
+
+One policy object per `DecodeConfig.cache` mode (`CACHE_POLICIES`). A policy
+owns its buffer (`init`), its length, when a row refreshes, what a step
+recomputes, and how far a window may reach (`max_window`). The engine calls
+only `step_logits(model, state, ...) -> StepLogits` and `max_window`; a new
+cache (Elastic-Cache, dKV-Cache, an exact block-diffusion cache) is one more
+policy here.
+
+* "none": every step is a full forward over the canvas (LLaDA's loop), with
+  LLaDA's unsupervised classifier-free guidance when `cfg_scale` > 0.
+* "prefix" and "dual": Fast-dLLM's caches (Wu et al. 2025, arXiv 2505.22618,
+  §3.2 and Fig. 3). A *refresh* runs the full forward, stores the K/V (after
+  RoPE) of every position and also decodes (it counts as an NFE). A row
+  refreshes at the first step of each of its blocks, and every
+  `cache_refresh_every` steps if set; the decision is per row, so a row
+  decodes as it does alone (when only some rows refresh, the step runs both
+  forwards and each row keeps its own). Between refreshes a *window* step
+  recomputes, per row, generation positions
+    - "prefix": [block_start, block_start + gen_length) (the active block and
+      everything after it, padded to a static length, so the query count does
+      not shrink in later blocks as Fast-dLLM's does), or
+    - "dual": [block_start, block_start + cache_window),
+  against the cache, writing the recomputed K/V in place (DualCache's
+  `replace_position`). Both are approximate: K/V outside the recomputed range
+  are stale until the next refresh (with a one-layer model they are exact,
+  which the tests use). Only the recomputed positions have logits
+  (`StepLogits.has_logits`); the engine drops commits elsewhere and ignores
+  `stop` until the next refresh. Every window (adaptive blocks included) must
+  fit in the recomputed range (`max_window`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
+
+if TYPE_CHECKING:  # the state module imports this one
+    from dllm.decoding.state import DecodeConfig, DecodeState
+
+
+@struct.dataclass
+class StepLogits:
+    """What one step's forward gives the sampler and the engine.
+
+    logits: float32 [B, G, V] of the generation region, or [B, block_length, V]
+      of each row's block (`window_only`); the [MASK] token's logit is -inf.
+    cache: the policy's buffer after the step (None without a cache).
+    has_logits: bool [B, G], positions whose logits were computed this step;
+      elsewhere the logits are zeros, carry no information, and no commit lands.
+    """
+
+    logits: jax.Array
+    cache: Any
+    has_logits: jax.Array
+
+
+def place_logits(values: jax.Array, starts: jax.Array, gen_length: int, fill=0) -> jax.Array:
+    """[B, L, ...] values of generation positions starts[b] + [0, L) -> [B, G, ...],
+    `fill` elsewhere; positions past G are dropped. One write per row into a
+    G-sized buffer (no larger buffer sliced back down)."""
+    length = values.shape[1]
+    at = jnp.minimum(starts, gen_length - length)  # where a row's slab fits
+    shift = starts - at  # > 0 only when the window runs past G: roll its tail out
+
+    def place(row, start, k):
+        kept = (jnp.arange(length) >= k).reshape((length,) + (1,) * (row.ndim - 1))
+        row = jnp.where(kept, jnp.roll(row, k, axis=0), fill)
+        return jax.lax.dynamic_update_slice_in_dim(jnp.full((gen_length, *row.shape[1:]), fill, row.dtype), row,
+                                                   start, 0)
+
+    return jax.vmap(place)(values, at, shift)
+
+
+def head_request(state: DecodeState, window_only: bool) -> tuple[int, jax.Array | None]:
+    """(positions per row, per-row offsets or None) the output head computes:
+    each row's block (`DecodeState.window_offsets`) when `window_only`, else all of G."""
+    if window_only:
+        return state.config.block_length, state.window_offsets
+    return state.config.gen_length, None
+
+
+def attention_mask_of(state: DecodeState, padded: bool):
+    """The canvas mask for the model, or None when no prompt is padded (the
+    attention then runs unmasked; `generate` knows this on the host)."""
+    return state.attention_mask if padded else None
+
+
+def without_mask_token(logits: jax.Array, state: DecodeState) -> jax.Array:
+    """The [MASK] token itself is never a valid proposal: its logit is -inf.
+    (LLaDA relies on training for this; an untrained or under-trained model
+    could otherwise "commit" [MASK] and make no progress.)"""
+    return logits.at[..., state.special.mask].set(-jnp.inf)
+
+
+def guided_logits(model, state: DecodeState, window_only: bool, padded: bool) -> jax.Array:
+    """Full-forward logits of the generation region, with LLaDA's unsupervised
+    classifier-free guidance when `cfg_scale` > 0 (Nie et al. 2025, arXiv
+    2502.09992, Appendix B.3): l_uncond + (cfg_scale + 1) (l - l_uncond), the
+    unconditional canvas having every prompt token replaced by [MASK].
+
+    `window_only`: each row's block alone, [B, block_length, V] at
+    `state.window_offsets`, so the output head and the sampler's softmax run
+    there only (at LLaDA-8B size the head over all of G = 256 positions is 0.27
+    TFLOP and its logits 129 MB of float32 per row)."""
+    config, width = state.config, state.prompt_width
+    length, offsets = head_request(state, window_only)
+    if window_only:
+        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=length, logits_offsets=o)
+    else:  # no logits_offsets argument: a stand-in model need not know it
+        call = lambda t, m, o: model(t, m, logits_start=width, logits_length=length)
+    mask = attention_mask_of(state, padded)
+    if config.cfg_scale == 0:
+        return call(state.tokens, mask, offsets)
+    is_prompt = (jnp.arange(state.tokens.shape[1]) < width)[None, :] & (state.attention_mask == 1)
+    unconditional = jnp.where(is_prompt, state.special.mask, state.tokens)
+    both = call(jnp.concatenate([state.tokens, unconditional]), None if mask is None else jnp.concatenate([mask] * 2),
+                None if offsets is None else jnp.concatenate([offsets] * 2))
+    cond, uncond = jnp.split(both, 2)
+    return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoCache:
+    """Every step a full forward (LLaDA, arXiv 2502.09992, Algorithm 5); nothing is kept."""
+
+    name: str = "none"
+
+    def max_window(self, config: DecodeConfig) -> int:
+        """The longest window a step can decode: all of the generation."""
+        return config.gen_length
+
+    def init(self, model_config, batch: int, canvas_width: int, config: DecodeConfig):
+        return None
+
+    def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
+        logits = without_mask_token(guided_logits(model, state, window_only, padded), state)
+        return StepLogits(logits, state.cache, jnp.ones(state.gen_tokens.shape, bool))
+
+
+@dataclasses.dataclass(frozen=True)
+class FastDLLMCache:
+    """Fast-dLLM's prefix ("prefix") and dual ("dual") KV caches; see the module docstring."""
+
+    name: str
+    dual: bool
+
+    def max_window(self, config: DecodeConfig) -> int:
+        """Generation positions a window step recomputes from the block start, the longest window
+        it can decode: gen_length (prefix) or `cache_window` (dual)."""
+        return config.cache_window if self.dual else config.gen_length
+
+    def length(self, canvas_width: int, config: DecodeConfig) -> int:
+        """Cache positions: the canvas plus a tail so every window slice stays in bounds."""
+        return canvas_width + self.max_window(config) + 1
+
+    def init(self, model_config, batch: int, canvas_width: int, config: DecodeConfig) -> KVCache:
+        """The empty buffer, one K/V slot per cache position (`KVCache.zeros`)."""
+        return KVCache.zeros(model_config, batch, self.length(canvas_width, config))
+
+    def rows_to_refresh(self, state: DecodeState) -> jax.Array:
+        """bool [B]: the unfinished rows whose step is a refresh (first step of their block, or every
+        `cache_refresh_every` steps)."""
+        refresh = state.step_in_block == 0
+        if state.config.cache_refresh_every:
+            refresh = refresh | (state.step % state.config.cache_refresh_every == 0)
+        return refresh & ~state.done
+
+    def refresh(self, model, state: DecodeState, window_only: bool, padded: bool) -> StepLogits:
+        """Full forward: logits of the whole generation (or of each row's block, see
+        `guided_logits`) and the canvas's K/V, written into the carried cache."""
+        length, offsets = head_request(state, window_only)
+        logits, cache = model.forward(state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
+                                      logits_length=length, logits_offsets=offsets, cache=state.cache)
+        return StepLogits(logits, cache, jnp.ones(state.gen_tokens.shape, bool))
+
+    def window(self, model, state: DecodeState, window_only: bool, padded: bool) -> StepLogits:
+        """Recomputes each row's window against the cache. Without prompt padding the only hidden keys
+        are the cache's tail, given to the attention as a key length rather than a mask.
+
+        Logits: [B, G, V] with the window's placed (zeros elsewhere); `window_only`
+        (`uses_window_logits`): those of each row's block alone, [B, block_length, V].
+        Window-only samplers run fixed blocks, whose starts are multiples of block_length,
+        so an unfinished row's block starts its window and sits at `state.window_offsets`
+        (a finished row's step is ignored)."""
+        config, width = state.config, state.prompt_width
+        canvas = state.tokens.shape[1]
+        queries = self.max_window(config)
+        tail = self.length(canvas, config) - canvas
+        tokens = jnp.pad(state.tokens, ((0, 0), (0, tail)), constant_values=state.special.mask)
+        key_mask = jnp.pad(state.attention_mask, ((0, 0), (0, tail)))
+        positions = positions_from_mask(state.attention_mask)
+        positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(tail)[None, :]], axis=1)
+        logits, cache = model.forward_window(tokens, positions, state.cache, key_mask if padded else None,
+                                             start=width + state.block_start, queries=queries,
+                                             logits_count=config.block_length if window_only else queries,
+                                             key_length=canvas)
+        j = jnp.arange(config.gen_length)[None, :]
+        has_logits = (j >= state.block_start[:, None]) & (j < state.block_start[:, None] + queries)
+        if not window_only:
+            logits = place_logits(logits, state.block_start, config.gen_length)
+        return StepLogits(logits, cache, has_logits)
+
+    def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
+        """The refresh is decided per row (`rows_to_refresh`), so a row decodes as it would alone: when
+        every unfinished row refreshes, one full forward; when none does, one window step; when some
+        do, both, each row taking its own."""
+        refresh = self.rows_to_refresh(state)
+        full = lambda s: self.refresh(model, s, window_only, padded)
+        window = lambda s: self.window(model, s, window_only, padded)
+        mixed = lambda s: select_rows(refresh, full(s), window(s))
+        branch = jnp.where(jnp.all(refresh | state.done), 0, jnp.where(jnp.any(refresh), 2, 1))
+        out = jax.lax.switch(branch, (full, window, mixed), state)
+        return out.replace(logits=without_mask_token(out.logits, state))
+
+
+def select_rows(refresh: jax.Array, fresh: StepLogits, windowed: StepLogits) -> StepLogits:
+    """Per row: the refresh forward's output where `refresh`, else the window step's (arrays with the
+    batch on axis 0, or on the "batch" axis of `CACHE_AXES` for the cache)."""
+    def pick(a, b, batch_axis=0):
+        shape = [1] * a.ndim
+        shape[batch_axis] = refresh.shape[0]
+        return jnp.where(refresh.reshape(shape), a, b)
+
+    cache = jax.tree.map(lambda a, b: pick(a, b, CACHE_AXES[-a.ndim:].index("batch")), fresh.cache, windowed.cache)
+    return StepLogits(pick(fresh.logits, windowed.logits), cache, pick(fresh.has_logits, windowed.has_logits))
+
+
+CACHE_POLICIES = {"none": NoCache(), "prefix": FastDLLMCache("prefix", dual=False),
+                  "dual": FastDLLMCache("dual", dual=True)}
+CACHE_MODES = tuple(CACHE_POLICIES)
+
+
+def cache_policy(config: DecodeConfig):
+    """The policy of `config.cache`."""
+    return CACHE_POLICIES[config.cache]
+
+
+def clip_window(state: DecodeState, block_end: jax.Array) -> jax.Array:
+    """block_end limited so each row's window fits what its steps recompute (`max_window`)."""
+    return jnp.minimum(block_end, state.block_start + cache_policy(state.config).max_window(state.config))
