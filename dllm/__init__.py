@@ -2,7 +2,7 @@
 
 from dllm.checkpoints import from_pretrained, save_pretrained
 from dllm.decoding import DecodeConfig, DecodeResult, generate
-from dllm.models import ModelConfig, Transformer
+from dllm.models import Layout, ModelConfig, Transformer
 from dllm.tokenizer import Tokenizer
 
-__all__ = ["DecodeConfig", "DecodeResult", "generate", "ModelConfig", "Tokenizer", "Transformer", "from_pretrained", "save_pretrained"]
+__all__ = ["DecodeConfig", "DecodeResult", "generate", "Layout", "ModelConfig", "Tokenizer", "Transformer", "from_pretrained", "save_pretrained"]

@@ -30,6 +30,7 @@ from flax import nnx
 
 from dllm.models import hf_names
 from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, read_json, to_own_config_dict
+from dllm.models.layout import CANONICAL, LAYOUT_FIELDS, Layout
 from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups,
                                      layer_param_shapes, model_layer_shapes, model_param_tree)
 from dllm.tokenizer import Tokenizer
@@ -131,13 +132,13 @@ class SafetensorsIndex:
         return self.files[shard].get(name), self.files[shard].path
 
 
-def _abstract_model(config: ModelConfig):
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+def _abstract_model(config: ModelConfig, layout: Layout = CANONICAL):
+    abstract = nnx.eval_shape(lambda: Transformer(config, layout, rngs=nnx.Rngs(0)))
     return nnx.split(abstract)
 
 
-def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, jax.Array]:
-    """Reads HF safetensors into the model's parameter names, one stacked parameter
+def load_hf_params(folder: Path, config: ModelConfig, layout: Layout = CANONICAL, place=None) -> dict[str, jax.Array]:
+    """Reads HF safetensors into the parameter names of a model in `layout`, one stacked parameter
     at a time (with `scan_layers=False`, one list of per-layer tensors named
     `blocks/{i}/{name}`; with `fused_projections`, q/k/v and gate/up stacked on
     the host into `qkv_proj` / `gate_up_proj` before they are placed).
@@ -168,7 +169,7 @@ def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, j
 
     shapes = layer_param_shapes(config)
     parts_of = {name: (name,) for name in shapes}  # model parameter -> the HF tensors stacked into it
-    for fused, parts in fused_groups(config).items():
+    for fused, parts in fused_groups(config, layout).items():
         parts_of = {name: p for name, p in parts_of.items() if name not in parts} | {fused: parts}
 
     def read_layer(name: str, i: int) -> np.ndarray:
@@ -177,8 +178,8 @@ def load_hf_params(folder: Path, config: ModelConfig, place=None) -> dict[str, j
         return array.astype(dtype, copy=False)
 
     params: dict[str, jax.Array] = {}
-    for name, shape in model_layer_shapes(config).items():
-        if not config.scan_layers:  # unrolled: each layer's tensor placed on its own
+    for name, shape in model_layer_shapes(config, layout).items():
+        if not layout.scan_layers:  # unrolled: each layer's tensor placed on its own
             params[name] = [place(f"blocks/{i}/{name}", read_layer(name, i)) for i in range(config.n_layers)]
             continue
         stacked = np.empty((config.n_layers, *shape), dtype=dtype)
@@ -203,27 +204,23 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def canonical_config(config: ModelConfig) -> ModelConfig:
-    """The config whose model layout is the checkpoints' (stacked, unfused)."""
-    return config.replace(scan_layers=True, fused_projections=False)
-
-
-def model_from_params(config: ModelConfig, params: dict) -> Transformer:
-    """Builds a Transformer whose parameters are `params` (no random init).
+def model_from_params(config: ModelConfig, params: dict, layout: Layout | None = None) -> Transformer:
+    """Builds a Transformer(config, layout) whose parameters are `params` (no random init).
 
     `params`: canonical {name: array} (layer parameters stacked [layers, ...]
     or given as per-layer lists, as checkpoints hold them; a fused parameter
     such as `qkv_proj` may replace its parts), or the model's own pure-dict
     structure (`nnx.to_pure_dict`). Shapes are checked against the
-    config first; an unrolled config (`scan_layers=False`) gets one array per
-    layer.
+    config first; an unrolled layout (`scan_layers=False`) gets one array per
+    layer. `layout` defaults to `Layout()`.
     """
+    layout = Layout() if layout is None else layout
     own = "blocks" in params
-    graphdef, state = _abstract_model(config)
-    expected = nnx.to_pure_dict(state if own else _abstract_model(canonical_config(config))[1])
+    graphdef, state = _abstract_model(config, layout)
+    expected = nnx.to_pure_dict(state if own else _abstract_model(config)[1])
     if not own:  # a fused parameter may stand for its parts (as `load_hf_params` returns them)
-        fused_shapes = nnx.to_pure_dict(_abstract_model(config.replace(scan_layers=True))[1])
-        for fused, parts in fused_groups(config).items():
+        fused_shapes = nnx.to_pure_dict(_abstract_model(config, layout.replace(scan_layers=True))[1])
+        for fused, parts in fused_groups(config, layout).items():
             if fused in params:
                 expected = {k: v for k, v in expected.items() if k not in parts} | {fused: fused_shapes[fused]}
 
@@ -241,7 +238,7 @@ def model_from_params(config: ModelConfig, params: dict) -> Transformer:
     for name, want in expected_shapes.items():
         if given_shapes[name] != want:
             raise ValueError(f"parameter {name!r} has shape {given_shapes[name]}, the config expects {want}")
-    nnx.replace_by_pure_dict(state, model_param_tree(config, params))  # fuses canonical parts
+    nnx.replace_by_pure_dict(state, model_param_tree(config, layout, params))  # fuses canonical parts
     return nnx.merge(graphdef, state)
 
 
@@ -258,7 +255,8 @@ def _dtype_name(dtype) -> str | None:
     raise ValueError(f"dtype={dtype!r}: allowed {tuple(DTYPES)}")
 
 
-def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_overrides):
+def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, layout: Layout | None = None,
+                    **config_overrides):
     """Loads `(model, tokenizer)` from an HF folder or one of our orbax folders.
 
     Args:
@@ -270,8 +268,16 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_
         into shards. If it also has `sharding(name, shape)` (as `Placer`
         does), our orbax checkpoints are restored straight into those
         shardings instead of being placed after the read.
-      config_overrides: any other `ModelConfig` field (e.g. scan_layers=False).
+      layout: how the model runs (`dllm.Layout`: scanned or unrolled layers,
+        fused projections, attention kernels); default `Layout()`. The
+        checkpoint does not decide it.
+      config_overrides: any other `ModelConfig` field (e.g. max_seq_len=8192).
     """
+    misplaced = sorted(set(config_overrides) & set(LAYOUT_FIELDS))
+    if misplaced:
+        raise ValueError(f"from_pretrained({', '.join(f'{k}=...' for k in misplaced)}): these are Layout fields, not "
+                         f"ModelConfig ones; pass layout=dllm.Layout({', '.join(f'{k}=...' for k in misplaced)})")
+    layout = Layout() if layout is None else layout
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint folder does not exist")
@@ -289,13 +295,13 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, **config_
         params = restore_params(folder / "params", config, target_sharding)
         if place is not None and target_sharding is None:
             params = {k: place(k, v) for k, v in params.items()}
-        if fused_groups(config):  # stacked on the device, then placed as the fused parameter
-            params = fuse_params(config, params)
+        if fused_groups(config, layout):  # stacked on the device, then placed as the fused parameter
+            params = fuse_params(config, layout, params)
             if place is not None:
-                params.update({name: place(name, params[name]) for name in fused_groups(config)})
+                params.update({name: place(name, params[name]) for name in fused_groups(config, layout)})
     else:
-        params = load_hf_params(folder, config, place)
-    return model_from_params(config, params), tokenizer
+        params = load_hf_params(folder, config, layout, place)
+    return model_from_params(config, params, layout), tokenizer
 
 
 def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra: dict | None = None) -> Path:
@@ -355,7 +361,7 @@ def restore_params(params_dir: Path, config: ModelConfig, sharding=None) -> dict
     params_dir = Path(params_dir).absolute()
     if not params_dir.is_dir():
         raise FileNotFoundError(f"{params_dir}: no orbax parameters folder")
-    _, state = _abstract_model(canonical_config(config))  # checkpoints hold stacked, unfused layers
+    _, state = _abstract_model(config)  # checkpoints hold the canonical layout: stacked, unfused layers
     target = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(params_dir)

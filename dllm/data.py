@@ -99,12 +99,12 @@ def check_batch_divides(batch_size: int, n_shards: int, axis: str = "data") -> N
 
 def task_tokenizer(suite: str = "tiny") -> Tokenizer:
     """The word-level tokenizer of task suite `suite` with its special ids resolved by name."""
-    from dllm.tasks import vocab
+    from dllm.tasks.synthetic import vocab
 
     backend = vocab.build_task_tokenizer(suite)
     ids = {token: backend.token_to_id(token) for token in (vocab.MASK, vocab.END_OF_TEXT, vocab.PAD)}
     return Tokenizer(backend, mask_id=ids[vocab.MASK], eos_id=ids[vocab.END_OF_TEXT], pad_id=ids[vocab.PAD],
-                     source=f"dllm.tasks.vocab ({suite} suite)")
+                     source=f"dllm.tasks.synthetic.vocab ({suite} suite)")
 
 
 def encode_examples(examples: Sequence, tokenizer: Tokenizer, prompt_width: int,

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from dllm.decoding import DecodeConfig, generate
-from dllm.decoding.engine import prompt_keys
+from dllm.decoding.engine import pad_prompts, prompt_keys
 
 
 MASK_TEXT = "[MASK]"  # how a position a decode left masked is printed (never silently dropped)
@@ -42,17 +42,6 @@ def answer_text(tokenizer, tokens) -> str:
             run.append(t)
     pieces.append(tokenizer.decode(run).strip())
     return " ".join(p for p in pieces if p)
-
-
-def left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        if len(p) > width:
-            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the prompt width {width}")
-        tokens[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return tokens, mask
 
 
 def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeConfig, *, batch_size: int = 64,
@@ -83,7 +72,7 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
               if f.name not in ("gen_length", "block_length")}
 
     def run(batch_prompts, batch_key):
-        tokens, mask = left_pad(batch_prompts, width, tokenizer.pad_id)
+        tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
         return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
                         key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules, **fields)
 
@@ -142,10 +131,7 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
         by_task.setdefault(example.task, []).append(i)
     for name, index in by_task.items():  # score_many: code benchmarks run their sandboxes in parallel
         task = get_task(name, examples[index[0]].suite)
-        if hasattr(task, "score_many"):
-            scores = task.score_many([examples[i] for i in index], [rows[i]["output"] for i in index])
-        else:
-            scores = [task.score(examples[i], rows[i]["output"]) for i in index]
+        scores = task.score_many([examples[i] for i in index], [rows[i]["output"] for i in index])
         for i, score in zip(index, scores):
             rows[i]["score"] = score
     per_task: dict[str, dict] = {}

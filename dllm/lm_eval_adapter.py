@@ -43,9 +43,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("dllm.lm_eval_adapter needs lm-evaluation-harness: pip install lm_eval") from error
 
 import dllm
-from dllm import evaluation
 from dllm.decoding import DecodeConfig, generate
-from dllm.decoding.engine import prompt_keys
+from dllm.decoding.engine import pad_prompts, prompt_keys
 from dllm.decoding.sampler import build_sampler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +160,7 @@ class DllmLM(LM):
             width = max(len(encoded[i]) for i in index)
             batch = [encoded[i] for i in index]
             batch += [batch[0]] * (self.batch_size - len(batch))  # one shape for every batch of this width
-            tokens, mask = evaluation.left_pad(batch, width, self.tokenizer.pad_id)
+            tokens, mask = pad_prompts(batch, self.tokenizer.pad_id, width)
             result = generate(self.model, tokens, self.sampler, gen_length=self.decode.gen_length,
                               block_length=self.decode.block_length, key=self._row_keys(index),
                               tokenizer=self.tokenizer, attention_mask=mask,

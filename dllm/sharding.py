@@ -36,6 +36,7 @@ axis across slices) are not built here: `jax.make_mesh` refuses them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Sequence
@@ -144,7 +145,7 @@ def fit_rules(rules, mesh: Mesh, model) -> Rules:
     dropped: dict[str, str] = {}
     while True:  # replicating one axis frees its mesh axes for another dimension: check again until stable
         fitted = tuple((logical, None if logical in dropped else target) for logical, target in rules)
-        layout, before = Layout(mesh, fitted), len(dropped)
+        layout, before = Placement(mesh, fitted), len(dropped)
         for path, var in _params(model):
             for dim, name, size, entry in layout.indivisible(var.shape, _logical_axes(path, var)):
                 if name is not None and name not in dropped:
@@ -181,6 +182,7 @@ class MeshConfig:
         multiply to the device count.
       rules: logical-axis rules, `[logical_name, mesh_axis | null | [mesh_axes]]`
         pairs (see the module docstring); every mesh axis named must be in `axes`.
+        None (the presets): `DEFAULT_RULES`, the one rules table.
       num_devices: use only the first `num_devices` devices (the `single`
         preset sets 1); null uses all.
       distributed: call `jax.distributed.initialize` before building the
@@ -220,7 +222,8 @@ class MeshConfig:
         if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices < 1):
             raise ValueError(f"MeshConfig.num_devices={self.num_devices!r}: allowed an int >= 1 or null (all)")
         object.__setattr__(self, "axes", axes)
-        object.__setattr__(self, "rules", check_rules(self.rules, tuple(axes)))
+        rules = DEFAULT_RULES if self.rules is None else self.rules
+        object.__setattr__(self, "rules", check_rules(rules, tuple(axes)))
 
     def sizes(self, n_devices: int) -> dict[str, int]:
         """Axis sizes with -1 resolved; ValueError naming axes, sizes and the device count if they do not fit."""
@@ -282,19 +285,19 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence | None = None)
 
 
 # --------------------------------------------------------------------------- #
-# Layout: a mesh and its rules (hashable, a jit static)
+# Placement: a mesh and its rules (hashable, a jit static)
 # --------------------------------------------------------------------------- #
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class Placement:
     """A mesh with its checked rules: maps logical axes to shardings. Hashable."""
 
     mesh: Mesh
     rules: Rules
 
     @classmethod
-    def of(cls, mesh: Mesh, rules=None) -> "Layout":
+    def of(cls, mesh: Mesh, rules=None) -> "Placement":
         """rules=None: `DEFAULT_RULES` restricted to the mesh's axes."""
         rules = default_rules(mesh) if rules is None else rules
         return cls(mesh, check_rules(rules, mesh.axis_names))
@@ -416,7 +419,7 @@ def _leaf_at(tree, path):
 
 def param_shardings(model, mesh: Mesh, rules=None) -> dict:
     """{name: NamedSharding} of every parameter of `model` (real or `nnx.eval_shape`)."""
-    return Layout.of(mesh, rules).param_shardings(model)
+    return Placement.of(mesh, rules).param_shardings(model)
 
 
 def shard_model(model, mesh: Mesh, rules=None):
@@ -425,24 +428,30 @@ def shard_model(model, mesh: Mesh, rules=None):
     ValueError naming the parameter, the dimension, the mesh axis and its size
     when a dimension does not divide over its mesh axes.
     """
-    layout = Layout.of(mesh, rules)
+    layout = Placement.of(mesh, rules)
     shardings = layout.param_shardings(model)
     for path, var in _params(model):
         var.set_value(jax.device_put(var.get_value(), _leaf_at(shardings, path)))
     return model
 
 
-def init_model(config, mesh: Mesh, rules=None, seed: int = 0):
-    """A fresh `Transformer(config)` whose parameters are born sharded (the
-    initialization is jitted with the parameter shardings as out_shardings,
-    as md4 and the flax gemma example do; no device holds a full copy)."""
-    from dllm.checkpoints import model_from_params
+@functools.lru_cache(maxsize=8)
+def sharded_init(config, seed: int, placement: Placement, layout=None):
+    """`() -> params`: a fresh `Transformer(config, layout)`'s parameters (a pure dict), the
+    initialization jitted straight into their rule shardings (as md4 and the flax gemma
+    example do: born sharded, no device holds a full copy)."""
     from dllm.models.transformer import Transformer
 
-    layout = Layout.of(mesh, rules)
-    shardings = layout.param_shardings(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed))))
-    init = lambda: nnx.to_pure_dict(nnx.state(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param))
-    return model_from_params(config, jax.jit(init, out_shardings=shardings)())
+    build = lambda: Transformer(config, layout, rngs=nnx.Rngs(seed))
+    shardings = placement.param_shardings(nnx.eval_shape(build))
+    return jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(), nnx.Param)), out_shardings=shardings)
+
+
+def init_model(config, mesh: Mesh, rules=None, seed: int = 0, layout=None):
+    """A fresh `Transformer(config, layout)` whose parameters are born sharded (`sharded_init`)."""
+    from dllm.checkpoints import model_from_params
+
+    return model_from_params(config, sharded_init(config, seed, Placement.of(mesh, rules), layout)(), layout)
 
 
 class Placer:
@@ -456,7 +465,7 @@ class Placer:
     """
 
     def __init__(self, mesh: Mesh, rules=None):
-        self.layout = Layout.of(mesh, rules)
+        self.layout = Placement.of(mesh, rules)
         self.axes = _transformer_param_axes()
 
     def logical_axes(self, name: str) -> tuple:
@@ -476,13 +485,14 @@ class Placer:
 
 def _transformer_param_axes() -> dict[str, tuple]:
     from dllm.models.config import ModelConfig
+    from dllm.models.layout import Layout
     from dllm.models.transformer import Transformer
 
     config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, mlp_hidden=8, qkv_bias=True,
                          tie_embeddings=False)
     axes = {}
-    for fused in (False, True):  # canonical names and fused ones (`fused_projections`)
-        model = nnx.eval_shape(lambda: Transformer(config.replace(fused_projections=fused), rngs=nnx.Rngs(0)))
+    for fused in (False, True):  # canonical names and fused ones (`Layout.fused_projections`)
+        model = nnx.eval_shape(lambda: Transformer(config, Layout(fused_projections=fused), rngs=nnx.Rngs(0)))
         axes.update({_name(path): _logical_axes(path, var) for path, var in _params(model)})
     return axes
 
@@ -501,7 +511,7 @@ def assert_sharded(model, mesh: Mesh, rules=None, params: dict | None = None) ->
       the fraction of all parameter elements that one device holds
       (1.0 = fully replicated; 1/n_devices = perfectly sharded).
     """
-    layout = Layout.of(mesh, rules)
+    layout = Placement.of(mesh, rules)
     problems, total, per_device = [], 0, 0
     for path, var in _params(model):
         value = var.get_value() if params is None else _leaf_at(params, path)
@@ -529,7 +539,7 @@ def assert_sharded(model, mesh: Mesh, rules=None, params: dict | None = None) ->
 
 def shard_batch(batch, mesh: Mesh, rules=None):
     """Places a pytree of [B, ...] host arrays with B split over the batch mesh axes (data, fsdp)."""
-    layout = Layout.of(mesh, rules)
+    layout = Placement.of(mesh, rules)
     for leaf in jax.tree.leaves(batch):
         layout.check_batch(np.shape(leaf)[0])
     return layout.put_batch(batch)
@@ -537,9 +547,9 @@ def shard_batch(batch, mesh: Mesh, rules=None):
 
 def cache_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     """Sharding of a `KVCache` tensor [layers, B, S, kv_heads, head_dim] (batch and kv heads split)."""
-    return Layout.of(mesh, rules).sharding(CACHE_AXES)
+    return Placement.of(mesh, rules).sharding(CACHE_AXES)
 
 
-__all__ = ["DEFAULT_RULES", "Layout", "MeshConfig", "Placer", "assert_sharded", "cache_sharding", "check_rules",
-           "init_model", "initialize_distributed", "logical_to_spec", "make_mesh", "normalize_rules",
+__all__ = ["DEFAULT_RULES", "Placement", "MeshConfig", "Placer", "assert_sharded", "cache_sharding", "check_rules",
+           "init_model", "sharded_init", "initialize_distributed", "logical_to_spec", "make_mesh", "normalize_rules",
            "param_shardings", "shard_batch", "shard_model"]

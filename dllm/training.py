@@ -207,7 +207,7 @@ BOOKKEEPING_FIELDS = ("log_every", "eval_every", "checkpoint_every", "keep_check
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state, param_shardings: dict,
-                        layout: sharding.Layout):
+                        layout: sharding.Placement):
     """Shardings of an optimizer state (real or abstract): per-parameter leaves (AdamW moments)
     as their parameter, the rest (step counts) replicated."""
     return optax.tree_map_params(optimizer, lambda _, s: s, opt_state, param_shardings,
@@ -216,7 +216,7 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, opt_state, para
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: TrainConfig, mask_id: int,
-                    layout: sharding.Layout | None = None):
+                    layout: sharding.Placement | None = None):
     """The update `(params, opt_state, batch, step) -> (params, opt_state, metrics)` (not yet jitted).
 
     The diffusion noise of update `step` uses key fold_in(PRNGKey(seed), step).
@@ -266,22 +266,13 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.Layout | None):
+def _jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.Placement | None):
     optimizer = make_optimizer(config)
     train_step = jax.jit(make_train_step(graphdef, optimizer, config, mask_id, layout), donate_argnums=(0, 1))
     return optimizer, train_step, jax.jit(make_eval_step(graphdef, config, mask_id))
 
 
-@functools.lru_cache(maxsize=8)
-def jitted_init(model_config: ModelConfig, seed: int, layout: sharding.Layout):
-    """`() -> params`: the initialization jitted straight into the parameters' rule shardings
-    (as md4: born sharded, no device holds a full copy)."""
-    init = lambda: nnx.to_pure_dict(nnx.state(Transformer(model_config, rngs=nnx.Rngs(seed)), nnx.Param))
-    shardings = layout.param_shardings(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(seed))))
-    return jax.jit(init, out_shardings=shardings)
-
-
-def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, layout: sharding.Layout):
+def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, layout: sharding.Placement):
     """What the loop starts from, under `layout`:
     (graphdef, params, opt_state, optimizer, jitted train step, jitted eval step).
 
@@ -290,7 +281,7 @@ def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, 
     """
     abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
-    params = jitted_init(model_config, config.seed, layout)()
+    params = sharding.sharded_init(model_config, config.seed, layout)()
     sharding.assert_sharded(abstract, layout.mesh, layout.rules, params=params)
     optimizer, train_step, eval_step = jitted_steps(graphdef, config, mask_id, layout)
     opt_shardings = opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, params),
@@ -299,7 +290,7 @@ def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, 
     return graphdef, params, opt_state, optimizer, train_step, eval_step
 
 
-def jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.Layout | None = None):
+def jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.Placement | None = None):
     """(optimizer, jitted train step with params/opt_state donated, jitted eval step).
 
     Cached on everything but `BOOKKEEPING_FIELDS`, so a resumed run (or a
@@ -506,7 +497,7 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
         from dllm.models.transformer import Transformer
 
         rules = sharding.fit_rules(rules, mesh, nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-    layout = sharding.Layout.of(mesh, rules)
+    layout = sharding.Placement.of(mesh, rules)
     batch_axes, n_batch_shards = layout.batch_devices()
     split = [a for a in batch_axes if mesh.shape[a] > 1]
     check_batch_divides(config.batch_size, n_batch_shards, split[0] if len(split) == 1 else " x ".join(split))

@@ -19,15 +19,15 @@ the work it executes (`roofline_ms` per step: executed FLOPs at peak, or
 weights plus attended K/V at the memory floor, whichever is slower,
 averaged over its refresh and window steps) and `over_floor` its time over
 that; `floor_ms_full_forward` (a 512-token forward with the head at every
-position) and `floor_ms_weights` are reference/gpu.md's yardsticks, and
+position) and `floor_ms_weights` are the speed issue's yardsticks, and
 cached rows get `window_step_ms`, their window steps alone (the same
 batch's no-cache step taken as the refresh). The floors are one device's,
 also for rows on a mesh. Each row also records the mesh and a digest
 of the generated tokens, so runs on different meshes can be checked to decode
 the same tokens. A configuration that runs out of device memory is printed
 and recorded as a `{"skipped": ..., "reason": ...}` row; the others still run.
-Layout knobs (configs/benchmark.yaml): scan_layers, fused_projections,
-attention_impl, window_attention_impl; and the engine's XLA compiler_options.
+Layout (configs/layout/, default gpu_decode: `layout.<field>=...`): scan_layers,
+fused_projections, attention_impl, window_attention_impl; and the engine's XLA compiler_options.
 """
 
 from __future__ import annotations
@@ -54,28 +54,31 @@ from experiments.common import decode_mesh, model_config
 
 
 def attention_impl(cfg: DictConfig, key: str = "attention_impl") -> str | None:
-    """cfg[key], except that cuDNN becomes XLA's choice off GPU (said so)."""
-    if cfg[key] == "cudnn" and jax.default_backend() != "gpu":
-        print(f"{key}=cudnn needs a GPU (backend {jax.default_backend()!r}): using null", flush=True)
+    """cfg.layout[key], except that cuDNN becomes XLA's choice off GPU (said so)."""
+    if cfg.layout[key] == "cudnn" and jax.default_backend() != "gpu":
+        print(f"layout.{key}=cudnn needs a GPU (backend {jax.default_backend()!r}): using null", flush=True)
         return None
-    return cfg[key]
+    return cfg.layout[key]
+
+
+def run_layout(cfg: DictConfig) -> dllm.Layout:
+    return dllm.Layout(scan_layers=cfg.layout.scan_layers, fused_projections=cfg.layout.fused_projections,
+                       attention_impl=attention_impl(cfg),
+                       window_attention_impl=attention_impl(cfg, "window_attention_impl"))
 
 
 def random_model(cfg: DictConfig) -> dllm.Transformer:
-    config = model_config(cfg).replace(dtype=cfg.dtype, param_dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-                                       fused_projections=cfg.fused_projections,
-                                       attention_impl=attention_impl(cfg),
-                                       window_attention_impl=attention_impl(cfg, "window_attention_impl"),
+    config = model_config(cfg).replace(dtype=cfg.dtype, param_dtype=cfg.dtype,
                                        max_seq_len=cfg.prompt_length + cfg.gen_length)
-
+    layout = run_layout(cfg)
     # Drawn stacked (the unrolled initializer takes long to compile at 8B), then
     # laid out per layer when scan_layers is off.
-    stacked = nnx.jit(lambda: dllm.Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0)))()
-    if config.scan_layers:
+    stacked = nnx.jit(lambda: dllm.Transformer(config, layout.replace(scan_layers=True), rngs=nnx.Rngs(0)))()
+    if layout.scan_layers:
         return stacked
     params = canonical_params(stacked)
     del stacked
-    return model_from_params(config, params)
+    return model_from_params(config, params, layout)
 
 
 def random_model_special_ids(config) -> SpecialIds:
@@ -122,7 +125,7 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
     kind of work). `peak_tb_s` is the fastest: a step that streams its
     weights only reads them, and on the H200 the output head's GEMM read
     faster than the sum (4.3 vs 3.96 TB/s). On the H100 the copy gave
-    reference/gpu.md's ~3.0 TB/s."""
+    the ~3.0 TB/s the H100 copy floor measured."""
 
     def best_seconds(fn, *args):
         jax.block_until_ready(fn(*args))
@@ -233,12 +236,13 @@ def main(cfg: DictConfig) -> list[dict]:
                 "fraction_of_peak": round(flops / seconds / 1e12 / peak_tflops, 3),
                 "weight_tb_s": round(weights * nfe / seconds / 1e12, 3),
                 "floor_ms": round(floor, 3), "over_floor": round(ms / floor, 3),
-                # reference/gpu.md's yardsticks: a 512-token forward with the head everywhere, and the weight read
+                # the yardsticks: a 512-token forward with the head everywhere, and the weight read
                 "floor_ms_full_forward": round(step_flops(c, batch, total_len, total_len) / peak_tflops / 1e9, 3),
                 "floor_ms_weights": round(weights / peak_tb_s / 1e9, 3),
-                "compile_s": round(compile_s, 1), "scan_layers": cfg.scan_layers,
-                "fused_projections": c.fused_projections, "attention_impl": c.attention_impl,
-                "window_attention_impl": None if cache == "none" else window_attention_impl(c, batch * window),
+                "compile_s": round(compile_s, 1), "scan_layers": model.layout.scan_layers,
+                "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
+                "window_attention_impl": None if cache == "none" else window_attention_impl(c, model.layout,
+                                                                                            batch * window),
                 "pallas_block_k": window_kernel.BLOCK_K, "pallas_splits": window_kernel.SPLITS,  # None: default_splits
                 "mesh": mesh_axes,
                 "compiler_options": engine.COMPILER_OPTIONS if kwargs["compiler_options"] is None

@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> list[dict]:
                 continue
             config = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache=cache)
             state = engine.initial_state(prompts, jnp.ones_like(prompts), jax.random.key(0), config, special,
-                                         model.config)
+                                         model)
             half = jnp.arange(batch) % 2 == 0
 
             @jax.jit

@@ -24,7 +24,6 @@ from omegaconf import DictConfig
 import samplers
 from dllm.decoding import DecodeConfig
 from dllm.decoding.engine import initial_state
-from dllm.models.transformer import KVCache
 from experiments.benchmark import random_model, random_model_special_ids
 
 
@@ -46,7 +45,7 @@ def main(cfg: DictConfig) -> dict:
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, c.vocab_size - 3, (batch, p + g)), jnp.int32)
     mask = jnp.ones_like(tokens)
     full = jax.jit(lambda prm, t, m: nnx.merge(graphdef, prm)(t, m, logits_start=p, logits_length=g))
-    empty = KVCache.zeros(c, batch, p + g + w + 1)  # as the dual cache's length
+    empty = model.empty_cache(batch, p + g + w + 1)  # as the dual cache's length
     with_kv = jax.jit(lambda prm, t, m: nnx.merge(graphdef, prm).forward(
         t, m, logits_start=p, logits_length=g, cache=empty))
     _, cache = with_kv(params, tokens, mask)

@@ -38,7 +38,7 @@ import dllm
 import samplers
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, generate
-from dllm.decoding.engine import prompt_keys
+from dllm.decoding.engine import pad_prompts, prompt_keys
 from dllm.diffusion import elbo_bits_per_token
 from dllm.tasks import SUITES, suite_examples
 from experiments.common import REPO_ROOT
@@ -63,7 +63,7 @@ def check_tiny_tasks(n_per_task: int) -> dict:
 def first_forward_confidence(model, tokenizer, prompts: list[str], gen_length: int, block_length: int,
                              prompt_width: int) -> dict:
     """Max-prob confidence of every generation position at the first forward (all of them masked)."""
-    tokens, mask = evaluation.left_pad([tokenizer.encode(p) for p in prompts], prompt_width, tokenizer.pad_id)
+    tokens, mask = pad_prompts([tokenizer.encode(p) for p in prompts], tokenizer.pad_id, prompt_width)
     canvas = np.concatenate([tokens, np.full((len(prompts), gen_length), tokenizer.mask_id, np.int32)], axis=1)
     attention = np.concatenate([mask, np.ones((len(prompts), gen_length), np.int32)], axis=1)
     logits = jax.jit(lambda t, m: model(t, m, logits_start=prompt_width))(jnp.asarray(canvas), jnp.asarray(attention))

@@ -22,6 +22,11 @@ def resolve_path(path: str) -> Path:
     return REPO_ROOT / p
 
 
+def run_layout(cfg: DictConfig) -> dllm.Layout:
+    """The run's `Layout` (configs/layout/, `layout.<field>=...`); the default layout without that group."""
+    return dllm.Layout(**OmegaConf.to_container(cfg.layout, resolve=True)) if cfg.get("layout") else dllm.Layout()
+
+
 def model_config(cfg: DictConfig) -> dllm.ModelConfig:
     fields = {f.name for f in dataclasses.fields(dllm.ModelConfig)}
     values = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k in fields}
@@ -65,8 +70,7 @@ def load_model(cfg: DictConfig):
                              "is loaded (its config.json fixes the architecture); allowed: layout.* for how it runs "
                              "(scan_layers, fused_projections, attention_impl, window_attention_impl), or "
                              "checkpoint=null to build a random model from model.*")
-        layout = {k: v for k, v in (cfg.get("layout") or {}).items() if v is not None}
-        model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"), **layout)
+        model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"), layout=run_layout(cfg))
         tokenizer.allow_unk = bool(cfg.get("allow_unk", False))
         return model, tokenizer, str(path)
     from dllm.data import task_tokenizer
@@ -76,11 +80,19 @@ def load_model(cfg: DictConfig):
     tokenizer.allow_unk = bool(cfg.get("allow_unk", False))
     config = model_config(cfg).replace(vocab_size=tokenizer.vocab_size, mask_token_id=tokenizer.mask_id,
                                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    return dllm.Transformer(config, rngs=nnx.Rngs(cfg.get("seed", 0))), tokenizer, "random-init"
+    return dllm.Transformer(config, run_layout(cfg), rngs=nnx.Rngs(cfg.get("seed", 0))), tokenizer, "random-init"
 
 
 def build_sampler(cfg: DictConfig):
     return hydra.utils.instantiate(cfg.sampler, _convert_="all")
+
+
+def decode_setup(cfg: DictConfig):
+    """What `generate` and `evaluate` decode with: (model, tokenizer, model description, sampler,
+    DecodeConfig, mesh, rules)."""
+    model, tokenizer, source = load_model(cfg)
+    mesh, rules = decode_mesh(cfg, model)
+    return model, tokenizer, source, build_sampler(cfg), decode_config(cfg), mesh, rules
 
 
 def decode_config(cfg: DictConfig) -> DecodeConfig:
@@ -90,18 +102,9 @@ def decode_config(cfg: DictConfig) -> DecodeConfig:
 def task_examples(cfg: DictConfig, tokenizer=None):
     """The examples of `cfg.task`: the synthetic suite, or a benchmark of `dllm.tasks.benchmarks`
     (prompts rendered with `tokenizer`'s chat template when the task config asks for it)."""
-    from dllm.tasks import SUITES, suite_examples, suite_of_task_config
-    from dllm.tasks.benchmarks import BENCHMARKS, benchmark_examples
+    from dllm.tasks import get_task_set
 
-    task = cfg.task
-    if task.name in BENCHMARKS:
-        return benchmark_examples(OmegaConf.to_container(task, resolve=True), tokenizer)
-    suite = suite_of_task_config(task.name)
-    if suite not in SUITES:
-        raise ValueError(f"unknown task config name {task.name!r}; allowed: suite, {', '.join(SUITES)}, "
-                         f"{', '.join(BENCHMARKS)}")
-    tasks = list(task.tasks) if task.get("tasks") else None
-    return suite_examples(task.split, task.n_per_task, tasks=tasks, suite=suite)
+    return get_task_set(cfg.task.name).examples_of_config(OmegaConf.to_container(cfg.task, resolve=True), tokenizer)
 
 
 def decode_mesh(cfg: DictConfig, model=None):

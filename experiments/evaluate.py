@@ -17,15 +17,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dllm import evaluation
-from experiments.common import build_sampler, decode_config, decode_mesh, load_model, task_examples
+from experiments.common import decode_setup, task_examples
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    model, tokenizer, source = load_model(cfg)
-    sampler = build_sampler(cfg)
-    decode = decode_config(cfg)
-    mesh, rules = decode_mesh(cfg, model)
+    model, tokenizer, source, sampler, decode, mesh, rules = decode_setup(cfg)
     examples = task_examples(cfg, tokenizer)
     result = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules)

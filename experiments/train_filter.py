@@ -4,7 +4,7 @@
     python -m experiments.train_filter evaluate.n_per_task=200      # + filter vs threshold on the test split
     python -m experiments.train_filter oracle.n_per_task=100 train.masked_only=false filter_path=runs/f/all
 
-Steps (see `dllm/filter_training.py` for the rules and where we deviate from Learn2PD):
+Steps (see the `samplers/learned_filter/` package for the rules and where we deviate from Learn2PD):
 
 1. Oracle data on `oracle.n_per_task` training prompts per task: the reference
    decode (LLaDA low confidence, one token per step, T = 0) and the Extremely
@@ -44,9 +44,8 @@ import jax
 from omegaconf import DictConfig, OmegaConf
 
 import dllm
-import samplers
+import samplers.learned_filter as ft
 from dllm import evaluation
-from dllm import filter_training as ft
 from dllm.tasks import suite_examples
 from experiments.common import resolve_path
 
@@ -65,7 +64,7 @@ def oracle_data(cfg: dict, model, tokenizer, workdir: Path) -> ft.OracleData:
             print(f"oracle data: reusing {path} ({len(cached.records['example'])} records)")
             return cached
     examples = suite_examples(config.split, config.n_per_task, tasks=config.tasks)
-    data = ft.build_oracle_data(model, tokenizer, examples, config, samplers.LowConfidence(), settings=made_by)
+    data = ft.build_oracle_data(model, tokenizer, examples, config, settings=made_by)
     print(f"oracle data: wrote {data.save(path)}")
     return data
 

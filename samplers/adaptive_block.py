@@ -3,7 +3,7 @@
 "AdaBlock-dLLM: Semantic-Aware Diffusion LLM Inference via Adaptive Block
 Size" (Lu et al., arXiv 2509.26432, ICLR 2026), as implemented in
 lgxi24/AdaBlock-dLLM `llada/generate_adablock.py` (`compute_block_length`
-and `generate_adablock`, HEAD 491b205; reference/samplers.md §7). At the
+and `generate_adablock`, HEAD 491b205). At the
 first step of every block (the first block included), the forward of that
 step sizes the block:
 

@@ -3,8 +3,8 @@
 Wang et al. 2025, "CreditDecoding: Accelerating Parallel Decoding in Diffusion
 Large Language Models with Trace Credits" (arXiv 2510.06133, ACL 2026), §4
 and Algorithm 1. The authors published no code. The formulas below follow the
-paper as quoted in reference/samplers.md §5 (a 3rd-party note quoting the
-final paper, §4, §5.1, Algorithm 1); they were not checked against the PDF.
+paper as quoted in a third-party note on it (quoting the final paper, §4,
+§5.1, Algorithm 1); they were not checked against the PDF.
 
 For each masked position i at step t, with the raw distribution
 p_t = softmax(l_t) and its top-1 token v*:

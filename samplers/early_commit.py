@@ -2,7 +2,7 @@
 
 "Diffusion Language Models Know the Answer Before Decoding" (arXiv
 2508.19982), as implemented in pixeli99/Prophet `generate_earlyexit.py`
-(HEAD 460afe4; reference/samplers.md §6). At every step, before the normal
+(HEAD 460afe4). At every step, before the normal
 commit:
 
     gap_j = top1(logits[j]) - top2(logits[j])        for j in the answer span

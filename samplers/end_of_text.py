@@ -3,7 +3,7 @@
 Learn2PD (Bao et al. 2025, arXiv 2509.25188, §3.3 "End-of-Text
 Prediction"), as implemented in ims-kdks/Learning-to-Parallel-Decoding
 `llada/generate.py` (`generate_predict_eot`, the "EoT" baseline, and
-`generate_l2p_eot`, "L2P+EoT"; reference/samplers.md §4): after each step's
+`generate_l2p_eot`, "L2P+EoT"): after each step's
 commit, look at the masked positions of the whole generation (every block,
 not only the active one) whose proposal x0 is EOS;
 

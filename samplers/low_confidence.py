@@ -2,7 +2,7 @@
 
 Nie et al. 2025, "Large Language Diffusion Models" (arXiv 2502.09992),
 Algorithm 5 (low-confidence remasking) and Algorithm 4 (random remasking),
-as implemented in ML-GSAI/LLaDA `generate.py` (reference/samplers.md §1):
+as implemented in ML-GSAI/LLaDA `generate.py`:
 
 * `steps` are split equally across the gen_length / block_length blocks
   (steps must be a multiple of the number of blocks).

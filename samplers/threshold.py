@@ -4,9 +4,9 @@ Wu et al. 2025, "Fast-dLLM: Training-free Acceleration of Diffusion LLM by
 Enabling KV Cache and Parallel Decoding" (arXiv 2505.22618), §3.3 and
 Theorem 1, as implemented in NVlabs/Fast-dLLM `llada/generate.py`
 (`get_transfer_index` with `threshold`, and `get_transfer_index_dynamic`
-with `factor`, @ f6b35ec; reference/samplers.md §2). The entropy bound is
+with `factor`, @ f6b35ec). The entropy bound is
 dParallel's decoding rule (Chen et al., czg1225/dParallel `generate.py`
-`get_transfer_index_entropy` @ 2ca4d14; reference/samplers.md §8).
+`get_transfer_index_entropy` @ 2ca4d14).
 
 Both rules look only at the masked positions of the active window (the
 semi-AR block; outside it the reference sets the confidence to -inf), always

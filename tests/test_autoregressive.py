@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dllm import ModelConfig, Transformer, diffusion, evaluation
+from dllm import Layout, ModelConfig, Transformer, diffusion, evaluation
 
 CAUSAL = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, token_shift=True,
                      attention="causal", max_seq_len=32)
@@ -104,11 +104,10 @@ def test_bad_attention_pattern_and_cached_causal_steps_are_refused(causal_model)
 
     q = jnp.zeros((1, 2, 4, 8))
     with pytest.raises(ValueError, match="causal.*cache='none'"):
-        attend(q, q, q, None, CAUSAL, window=True)
-    from dllm.models.transformer import KVCache
+        attend(q, q, q, None, CAUSAL, Layout(), window=True)
 
-    pallas = Transformer(CAUSAL.replace(window_attention_impl="pallas"), rngs=nnx.Rngs(0))
-    cache = KVCache.zeros(pallas.config, 1, 8)
+    pallas = Transformer(CAUSAL, Layout(window_attention_impl="pallas"), rngs=nnx.Rngs(0))
+    cache = pallas.empty_cache(1, 8)
     tokens = jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(ValueError, match="causal.*cache='none'"):  # refused before any kernel is chosen
         pallas.forward_window(tokens, tokens, cache, None, start=jnp.zeros((1,), jnp.int32), queries=2, logits_count=2,

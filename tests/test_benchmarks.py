@@ -24,7 +24,7 @@ from dllm.tasks.benchmarks import (
     render_chat,
     restore_indent,
 )
-from dllm.tasks.sandbox import network_isolation, run_python
+from dllm.tasks.benchmarks.sandbox import network_isolation, run_python
 from experiments.common import REPO_ROOT
 from experiments.fetch_eval_data import fetch
 

@@ -59,7 +59,7 @@ def test_window_forward_matches_full_forward():
     tokens = jnp.array([[0, 0, 5, 6, 7, 39, 39, 39, 39, 39], [4, 5, 6, 7, 8, 9, 39, 39, 39, 39]], jnp.int32)
     mask = jnp.array([[0, 0] + [1] * 8, [1] * 10], jnp.int32)
     full = model(tokens, mask)
-    empty = dllm.models.transformer.KVCache.zeros(model.config, 2, 14)
+    empty = model.empty_cache(2, 14)
     _, cache = model.forward(tokens, mask, logits_start=0, logits_length=10, cache=empty)
     start = jnp.array([5, 6], jnp.int32)
     positions = jnp.pad(dllm.models.transformer.positions_from_mask(mask), ((0, 0), (0, 4)))
@@ -119,14 +119,14 @@ def test_refresh_into_an_existing_cache_writes_the_canvas_and_keeps_the_tail(sca
     """forward(cache=...) (the decoder's refresh) writes the canvas's K/V in
     place from column 0, as a fresh cache would hold them, and leaves the tail alone."""
     from dllm.checkpoints import model_from_params
-    from dllm.models.transformer import KVCache, canonical_params
+    from dllm.models.transformer import canonical_params
 
     model = make_model("llada", 2)
-    model = model_from_params(model.config.replace(scan_layers=scan_layers), canonical_params(model))
+    model = model_from_params(model.config, canonical_params(model), dllm.Layout(scan_layers=scan_layers))
     tokens = jnp.array([[4, 5, 6, 7, 8, 9, 39, 39]], jnp.int32)
     logits, fresh = model.forward(tokens, None, logits_start=0, logits_length=8,
-                                  cache=KVCache.zeros(model.config, 1, 12))
-    old = KVCache.zeros(model.config, 1, 12)
+                                  cache=model.empty_cache(1, 12))
+    old = model.empty_cache(1, 12)
     old = jax.tree.map(lambda a: a + 7.0, old)  # a stale tail to keep
     again, written = model.forward(tokens, None, logits_start=0, logits_length=8, cache=old)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))

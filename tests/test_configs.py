@@ -179,8 +179,8 @@ def test_layout_overrides_reach_the_loaded_checkpoint():
     cfg = compose_cfg("config", [f"checkpoint={REPO_ROOT / 'checkpoints' / 'tiny-tasks'}", "layout.scan_layers=false",
                                  "layout.fused_projections=true", "layout.window_attention_impl=xla"])
     model, _, _ = load_model(cfg)
-    assert not model.config.scan_layers and model.config.fused_projections
-    assert model.config.window_attention_impl == "xla" and model.config.attention_impl is None
+    assert not model.layout.scan_layers and model.layout.fused_projections
+    assert model.layout.window_attention_impl == "xla" and model.layout.attention_impl is None
     assert "qkv_proj" in model.layer_params()[0]
     default, _, _ = load_model(compose_cfg("config", [f"checkpoint={REPO_ROOT / 'checkpoints' / 'tiny-tasks'}"]))
-    assert default.config.scan_layers and not default.config.fused_projections
+    assert default.layout.scan_layers and not default.layout.fused_projections

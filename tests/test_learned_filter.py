@@ -6,6 +6,7 @@ written out per position, and a hand-set filter whose acceptance rule is
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,9 @@ from omegaconf import OmegaConf
 
 import dllm
 from dllm import evaluation
-from dllm import filter_training as ft
+import samplers.learned_filter as ft
 from dllm.decoding import DecodeConfig, SpecialIds
-from dllm.decoding.engine import initial_state
+from dllm.decoding.engine import initial_state, pad_prompts
 from dllm.tasks import get_task, suite_examples
 from experiments.common import REPO_ROOT
 from samplers.end_of_text import EndOfText
@@ -274,7 +275,7 @@ def test_learned_filter_on_the_trained_model():
     """The committed filter decodes held-out prompts correctly in far fewer forwards than gen_length."""
     model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints" / "tiny-tasks")
     examples = suite_examples("test", 2)  # 2 held-out prompts of each of the 10 tasks
-    tokens, mask = evaluation.left_pad([tokenizer.encode(e.prompt) for e in examples], 24, tokenizer.pad_id)
+    tokens, mask = pad_prompts([tokenizer.encode(e.prompt) for e in examples], tokenizer.pad_id, 24)
     for eot in (False, True):
         result = dllm.generate(model, tokens, LearnedFilter(eot_prediction=eot), gen_length=24, block_length=8,
                                tokenizer=tokenizer, attention_mask=mask)
@@ -287,7 +288,7 @@ def test_learned_filter_on_the_trained_model():
 def test_committed_filter_records_its_settings():
     weights = ft.load_filter(DEFAULT_FILTER)
     assert weights.block_length == 8 and weights.features == ("confidence",)
-    header = ft.json.loads((ft.resolve_filter_path(DEFAULT_FILTER) / "filter.json").read_text())
+    header = json.loads((ft.resolve_filter_path(DEFAULT_FILTER) / "filter.json").read_text())
     assert header["oracle_settings"]["block_length"] == 8 and header["oracle_settings"]["split"] == "train"
     assert header["metrics"]["test"]["precision"] > 0.9
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import dllm
-from dllm.models.transformer import KVCache
+from dllm.models.layout import LAYOUT_FIELDS
 from tests import hf_fixtures
+from experiments.common import REPO_ROOT
 
 PAD = 0
 
@@ -79,7 +80,7 @@ def test_logits_slice_matches_full(tmp_path):
 def test_unrolled_layers_match_scanned(tmp_path):
     hf_fixtures.make_llada(tmp_path)
     scanned, _ = dllm.from_pretrained(tmp_path)
-    unrolled, _ = dllm.from_pretrained(tmp_path, scan_layers=False)
+    unrolled, _ = dllm.from_pretrained(tmp_path, layout=dllm.Layout(scan_layers=False))
     tokens = jnp.arange(4, 14)[None]
     np.testing.assert_allclose(scanned(tokens), unrolled(tokens), rtol=1e-5, atol=1e-5)
 
@@ -186,14 +187,15 @@ def test_unrolled_layout_holds_one_dict_per_layer_and_converts_both_ways(tmp_pat
 
     hf_fixtures.make_dream(tmp_path / "hf")
     scanned, tokenizer = dllm.from_pretrained(tmp_path / "hf")
-    unrolled = model_from_params(scanned.config.replace(scan_layers=False), canonical_params(scanned))
+    unrolled = model_from_params(scanned.config, canonical_params(scanned), dllm.Layout(scan_layers=False))
     assert len(unrolled.blocks) == scanned.config.n_layers and not hasattr(unrolled, "q_proj")
     assert unrolled.blocks[1]["q_proj"][...].shape == scanned.q_proj[...].shape[1:]
     for name, value in canonical_params(unrolled).items():
         np.testing.assert_array_equal(value, canonical_params(scanned)[name], err_msg=name)
-    dllm.save_pretrained(unrolled, tokenizer, tmp_path / "ours")  # written stacked
-    again, _ = dllm.from_pretrained(tmp_path / "ours")
-    assert again.config.scan_layers is False
+    dllm.save_pretrained(unrolled, tokenizer, tmp_path / "ours")  # written stacked, no layout in config.json
+    assert not set(json.loads((tmp_path / "ours" / "config.json").read_text())) & set(LAYOUT_FIELDS)
+    again, _ = dllm.from_pretrained(tmp_path / "ours", layout=dllm.Layout(scan_layers=False))
+    assert again.layout.scan_layers is False
     tokens = jnp.arange(3, 15)[None]
     np.testing.assert_array_equal(np.asarray(again(tokens)), np.asarray(unrolled(tokens)))
     np.testing.assert_allclose(unrolled(tokens), scanned(tokens), rtol=1e-5, atol=1e-5)
@@ -205,7 +207,7 @@ def test_no_attention_mask_equals_an_all_ones_mask(tmp_path):
     model, _ = dllm.from_pretrained(tmp_path)
     tokens = jnp.arange(4, 16)[None]
     np.testing.assert_allclose(model(tokens), model(tokens, jnp.ones_like(tokens)), rtol=1e-6, atol=1e-6)
-    empty = KVCache.zeros(model.config, 1, 12)
+    empty = model.empty_cache(1, 12)
     _, cache_a = model.forward(tokens, None, logits_start=4, logits_length=8, cache=empty)
     _, cache_b = model.forward(tokens, jnp.ones_like(tokens), logits_start=4, logits_length=8, cache=empty)
     np.testing.assert_allclose(cache_a.k, cache_b.k, rtol=1e-6, atol=1e-6)
@@ -217,7 +219,7 @@ def test_window_key_length_equals_a_key_mask(tmp_path):
     hf_fixtures.make_llada(tmp_path)
     model, _ = dllm.from_pretrained(tmp_path)
     tokens = jnp.arange(4, 16)[None]
-    _, cache = model.forward(tokens, None, logits_start=4, logits_length=8, cache=KVCache.zeros(model.config, 1, 15))
+    _, cache = model.forward(tokens, None, logits_start=4, logits_length=8, cache=model.empty_cache(1, 15))
     key_mask = jnp.pad(jnp.ones_like(tokens), ((0, 0), (0, 3)))
     canvas = jnp.pad(tokens, ((0, 0), (0, 3)))
     window = dict(tokens=canvas, positions=jnp.arange(15)[None], start=jnp.array([6]), cache=cache, queries=4)
@@ -245,8 +247,8 @@ def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_pat
         reference = hf_fixtures.reference_logits(ref, tokens, mask)
     placer = Placer(make_mesh(MeshConfig(), devices=jax.devices()[:1]))
     for scan_layers in (True, False):
-        fused, _ = dllm.from_pretrained(tmp_path / "hf", dtype="float32", place=placer, scan_layers=scan_layers,
-                                        fused_projections=True)
+        fused, _ = dllm.from_pretrained(tmp_path / "hf", dtype="float32", place=placer,
+                                        layout=dllm.Layout(scan_layers=scan_layers, fused_projections=True))
         layers = fused.layer_params()
         first = layers[0] if not scan_layers else jax.tree.map(lambda a: a[0], layers)
         fused_names = {"gate_up_proj", "qkv_proj"} if arch == "llada" else {"gate_up_proj"}
@@ -263,14 +265,14 @@ def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_pat
         for name, value in canonical_params(fused).items():  # unfused exactly
             np.testing.assert_array_equal(value, canonical_params(plain)[name], err_msg=name)
     dllm.save_pretrained(fused, tokenizer, tmp_path / "ours")
-    again, _ = dllm.from_pretrained(tmp_path / "ours", place=placer)
-    assert again.config.fused_projections and not again.config.scan_layers
+    again, _ = dllm.from_pretrained(tmp_path / "ours", place=placer, layout=fused.layout)
+    assert again.layout.fused_projections and not again.layout.scan_layers
     np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens), jnp.asarray(mask))), ours)
     # A canonical dict whose q/k/v shapes disagree is refused with the name and both shapes.
     bad = canonical_params(plain)
     bad["up_proj"] = bad["up_proj"][:, :, :8]
     with pytest.raises(ValueError, match=r"'up_proj' has shape \(2, 64, 8\), the config expects \(2, 64, 160\)"):
-        model_from_params(plain.config.replace(fused_projections=True), bad)
+        model_from_params(plain.config, bad, dllm.Layout(fused_projections=True))
 
 
 def test_fused_projections_decode_the_same_tokens(tmp_path):
@@ -280,7 +282,8 @@ def test_fused_projections_decode_the_same_tokens(tmp_path):
 
     hf_fixtures.make_llada(tmp_path)
     plain, tokenizer = dllm.from_pretrained(tmp_path, dtype="float32")
-    fused, _ = dllm.from_pretrained(tmp_path, dtype="float32", scan_layers=False, fused_projections=True)
+    fused, _ = dllm.from_pretrained(tmp_path, dtype="float32", layout=dllm.Layout(scan_layers=False,
+                                                                                   fused_projections=True))
     special = SpecialIds(mask=tokenizer.mask_id, eos=1, eot=1, pad=PAD)
     prompts = np.arange(5, 17).reshape(2, 6)
     for cache in ("none", "dual"):
@@ -295,8 +298,10 @@ def test_window_attention_impl_defaults_to_xla_for_short_windows_only():
     an explicit value always wins; a bad one is refused naming the allowed ones."""
     from dllm.models.transformer import window_attention_impl
 
-    config = dllm.ModelConfig(attention_impl="cudnn")
-    assert window_attention_impl(config, 32) == "xla" and window_attention_impl(config, 256) == "cudnn"
-    assert window_attention_impl(config.replace(window_attention_impl="cudnn"), 32) == "cudnn"
+    config, layout = dllm.ModelConfig(), dllm.Layout(attention_impl="cudnn")
+    assert window_attention_impl(config, layout, 32) == "xla" and window_attention_impl(config, layout, 256) == "cudnn"
+    assert window_attention_impl(config, layout.replace(window_attention_impl="cudnn"), 32) == "cudnn"
     with pytest.raises(ValueError, match="window_attention_impl='flash': allowed None, 'xla', 'cudnn'"):
-        dllm.ModelConfig(window_attention_impl="flash")
+        dllm.Layout(window_attention_impl="flash")
+    with pytest.raises(ValueError, match=r"from_pretrained\(scan_layers=...\): these are Layout fields"):
+        dllm.from_pretrained(REPO_ROOT / "checkpoints" / "tiny-tasks", scan_layers=False)

@@ -12,7 +12,7 @@ import pytest
 from dllm.data import task_tokenizer
 from dllm.tasks import SUITES, check_fits, get_task, suite_examples
 from dllm.tasks.base import Example
-from dllm.tasks.parallel import NAMES, PARALLEL_TASKS, random_latin_square, random_sudoku
+from dllm.tasks.synthetic.parallel import NAMES, PARALLEL_TASKS, random_latin_square, random_sudoku
 
 PARALLEL = SUITES["parallel"]
 N = 60  # examples per task and split drawn here (the suite's default sizes are larger)

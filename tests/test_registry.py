@@ -14,20 +14,22 @@ from dllm.decoding.sampler import Sampler, build_sampler, sampler_names, sampler
 from dllm.decoding.state import DecodeConfig
 
 
-def sampler_classes() -> dict[str, type]:
-    """Every concrete Sampler subclass defined in the samplers package: {qualified name: class}."""
-    found = {}
-    for info in pkgutil.iter_modules(samplers.__path__):
-        module = importlib.import_module(f"samplers.{info.name}")
+def sampler_classes() -> set[type]:
+    """Every Sampler subclass defined anywhere in the samplers package (its subpackages too)."""
+    found = set()
+    for info in pkgutil.walk_packages(samplers.__path__, "samplers."):
+        module = importlib.import_module(info.name)
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, Sampler) and cls is not Sampler and cls.__module__ == module.__name__:
-                found[f"{cls.__module__}.{cls.__name__}"] = cls
+                found.add(cls)
     return found
 
 
 def test_every_sampler_class_has_a_yaml_and_every_yaml_builds_its_sampler():
-    targets = {name: sampler_spec(name)["_target_"] for name in sampler_names()}
-    assert set(targets.values()) == set(sampler_classes()), "a sampler class without a YAML, or a YAML without a class"
+    from hydra.utils import get_class
+
+    targets = {name: get_class(sampler_spec(name)["_target_"]) for name in sampler_names()}
+    assert set(targets.values()) == sampler_classes(), "a sampler class without a YAML, or a YAML without a class"
     for name in sampler_names():
         built = build_sampler(name, **({"delimiter_ids": [1]} if name == "adaptive_block" else {}))
         assert isinstance(built, Sampler) and built.name == name, name
@@ -59,3 +61,22 @@ def test_every_cache_mode_has_one_policy():
         "none": 16, "prefix": 16, "dual": 8}
     for name, policy in cache.CACHE_POLICIES.items():
         assert policy.name == name and dataclasses.is_dataclass(policy)
+
+
+def test_one_task_registry_behind_every_task_config():
+    from omegaconf import OmegaConf
+
+    from dllm.tasks import Suite, get_task_set, suite_examples, task_sets
+    from experiments.common import REPO_ROOT
+
+    names = {OmegaConf.load(path).name for path in (REPO_ROOT / "configs" / "task").glob("*.yaml")}
+    assert names == set(task_sets()), "a task config without a task set, or a task set without a config"
+    tiny = get_task_set("suite")
+    assert isinstance(tiny, Suite) and tiny.name == "tiny"
+    settings = {"split": "test", "n_per_task": 2, "tasks": ["copy", "sort"]}
+    examples = tiny.examples_of_config(settings)
+    assert examples == suite_examples("test", 2, tasks=["copy", "sort"])
+    assert tiny.score_many(examples, [e.answer for e in examples]) == [1.0] * 4
+    assert get_task_set("parallel").examples("test", 1)[0].suite == "parallel"
+    with pytest.raises(ValueError, match="unknown task config name 'gsm9k'; allowed: suite, parallel, gsm8k"):
+        get_task_set("gsm9k")

@@ -166,7 +166,7 @@ def test_next_window_starts_where_an_adaptive_block_ended():
 
 
 def test_yaml_instantiates_and_binds_to_the_task_tokenizer():
-    from dllm.tasks.vocab import build_task_tokenizer, task_words
+    from dllm.tasks.synthetic.vocab import build_task_tokenizer, task_words
 
     sampler = hydra.utils.instantiate(OmegaConf.load("configs/sampler/adaptive_block.yaml"))
     assert isinstance(sampler, AdaptiveBlock) and sampler.inner == Threshold(0.9)

@@ -204,7 +204,7 @@ def test_inner_carry_and_fields_pass_through():
 
 
 def test_yaml_instantiates_and_binds_to_the_task_tokenizer():
-    from dllm.tasks.vocab import build_task_tokenizer, task_words
+    from dllm.tasks.synthetic.vocab import build_task_tokenizer, task_words
 
     sampler = hydra.utils.instantiate(OmegaConf.load("configs/sampler/early_commit.yaml"))
     assert isinstance(sampler, EarlyCommit) and isinstance(sampler.inner, LowConfidence)

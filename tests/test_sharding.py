@@ -142,8 +142,8 @@ def run_worker(name: str) -> dict:
     from dllm.checkpoints import model_from_params
     from dllm.models.transformer import canonical_params
 
-    unrolled = sharding.shard_model(model_from_params(model.config.replace(scan_layers=False),
-                                                      canonical_params(model)), mesh, DEFAULT_RULES)
+    unrolled = sharding.shard_model(model_from_params(model.config, canonical_params(model),
+                                                      dllm.Layout(scan_layers=False)), mesh, DEFAULT_RULES)
     for mode in ("none", "dual"):
         runs = {}
         for run, (m, on) in {"reference": (model, None), "sharded": (unrolled, mesh)}.items():
@@ -162,7 +162,7 @@ def run_worker(name: str) -> dict:
     out["train"] = {}
     runs = {"reference": one_device, "sharded": mesh} if name == "data8" else {"sharded": mesh}
     for run, on in runs.items():
-        layout = sharding.Layout.of(on, DEFAULT_RULES)
+        layout = sharding.Placement.of(on, DEFAULT_RULES)
         _, params, opt_state, _, train_step, _ = init_training(model_config, config, data.tokenizer.mask_id, layout)
         losses = []
         for step in range(2):
@@ -190,13 +190,13 @@ def run_worker(name: str) -> dict:
         # and our stacked orbax folder restored sharded, then split per layer.
         from dllm.models.transformer import canonical_params, layer_param_shapes
 
-        unrolled_config = sharded_model.config.replace(scan_layers=False)
+        unrolled = dllm.Layout(scan_layers=False)
         per_layer = {k: ([placer(f"blocks/{i}/{k}", v[i]) for i in range(len(v))]
-                         if k in layer_param_shapes(unrolled_config) else placer(k, v)) for k, v in host.items()}
-        placed_unrolled = model_from_params(unrolled_config, per_layer)
-        restored_unrolled, _ = dllm.from_pretrained(folder, place=placer, scan_layers=False)
+                         if k in layer_param_shapes(sharded_model.config) else placer(k, v)) for k, v in host.items()}
+        placed_unrolled = model_from_params(sharded_model.config, per_layer, unrolled)
+        restored_unrolled, _ = dllm.from_pretrained(folder, place=placer, layout=unrolled)
         # Fused q/k/v and gate/up (fused_projections): stacked after the sharded restore, then placed.
-        restored_fused, _ = dllm.from_pretrained(folder, place=placer, scan_layers=False, fused_projections=True)
+        restored_fused, _ = dllm.from_pretrained(folder, place=placer, layout=unrolled.replace(fused_projections=True))
         assert "qkv_proj" in restored_fused.layer_params()[0]
         for loaded in (placed, restored, placed_unrolled, restored_unrolled, restored_fused):
             assert sharding.assert_sharded(loaded, mesh, DEFAULT_RULES) == out["fraction_per_device"]
@@ -224,7 +224,7 @@ def run_worker(name: str) -> dict:
         notice = io.StringIO()
         with contextlib.redirect_stdout(notice):  # a preset's rules fitted to a model they cannot split
             fitted = sharding.fit_rules(DEFAULT_RULES, mesh, gqa)
-        sharding.Layout.of(mesh, fitted).param_shardings(gqa)  # no error now
+        sharding.Placement.of(mesh, fitted).param_shardings(gqa)  # no error now
         out["fitted"] = {"rules": [[k, list(v) if v else None] for k, v in fitted], "notice": notice.getvalue()}
     return out
 

@@ -19,7 +19,7 @@ from dllm.tasks import (
     get_task,
     suite_examples,
 )
-from dllm.tasks.vocab import SPECIAL_TOKENS, build_task_tokenizer, save_task_tokenizer
+from dllm.tasks.synthetic.vocab import SPECIAL_TOKENS, build_task_tokenizer, save_task_tokenizer
 
 DETERMINISTIC = [name for name, task in TASKS.items() if task.deterministic]
 VALIDITY_SCORED = [name for name, task in TASKS.items() if not task.deterministic]

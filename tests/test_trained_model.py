@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import dllm
 from dllm import evaluation
-from dllm.decoding import DecodeConfig
+from dllm.decoding import DecodeConfig, pad_prompts
 from dllm.tasks import suite_examples
 from experiments.common import REPO_ROOT
 
@@ -66,7 +66,7 @@ def test_cached_threshold_on_trained_model(trained):
 
     model, tokenizer, examples = trained
     prompts = [tokenizer.encode(e.prompt) for e in examples]
-    tokens, mask = evaluation.left_pad(prompts, 24, tokenizer.pad_id)
+    tokens, mask = pad_prompts(prompts, tokenizer.pad_id, 24)
     key = jax.random.fold_in(jax.random.key(0), 0)  # decode_texts' key of its first batch
     uncached = dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=8, key=key,
                              tokenizer=tokenizer, attention_mask=mask).tokens
@@ -93,7 +93,7 @@ def test_window_only_logits_decode_the_same_tokens(trained, cache):
     import samplers
 
     model, tokenizer, examples = trained
-    tokens, mask = evaluation.left_pad([tokenizer.encode(e.prompt) for e in examples], 24, tokenizer.pad_id)
+    tokens, mask = pad_prompts([tokenizer.encode(e.prompt) for e in examples], tokenizer.pad_id, 24)
     for sampler in (samplers.LowConfidence(), samplers.Threshold(tau=0.7), samplers.Factor()):
         assert sampler.reads_only_window
         runs = [dllm.generate(model, tokens, sampler, gen_length=24, block_length=8, key=jax.random.key(1),

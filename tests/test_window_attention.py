@@ -109,9 +109,8 @@ def test_bad_arguments_name_the_value():
 def test_pallas_with_a_mesh_is_refused():
     from dllm import sharding
 
-    config = dllm.ModelConfig(vocab_size=40, d_model=64, n_layers=1, n_heads=4, mlp_hidden=64,
-                              window_attention_impl="pallas")
-    model = dllm.Transformer(config, rngs=nnx.Rngs(0))
+    config = dllm.ModelConfig(vocab_size=40, d_model=64, n_layers=1, n_heads=4, mlp_hidden=64)
+    model = dllm.Transformer(config, dllm.Layout(window_attention_impl="pallas"), rngs=nnx.Rngs(0))
     mesh_config = sharding.MeshConfig()
     with pytest.raises(ValueError, match="window_attention_impl='pallas' runs on one device"):
         dllm.generate(model, PROMPTS, samplers.LowConfidence(), gen_length=16, block_length=8, special=SPECIAL,
@@ -131,7 +130,7 @@ def test_engine_decodes_the_xla_tokens_through_the_kernel():
             for cache in ("dual", "prefix"):
                 runs = []
                 for impl in ("xla", "pallas"):
-                    model.config = config.replace(window_attention_impl=impl)
+                    model.layout = dllm.Layout(window_attention_impl=impl)
                     result = dllm.generate(model, prompts, samplers.Threshold(tau=0.5), gen_length=16,
                                            block_length=8, special=SPECIAL, cache=cache, key=jax.random.key(0))
                     runs.append((np.asarray(result.tokens), np.asarray(result.nfe)))
@@ -164,11 +163,11 @@ def test_default_picks_the_kernel_on_one_gpu_only(monkeypatch):
     """None: the Pallas kernel for short windows on a single GPU when head_dim
     is a power of two; XLA's on CPU, on several devices (the kernel is not
     partitioned) and for other head sizes."""
-    config = dllm.ModelConfig(attention_impl="cudnn", head_dim=128)
-    assert window_attention_impl(config, 32) == "xla"  # CPU
+    config, layout = dllm.ModelConfig(head_dim=128), dllm.Layout(attention_impl="cudnn")
+    assert window_attention_impl(config, layout, 32) == "xla"  # CPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert window_attention_impl(config, 32) == "pallas" and window_attention_impl(config, 256) == "cudnn"
-    assert window_attention_impl(config.replace(head_dim=96), 32) == "xla"
+    assert window_attention_impl(config, layout, 32) == "pallas" and window_attention_impl(config, layout, 256) == "cudnn"
+    assert window_attention_impl(config.replace(head_dim=96), layout, 32) == "xla"
     monkeypatch.setattr(jax, "device_count", lambda: 8)
-    assert window_attention_impl(config, 32) == "xla"
+    assert window_attention_impl(config, layout, 32) == "xla"

@@ -136,7 +136,7 @@ class NoCache:
         """The longest window a step can decode: all of the generation."""
         return config.gen_length
 
-    def init(self, model_config, batch: int, canvas_width: int, config: DecodeConfig):
+    def init(self, model, batch: int, canvas_width: int, config: DecodeConfig):
         return None
 
     def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
@@ -160,9 +160,9 @@ class FastDLLMCache:
         """Cache positions: the canvas plus a tail so every window slice stays in bounds."""
         return canvas_width + self.max_window(config) + 1
 
-    def init(self, model_config, batch: int, canvas_width: int, config: DecodeConfig) -> KVCache:
-        """The empty buffer, one K/V slot per cache position (`KVCache.zeros`)."""
-        return KVCache.zeros(model_config, batch, self.length(canvas_width, config))
+    def init(self, model, batch: int, canvas_width: int, config: DecodeConfig) -> KVCache:
+        """The empty buffer of `model` (its config and layout), one K/V slot per cache position."""
+        return KVCache.zeros(model.config, model.layout, batch, self.length(canvas_width, config))
 
     def rows_to_refresh(self, state: DecodeState) -> jax.Array:
         """bool [B]: the unfinished rows whose step is a refresh (first step of their block, or every

@@ -36,8 +36,11 @@ from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, Special
 from dllm.models.transformer import CACHE_AXES
 
 
-def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads a list of token sequences: (tokens [B, P], attention_mask [B, P])."""
+def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads a list of token sequences: (tokens [B, P], attention_mask [B, P]).
+
+    `width`: P (default the longest prompt); a longer prompt is an error. An int array
+    [B, P] is taken as it is (no padding)."""
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
         tokens = np.asarray(prompts, np.int32)
         return tokens, np.ones_like(tokens)
@@ -53,7 +56,11 @@ def pad_prompts(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    width = longest if width is None else width
+    if longest > width:
+        i = next(i for i, p in enumerate(prompts) if len(p) == longest)
+        raise ValueError(f"prompt {i} has {longest} tokens, more than the prompt width {width}")
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
@@ -105,10 +112,9 @@ def row_keys(key, batch: int) -> jax.Array:
     return key
 
 
-def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds,
-                  model_config=None) -> DecodeState:
+def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds, model=None) -> DecodeState:
     """The state before the first step. `key`: one PRNG key or one per row (`row_keys`).
-    `model_config` (a `ModelConfig`): the cache policy's empty buffer is made for it (none without)."""
+    `model`: the cache policy's empty buffer is made for it (its config and layout; none without)."""
     batch, width = tokens.shape
     key = row_keys(key, batch)
     g = config.gen_length
@@ -129,8 +135,8 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         key=key, cache=None, has_logits=jnp.ones((batch, g), bool), config=config, special=special,
         prompt_width=width,
     )
-    if model_config is not None:
-        state = state.replace(cache=cache_policy(config).init(model_config, batch, canvas.shape[1], config))
+    if model is not None:
+        state = state.replace(cache=cache_policy(config).init(model, batch, canvas.shape[1], config))
     return state
 
 
@@ -197,10 +203,8 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
 
 
 # XLA compile options of the decoding loop: GEMMs on cuBLAS, not XLA's Triton
-# GEMM emitter. On the H200 the two measured alike within run-to-run noise
-# (LLaDA-8B batch-1 dual step with / without it: 5.38 / 5.28 ms at block_k 64,
-# 5.25 / 5.40 ms at block_k 128; batch-32 full step 369.6 / 369.5 ms), and the H200 figures of
-# experiments/results/benchmark/README.md are measured with it. The option is
+# GEMM emitter. On the H200 the two measured alike within run-to-run noise (the
+# figures: experiments/results/benchmark/README.md, measured with it). The option is
 # ignored off GPU; `generate(compiler_options={})` gives XLA's defaults.
 COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
@@ -216,7 +220,7 @@ def uses_window_logits(sampler, config: DecodeConfig) -> bool:
 @functools.cache
 def _decode_with(compiler_options: tuple):
     """`_decode` jitted with these (sorted (name, value) pairs of) XLA options."""
-    return jax.jit(_decode, static_argnames=("graphdef", "sampler", "config", "special", "layout", "padded"),
+    return jax.jit(_decode, static_argnames=("graphdef", "sampler", "config", "special", "placement", "padded"),
                    compiler_options=dict(compiler_options) or None)
 
 
@@ -233,16 +237,16 @@ def decode_step(model, state: DecodeState, carry, *, sampler, padded: bool = Tru
     return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry, out.logits, commit
 
 
-def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, layout=None, padded=True):
+def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, placement=None, padded=True):
     """`padded`: whether some prompt has left padding (else full forwards run
-    unmasked attention). `layout` (a `dllm.sharding.Layout`, or None on one device): the canvas
+    unmasked attention). `placement` (a `dllm.sharding.Placement`, or None on one device): the canvas
     and the KV cache are constrained to it (batch rows over the data axes,
     cache heads over `kv_heads`); the rest follows by XLA's propagation."""
-    constrain = (lambda x, axes: x) if layout is None else layout.constrain
+    constrain = (lambda x, axes: x) if placement is None else placement.constrain
     # Stacked caches use every CACHE_AXES name; per-layer (unrolled) ones drop "layers".
     constrain_cache = lambda cache: jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
     model = nnx.merge(graphdef, params)
-    state = initial_state(tokens, attention_mask, key, config, special, model.config)
+    state = initial_state(tokens, attention_mask, key, config, special, model)
     state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
                           attention_mask=constrain(state.attention_mask, ("batch", "length")),
                           cache=None if state.cache is None else constrain_cache(state.cache))
@@ -303,22 +307,23 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     if mesh is None:
         return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
                        sampler=sampler, config=config, special=special, padded=padded)
-    if model.config.window_attention_impl == "pallas":
+    if model.layout.window_attention_impl == "pallas":
         raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
                          "with a mesh use 'xla', 'cudnn' or None")
     from dllm import sharding
 
-    layout = sharding.Layout.of(mesh, rules)
-    layout.check_batch(tokens.shape[0], "the prompt batch")
-    empty = jax.eval_shape(lambda: cache_policy(config).init(model.config, tokens.shape[0], tokens.shape[1] + gen_length, config))
+    placement = sharding.Placement.of(mesh, rules)
+    placement.check_batch(tokens.shape[0], "the prompt batch")
+    empty = jax.eval_shape(lambda: cache_policy(config).init(model, tokens.shape[0], tokens.shape[1] + gen_length,
+                                                             config))
     for leaf in jax.tree.leaves(empty)[:1]:
-        layout.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
-    shardings = layout.param_shardings(model)
+        placement.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
+    shardings = placement.param_shardings(model)
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
-    tokens, mask = layout.put_batch((tokens, mask))
-    key = jax.device_put(key, layout.replicated())
+    tokens, mask = placement.put_batch((tokens, mask))
+    key = jax.device_put(key, placement.replicated())
     return decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
-                   layout=layout, padded=padded)
+                   placement=placement, padded=padded)
 
 
 def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,
@@ -397,7 +402,7 @@ def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, 
 
     @jax.jit
     def start(tokens, mask, key):
-        state = initial_state(tokens, mask, key, config, special, model.config)
+        state = initial_state(tokens, mask, key, config, special, model)
         return state, sampler.init(state)
 
     @jax.jit

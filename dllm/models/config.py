@@ -30,7 +30,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of the bidirectional transformer.
+    """Shape and numerics of the bidirectional transformer: what a checkpoint's config.json holds.
+    How it runs (scanned layers, fused projections, attention kernels) is a
+    `dllm.models.layout.Layout`, chosen per run and never saved.
 
     Attributes:
       arch: "llada" (LLaMA-style blocks, no biases) or "dream" (Qwen2-style:
@@ -55,28 +57,6 @@ class ModelConfig:
       max_seq_len: longest canvas (prompt + generation) the model accepts.
       dtype: compute dtype of activations ("float32" or "bfloat16").
       param_dtype: storage dtype of the parameters.
-      scan_layers: run the blocks with `lax.scan` (fast compile) instead of a
-        Python loop (faster at batch 1 on GPU, see reference/gpu.md).
-      fused_projections: hold q/k/v as one [d, 3, heads, head_dim] parameter
-        (multi-head attention only) and gate/up as one [d, 2, mlp] parameter,
-        each applied as one GEMM (MaxText's fused_qkv / fused_mlp). Faster
-        decoding at few tokens per step; checkpoints stay unfused.
-      attention_impl: passed to `jax.nn.dot_product_attention` for full
-        forwards ("xla", "cudnn" or None for automatic).
-      window_attention_impl: the same for cached window steps (a window of
-        queries against the KV cache), or "pallas": the split-K Pallas kernel
-        of `dllm.models.window_attention`, which also writes the window's K/V
-        into the cache. None (default): for steps of at most 64 query rows in
-        all (batch x window: the dual cache's block at batch 1), the Pallas
-        kernel when the process sees one device and it is a GPU and head_dim
-        is a power of two >= 16, else XLA's ("pallas" with a mesh is refused:
-        the kernel is not partitioned);
-        for more rows `attention_impl`. Measured (experiments/results/benchmark/
-        README.md): H200 batch-1 LLaDA-8B dual step 5.25 ms with the kernel,
-        6.00 ms with XLA's attention; H100 6.97 ms with XLA's, 7.09 ms with
-        cuDNN; H100 batch-1 prefix step (256 queries) 8.33 ms with cuDNN,
-        10.19 ms with XLA's; H100 batch-32 dual step 42.3 ms with cuDNN,
-        50.7 ms with XLA's.
       mask_token_id / eos_token_id / pad_token_id: the ids stored in the
         checkpoint's config.json; the tokenizer wrapper is the one place the
         algorithms read special ids from.
@@ -99,10 +79,6 @@ class ModelConfig:
     max_seq_len: int = 4096
     dtype: str = "float32"
     param_dtype: str = "float32"
-    scan_layers: bool = True
-    fused_projections: bool = False
-    attention_impl: str | None = None
-    window_attention_impl: str | None = None
     mask_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -133,11 +109,6 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed {tuple(DTYPES)}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: allowed None, 'xla', 'cudnn'")
-        if self.window_attention_impl not in (None, "xla", "cudnn", "pallas"):
-            raise ValueError(f"ModelConfig.window_attention_impl={self.window_attention_impl!r}: "
-                             "allowed None, 'xla', 'cudnn', 'pallas'")
 
     @property
     def is_autoregressive(self) -> bool:

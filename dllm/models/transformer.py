@@ -15,7 +15,8 @@ shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`. With
 autoregressive LM (the causal mask put back), which the framework trains to
 score the generative perplexity of dLLM samples (`dllm.diffusion.autoregressive_loss`).
 
-Layer parameters are laid out as `scan_layers` says (as MaxText does): stacked
+How the model runs is its `Layout` (`dllm.models.layout`, never part of a
+checkpoint). Layer parameters are laid out as `Layout.scan_layers` says (as MaxText does): stacked
 along a leading `layers` axis for `lax.scan` (fast compile, training), or one
 `blocks[i]` dict per layer for unrolled layers (fastest decoding on GPU: no
 per-step slice copies of stacked weights). With `fused_projections` the model
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dllm.models.config import ModelConfig
+from dllm.models.layout import Layout
 from dllm.models.window_attention import window_attention
 
 # Name -> logical axes of every per-layer parameter (the leading "layers" axis
@@ -87,10 +89,11 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def fused_groups(config: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """The fused parameters this config's model holds (see `fused_projections`):
-    gate/up always, q/k/v only with multi-head attention (equal head counts)."""
-    if not config.fused_projections:
+def fused_groups(config: ModelConfig, layout: Layout) -> dict[str, tuple[str, ...]]:
+    """The fused parameters a model of this config holds in this layout (see
+    `Layout.fused_projections`): gate/up always, q/k/v only with multi-head
+    attention (equal head counts)."""
+    if not layout.fused_projections:
         return {}
     groups = {"gate_up_proj": FUSED_PARAMS["gate_up_proj"]}
     if config.n_kv_heads == config.n_heads:
@@ -98,11 +101,11 @@ def fused_groups(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     return groups
 
 
-def model_layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def model_layer_shapes(config: ModelConfig, layout: Layout) -> dict[str, tuple[int, ...]]:
     """Shape of each per-layer parameter the model holds: the canonical ones,
     with every fused group replaced by one [d, parts, ...] parameter."""
     shapes = layer_param_shapes(config)
-    for fused, parts in fused_groups(config).items():
+    for fused, parts in fused_groups(config, layout).items():
         first = shapes[parts[0]]
         for part in parts:
             del shapes[part]
@@ -116,12 +119,12 @@ def _stack_axis(config: ModelConfig, part: str) -> int:
     return -len(layer_param_shapes(config)[part])
 
 
-def fuse_params(config: ModelConfig, params: dict) -> dict:
+def fuse_params(config: ModelConfig, layout: Layout, params: dict) -> dict:
     """Canonical names -> the model's: stacks each fused group whose parts are
     all present (so already fused params pass through). Values may be arrays
     (one layer, or stacked layers) or per-layer lists of arrays."""
     params = dict(params)
-    for fused, parts in fused_groups(config).items():
+    for fused, parts in fused_groups(config, layout).items():
         if not all(part in params for part in parts):
             continue
         values = [params.pop(part) for part in parts]
@@ -133,10 +136,10 @@ def fuse_params(config: ModelConfig, params: dict) -> dict:
     return params
 
 
-def split_fused(config: ModelConfig, params: dict) -> dict:
+def split_fused(config: ModelConfig, layout: Layout, params: dict) -> dict:
     """The model's names -> canonical ones (inverse of `fuse_params`)."""
     params = dict(params)
-    for fused, parts in fused_groups(config).items():
+    for fused, parts in fused_groups(config, layout).items():
         value, axis = params.pop(fused), _stack_axis(config, parts[0])
         for i, part in enumerate(parts):
             params[part] = jnp.take(value, i, axis=axis)
@@ -198,8 +201,8 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
 def _separate_qkv(h, p, dtype):
     # Three distinct values for the three projections: XLA's dot merger would
     # otherwise fuse q and k into one Triton GEMM over concatenated weights,
-    # which ran at ~430 TFLOP/s against cuBLAS's ~660 on the H100 (the full
-    # LLaDA-8B step went from 14.3 to 13.3 ms with this barrier).
+    # which ran well below cuBLAS on the H100 (the full LLaDA-8B step got faster
+    # with this barrier; experiments/results/benchmark/README.md).
     hq, hk, hv = jax.lax.optimization_barrier((h, h, h))
     q = jnp.einsum("bld,dhk->blhk", hq, p["q_proj"].astype(dtype))
     k = jnp.einsum("bld,dhk->blhk", hk, p["k_proj"].astype(dtype))
@@ -224,20 +227,21 @@ def attention_out_and_mlp(x, attended, p, config: ModelConfig):
 SHORT_WINDOW = 64  # query rows (batch x window); at most this many, a window step's attention has its own default
 
 
-def window_attention_impl(config: ModelConfig, query_rows: int) -> str | None:
+def window_attention_impl(config: ModelConfig, layout: Layout, query_rows: int) -> str | None:
     """The attention implementation of a cached window step with `query_rows`
-    = batch x window queries in all (see `ModelConfig.window_attention_impl`)."""
-    if config.window_attention_impl is not None:
-        return config.window_attention_impl
+    = batch x window queries in all (see `Layout.window_attention_impl`)."""
+    if layout.window_attention_impl is not None:
+        return layout.window_attention_impl
     if query_rows > SHORT_WINDOW:
-        return config.attention_impl
+        return layout.attention_impl
     # The Pallas kernel is one unpartitioned custom call: the default keeps it to one-device runs.
     pallas_fits = config.head_dim >= 16 and not config.head_dim & (config.head_dim - 1)
     one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
     return "pallas" if one_gpu and pallas_fits else "xla"
 
 
-def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None, *, window: bool = False):
+def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: int | None = None, *,
+           window: bool = False):
     """Attention of q over k/v; key_mask [B, S] hides padding.
 
     Bidirectional, or causal (query i sees keys <= i) for `config.attention`
@@ -246,9 +250,9 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     key_mask None: no key is padding, or (`key_length`) only the keys from
     `key_length` on, which the fused kernels take as sequence lengths instead
     of a [B, 1, T, S] bias (cuDNN's fast path). `window`: a cached window step
-    (`window_attention_impl(config, batch x queries)` instead of `config.attention_impl`;
+    (`window_attention_impl(config, layout, batch x queries)` instead of `layout.attention_impl`;
     its "pallas" kernel is called by `Transformer.forward_window`, with the cache write)."""
-    impl = window_attention_impl(config, q.shape[0] * q.shape[1]) if window else config.attention_impl
+    impl = window_attention_impl(config, layout, q.shape[0] * q.shape[1]) if window else layout.attention_impl
     causal = config.attention == "causal"
     if causal and window:
         raise ValueError("ModelConfig.attention='causal': cached window steps attend bidirectionally; "
@@ -263,10 +267,10 @@ def attend(q, k, v, key_mask, config: ModelConfig, key_length: int | None = None
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl, is_causal=causal)
 
 
-def run_layers(block_fn, x, layer_params, config: ModelConfig, per_layer=None):
+def run_layers(block_fn, x, layer_params, layout: Layout, per_layer=None):
     """Applies `x, out_i = block_fn(x, params_i, per_layer_i)` for every layer.
 
-    Scanned (`config.scan_layers`): `layer_params` is a dict of stacked
+    Scanned (`layout.scan_layers`): `layer_params` is a dict of stacked
     [layers, ...] arrays, `per_layer` a pytree of stacked arrays (or None), and
     the outputs come back stacked. Unrolled: `layer_params` is a list of
     per-layer dicts, `per_layer` a list of per-layer items (or None), and the
@@ -274,7 +278,7 @@ def run_layers(block_fn, x, layer_params, config: ModelConfig, per_layer=None):
     [layers, ...] array: on GPU each such slice feeding a matmul is a copy,
     which inside a decode loop re-copied every weight at every step.
     """
-    if config.scan_layers:
+    if layout.scan_layers:
         return jax.lax.scan(lambda carry, xs: block_fn(carry, *xs), x, (layer_params, per_layer))
     outputs = []
     for i, params_i in enumerate(layer_params):
@@ -298,24 +302,25 @@ class KVCache:
     v: jax.Array | tuple[jax.Array, ...]
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, length: int) -> "KVCache":
+    def zeros(cls, config: ModelConfig, layout: Layout, batch: int, length: int) -> "KVCache":
+        """An empty cache of `length` positions for a model of `config` run in `layout`."""
         shape = (batch, length, config.n_kv_heads, config.head_dim)
-        if config.scan_layers:
+        if layout.scan_layers:
             empty = jnp.zeros((config.n_layers, *shape), config.compute_dtype)
             return cls(empty, empty)
         empty = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
         return cls(empty, empty)
 
     @classmethod
-    def from_layers(cls, outputs, config: ModelConfig) -> "KVCache":
+    def from_layers(cls, outputs, layout: Layout) -> "KVCache":
         """From `run_layers` outputs of (k, v) per layer (stacked or a list)."""
-        if config.scan_layers:
+        if layout.scan_layers:
             return cls(*outputs)
         return cls(tuple(k for k, _ in outputs), tuple(v for _, v in outputs))
 
-    def per_layer(self, config: ModelConfig):
+    def per_layer(self, layout: Layout):
         """The `per_layer` argument of `run_layers`: (k, v) of every layer."""
-        return (self.k, self.v) if config.scan_layers else list(zip(self.k, self.v))
+        return (self.k, self.v) if layout.scan_layers else list(zip(self.k, self.v))
 
 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
@@ -325,9 +330,8 @@ def written_before_next_layer(x, cache_k, cache_v):
     """(x, (cache_k, cache_v)) tied by an optimization barrier, so the next layer
     starts only after this layer's cache writes. Without it XLA's GPU scheduler
     left every layer's K/V (with fused projections, the whole q/k/v output)
-    alive until the end of the forward: a batch-32 LLaDA-8B dual-cache decode
-    compiled to 28.6 GiB of temporaries (20.6 unfused); with the barrier 12.6,
-    of which 9.1 are the cache itself."""
+    alive until the end of the forward, which more than doubled the temporaries
+    of a batch-32 LLaDA-8B dual-cache decode."""
     x, cache_k, cache_v = jax.lax.optimization_barrier((x, cache_k, cache_v))
     return x, (cache_k, cache_v)
 
@@ -355,10 +359,14 @@ def write_rows(cache_layer, update, start):
 
 
 class Transformer(nnx.Module):
-    """Bidirectional LLaDA/Dream transformer: `model(tokens) -> logits`."""
+    """Bidirectional LLaDA/Dream transformer: `model(tokens) -> logits`.
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    `config` is the architecture (what a checkpoint's config.json says); `layout`
+    how it runs (default `Layout()`: scanned, unfused, automatic attention)."""
+
+    def __init__(self, config: ModelConfig, layout: Layout | None = None, *, rngs: nnx.Rngs):
         self.config = config
+        self.layout = layout = Layout() if layout is None else layout
         c = config
         pdt = c.weight_dtype
         normal = jax.nn.initializers.normal(0.02)
@@ -383,9 +391,9 @@ class Transformer(nnx.Module):
         # each layer drawn on its own (slicing stacked draws made XLA compile the
         # 8B initializer for minutes). The two layouts draw different values for
         # one seed; `model_from_params(config, canonical_params(model))` converts.
-        shapes = model_layer_shapes(c)
+        shapes = model_layer_shapes(c, layout)
         keys = {name: rngs.params() for name in shapes if not name.endswith(("norm", "bias"))}
-        if c.scan_layers:
+        if layout.scan_layers:
             for name, shape in shapes.items():
                 value = init(name, (c.n_layers, *shape), keys.get(name))
                 setattr(self, name, param(value, ("layers", *LAYER_PARAM_AXES[name])))
@@ -400,10 +408,14 @@ class Transformer(nnx.Module):
 
     def layer_params(self) -> dict[str, jax.Array] | list[dict[str, jax.Array]]:
         """Stacked {name: [layers, ...]} when scanned, else one dict per layer (see `run_layers`)."""
-        names = model_layer_shapes(self.config)
-        if self.config.scan_layers:
+        names = model_layer_shapes(self.config, self.layout)
+        if self.layout.scan_layers:
             return {name: getattr(self, name)[...] for name in names}
         return [{name: block[name][...] for name in names} for block in self.blocks]
+
+    def empty_cache(self, batch: int, length: int) -> "KVCache":
+        """A zero `KVCache` of `length` positions in this model's layout."""
+        return KVCache.zeros(self.config, self.layout, batch, length)
 
     def head_weight(self) -> jax.Array:
         return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
@@ -455,19 +467,19 @@ class Transformer(nnx.Module):
 
         def block(x, p, layer_cache):
             q, k, v = attention_qkv(x, p, c, cos, sin)
-            x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c), p, c)
+            x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c, self.layout), p, c)
             if layer_cache is None:
                 return x, None
             write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a, 0, axis=1)
             return written_before_next_layer(x, write(layer_cache[0], k), write(layer_cache[1], v))
 
-        per_layer = None if cache is None else cache.per_layer(c)
-        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, per_layer)
+        per_layer = None if cache is None else cache.per_layer(self.layout)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), self.layout, per_layer)
         if c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         length = tokens.shape[1] - logits_start if logits_length is None else logits_length
         logits = self.hidden_to_logits(take_positions(hidden, logits_start, length, logits_offsets))
-        return logits, None if cache is None else KVCache.from_layers(kv, c)
+        return logits, None if cache is None else KVCache.from_layers(kv, self.layout)
 
     def forward_window(self, tokens, positions, cache: KVCache, key_mask, *, start, queries: int, logits_count: int,
                        key_length: int | None = None):
@@ -498,7 +510,7 @@ class Transformer(nnx.Module):
         tokens, positions = take(tokens, first), take(positions, first)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
 
-        fused_write = window_attention_impl(c, tokens.shape[0] * tokens.shape[1]) == "pallas"
+        fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * tokens.shape[1]) == "pallas"
 
         def block(x, p, layer_cache):
             cache_k, cache_v = layer_cache
@@ -508,28 +520,29 @@ class Transformer(nnx.Module):
                                                               key_length=key_length)
             else:
                 cache_k, cache_v = write_rows(cache_k, k, first), write_rows(cache_v, v, first)
-                attended = attend(q, cache_k, cache_v, key_mask, c, key_length, window=True)
+                attended = attend(q, cache_k, cache_v, key_mask, c, self.layout, key_length, window=True)
             x = attention_out_and_mlp(x, attended, p, c)
             return written_before_next_layer(x, cache_k, cache_v)
 
-        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), c, cache.per_layer(c))
-        return self.hidden_to_logits(hidden[:, :logits_count]), KVCache.from_layers(kv, c)
+        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), self.layout,
+                                cache.per_layer(self.layout))
+        return self.hidden_to_logits(hidden[:, :logits_count]), KVCache.from_layers(kv, self.layout)
 
 
 def canonical_params(model: Transformer) -> dict[str, jax.Array]:
     """The parameters as checkpoints store them: {name: array}, layer parameters
     stacked [layers, ...] and unfused, whatever the model's layout."""
-    config = model.config
+    config, layout = model.config, model.layout
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if not config.scan_layers:
+    if not layout.scan_layers:
         blocks = params.pop("blocks")
-        for name in model_layer_shapes(config):
+        for name in model_layer_shapes(config, layout):
             params[name] = jnp.stack([blocks[i][name] for i in range(config.n_layers)])
-    return split_fused(config, params)
+    return split_fused(config, layout, params)
 
 
-def model_param_tree(config: ModelConfig, params: dict) -> dict:
-    """Canonical parameters -> the pure-dict structure of `Transformer(config)`.
+def model_param_tree(config: ModelConfig, layout: Layout, params: dict) -> dict:
+    """Canonical parameters -> the pure-dict structure of `Transformer(config, layout)`.
 
     A layer parameter may be stacked [layers, ...] or a list of per-layer
     arrays, under canonical or fused names; a tree that already has `blocks`
@@ -537,11 +550,11 @@ def model_param_tree(config: ModelConfig, params: dict) -> dict:
     """
     if "blocks" in params:
         return params
-    params = fuse_params(config, params)
-    names = model_layer_shapes(config)
+    params = fuse_params(config, layout, params)
+    names = model_layer_shapes(config, layout)
     tree = {k: v for k, v in params.items() if k not in names}
     per_name = {n: params[n] for n in names if n in params}
-    if config.scan_layers:
+    if layout.scan_layers:
         tree.update({n: jnp.stack(v) if isinstance(v, (list, tuple)) else v for n, v in per_name.items()})
     else:
         tree["blocks"] = {i: {n: v[i] for n, v in per_name.items()} for i in range(config.n_layers)}

@@ -5,9 +5,9 @@ decoding step.
 A dual-cache step (Fast-dLLM, Wu et al. 2025, arXiv 2505.22618, §3.2)
 attends 32 queries per row to the ~512 cached keys of every layer. XLA runs
 that as a batched Q·Kᵀ GEMM, a softmax and a batched P·V GEMM with one tile
-per head (H100 profile: 0.53 ms of a 7.0 ms LLaDA-8B step in three kernels
-per layer; H200: 15.5 us per layer), for 8 MB of K/V per layer that the GPU
-reads in ~3 us; then two more kernels write the window's K/V into the cache.
+per head, three kernels per layer for a few MB of K/V that the GPU could read
+several times faster (profiles: experiments/results/benchmark/README.md); then
+two more kernels write the window's K/V into the cache.
 
 Here the queries that share a KV head (every window position, and every
 query head of a GQA group) are the rows of one tile, and the keys are split

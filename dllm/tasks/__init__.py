@@ -1,11 +1,16 @@
-"""Synthetic tasks with exact scorers, for training masked-diffusion models
-and measuring parallel-decoding samplers on held-out prompts.
+"""Tasks: synthetic suites with exact scorers (`dllm.tasks.synthetic`) and real benchmarks
+(`dllm.tasks.benchmarks`), behind one protocol and one registry.
+
+Every task set (`TASK_SETS`, keyed by the `name` of its configs/task/*.yaml) has
+`examples(split, n)`, `examples_of_config(settings, tokenizer)` (what a task config
+asks for), `score(example, output)` and `score_many(examples, outputs)`; every single
+task (a suite's `Task`, or a benchmark) has `examples`, `score` and `score_many`.
 
 Two suites (`SUITES`), in the spirit of ParallelBench (arXiv 2510.04767):
 
 * `tiny` (`TASKS`): answers of 8 to 19 tokens, small enough for a
   ~5M-parameter model trained on a CPU-sized budget (the CPU test model);
-* `parallel` (`dllm.tasks.parallel`): answers of 16 to 89 tokens, decoded at
+* `parallel` (`dllm.tasks.synthetic.parallel`): answers of 16 to 89 tokens, decoded at
   gen 128 / block 32, on which committing several tokens per step visibly
   costs accuracy.
 
@@ -21,14 +26,15 @@ Tiny-suite tasks (see each module's docstring for its format and scorer):
 * `addition` (`arithmetic.py`): 8-digit + 8-digit, exact match;
 * puzzles (`puzzles.py`): latin_square and sudoku on 4x4 grids, validity.
 
-The word-level tokenizer over all these words is in `dllm.tasks.vocab`.
+The word-level tokenizer over all these words is in `dllm.tasks.synthetic.vocab`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 
-from dllm.tasks.arithmetic import ADDITION
+from dllm.tasks.synthetic.arithmetic import ADDITION
 from dllm.tasks.base import (
     ANSWER_DELIMITER,
     DEFAULT_SPLIT_SIZES,
@@ -40,9 +46,9 @@ from dllm.tasks.base import (
     Task,
     check_split,
 )
-from dllm.tasks.parallel import PARALLEL_TASKS
-from dllm.tasks.puzzles import LATIN_SQUARE, SUDOKU
-from dllm.tasks.waiting_line import COPY, INSERT_INDEX, REMOVE_INDEX, REPLACE_INDEX, REVERSE, SHUFFLE, SORT
+from dllm.tasks.synthetic.parallel import PARALLEL_TASKS
+from dllm.tasks.synthetic.puzzles import LATIN_SQUARE, SUDOKU
+from dllm.tasks.synthetic.waiting_line import COPY, INSERT_INDEX, REMOVE_INDEX, REPLACE_INDEX, REVERSE, SHUFFLE, SORT
 
 TASKS: dict[str, Task] = {
     task.name: task
@@ -75,6 +81,47 @@ def suite_of_task_config(name: str) -> str:
 def task_config_of_suite(suite: str) -> str:
     """The task config `name` of `suite`, as experiments.evaluate records it in results."""
     return TINY_TASK_CONFIG if suite == "tiny" else suite
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A synthetic suite as one task set: examples of its tasks, task after task, scored by each task."""
+
+    name: str  # the suite: a key of SUITES
+    tasks: Mapping[str, Task]
+
+    def examples(self, split: str = "test", n: int | None = None, *, tasks: Sequence[str] | None = None
+                 ) -> list[Example]:
+        """The first `n` examples of `split` from each task (`suite_examples`)."""
+        return suite_examples(split, n, tasks=tasks, suite=self.name)
+
+    def examples_of_config(self, settings: Mapping, tokenizer=None) -> list[Example]:
+        """Examples of a task config (configs/task/suite.yaml or parallel.yaml: split, n_per_task, tasks)."""
+        del tokenizer  # the suites' prompts are plain text
+        tasks = list(settings["tasks"]) if settings.get("tasks") else None
+        return self.examples(settings.get("split", "test"), settings.get("n_per_task"), tasks=tasks)
+
+    def score(self, example: Example, output: str) -> float:
+        return get_task(example.task, self.name).score(example, output)
+
+    def score_many(self, examples: Sequence[Example], outputs: Sequence[str]) -> list[float]:
+        return [self.score(e, o) for e, o in zip(examples, outputs)]
+
+
+def task_sets() -> dict:
+    """The one registry of task sets, keyed by configs/task/*.yaml's `name`: the synthetic suites
+    ("suite" is the tiny one, "parallel") and the benchmarks (gsm8k, humaneval, mbpp)."""
+    from dllm.tasks.benchmarks import BENCHMARKS
+
+    return {task_config_of_suite(suite): Suite(suite, tasks) for suite, tasks in SUITES.items()} | dict(BENCHMARKS)
+
+
+def get_task_set(name: str):
+    """The task set a task config names; ValueError naming the allowed names."""
+    sets = task_sets()
+    if name not in sets:
+        raise ValueError(f"unknown task config name {name!r}; allowed: {', '.join(sets)}")
+    return sets[name]
 
 
 def check_suite(suite: str) -> dict[str, Task]:
@@ -168,6 +215,9 @@ __all__ = [
     "check_fits",
     "Example",
     "Task",
+    "Suite",
     "get_task",
+    "get_task_set",
+    "task_sets",
     "suite_examples",
 ]

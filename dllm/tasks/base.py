@@ -18,7 +18,7 @@ A task is two pure functions plus a word list:
   whatever sizes are asked for. Test prompts are also unique within the split.
 
 Text is whitespace-separated words, one word per token of the word-level
-tokenizer in `dllm.tasks.vocab`. Every prompt ends with `ANSWER_DELIMITER`; the
+tokenizer in `dllm.tasks.synthetic.vocab`. Every prompt ends with `ANSWER_DELIMITER`; the
 answer span starts right after it.
 """
 
@@ -180,6 +180,11 @@ class Task:
         except ValueError as error:
             raise ValueError(f"task {self.name!r} of suite {self.suite!r}: {error}") from None
         return 1.0 if correct else 0.0
+
+    def score_many(self, examples: Sequence[Example], outputs: Sequence[str]) -> list[float]:
+        """`score` of each (example, output) pair: the protocol every task set shares (a code
+        benchmark runs its sandboxes in parallel here)."""
+        return [self.score(e, o) for e, o in zip(examples, outputs)]
 
 
 def curriculum(easy: Sampler, hard: Sampler, easy_share: float) -> Sampler:

@@ -6,14 +6,14 @@ follows ParallelBench's task families (Kim et al., arXiv 2510.04767, §3:
 waiting line, puzzles) at the lengths the dLLM papers decode (gen 64-128,
 block 32), adds carry arithmetic, and adds a task with many valid answers
 whose tokens constrain each other. Answers are 16-89 tokens, one word per
-token of the suite's word-level tokenizer (`dllm.tasks.vocab`).
+token of the suite's word-level tokenizer (`dllm.tasks.synthetic.vocab`).
 
 Tasks (deterministic ones scored by exact match, the others by validity):
 
 * waiting line over 16-48 people drawn from `NAMES` (64 names): `copy`,
   `reverse`, `sort`, `insert_index`, `remove_index`, `replace_index` (exact);
   `shuffle` (validity: a permutation of the line that differs from it).
-  Same prompts as the tiny suite's (`dllm.tasks.waiting_line`), longer lines.
+  Same prompts as the tiny suite's (`dllm.tasks.synthetic.waiting_line`), longer lines.
 * `addition`: two 24-40-digit numbers of the same length n, most
   significant digit first; the answer is the sum written with exactly n + 1
   digits (a leading 0 when there is no final carry), so answer digit i + 1 lines up
@@ -56,8 +56,8 @@ import functools
 import numpy as np
 
 from dllm.tasks.base import ANSWER_DELIMITER, Task, curriculum, exact_match, prompt_payload
-from dllm.tasks.puzzles import BLANK, ROW_SEPARATOR, grid_to_words
-from dllm.tasks.waiting_line import LineShape, line_tasks
+from dllm.tasks.synthetic.puzzles import BLANK, ROW_SEPARATOR, grid_to_words
+from dllm.tasks.synthetic.waiting_line import LineShape, line_tasks
 
 SUITE = "parallel"
 

@@ -3,13 +3,13 @@
 Bao et al. 2025, "Learning to Parallel: Accelerating Diffusion LLMs via
 Learnable Parallel Decoding" (arXiv 2509.25188), `generate_learn2parallel`
 and `generate_l2p_eot` in ims-kdks/Learning-to-Parallel-Decoding
-`llada/generate.py` @ 342293c (reference/samplers.md §4):
+`llada/generate.py` @ 342293c:
 
     x0 = argmax(Gumbel(logits)); p = softmax(logits)[x0]        (no temperature)
     accept = sigmoid(filter(p[block])) > accept_threshold  AND  position masked
     commit = accept  OR  LLaDA's top-1 masked window position by p   (progress)
 
-The filter (`dllm.filter_training.FilterMLP`) sees the confidence vector of
+The filter (`samplers.learned_filter.filter.FilterMLP`) sees the confidence vector of
 the whole active block, decoded positions included, and is trained on the
 "Extremely Greedy Parallel" oracle's labels (`experiments/train_filter.py`).
 With `eot_prediction` the sampler also cuts the row after a predicted EOS
@@ -46,20 +46,13 @@ import os
 import jax
 import jax.numpy as jnp
 
+from dllm.decoding.cache import place_logits
 from dllm.decoding.state import DecodeConfig, DecodeState
-from dllm.filter_training import FilterWeights, feature_values, load_filter, stack_features
+from samplers.learned_filter.filter import FilterWeights, feature_values, load_filter, stack_features
 from samplers import base
 from samplers.end_of_text import apply_truncation, truncation_point
 
 DEFAULT_FILTER = "checkpoints/filters/tiny-tasks-block8"
-
-
-def scatter_window(window: jax.Array, state: DecodeState, fill) -> jax.Array:
-    """[B, block] -> [B, G]: window values back at their positions, `fill` elsewhere."""
-    block, g = window.shape[-1], state.config.gen_length
-    offset = jnp.arange(g)[None, :] - state.block_start[:, None]
-    inside = (offset >= 0) & (offset < block)
-    return jnp.where(inside, jnp.take_along_axis(window, jnp.clip(offset, 0, block - 1), axis=1), fill)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +60,7 @@ class LearnedFilter(base.Sampler):
     """Commit what a trained filter accepts, plus the most confident position.
 
     Attributes:
-      filter_path: folder written by `dllm.filter_training.save_filter`
+      filter_path: folder written by `samplers.learned_filter.save_filter`
         (`experiments/train_filter.py`); a relative path that does not exist
         from the working directory is read from the repository root.
       accept_threshold: commit a masked window position when the filter's
@@ -110,7 +103,7 @@ class LearnedFilter(base.Sampler):
         values = feature_values(probs, tokens, state, self.weights.block_length)
         features = stack_features({k: values[k] for k in self.weights.features}, self.weights.features)
         probability = jax.nn.sigmoid(self.weights.mlp()(features))
-        return scatter_window(probability, state, 0.0)
+        return place_logits(probability, state.block_start, state.config.gen_length, 0.0)  # [B, block] -> [B, G]
 
     def step(self, logits, state: DecodeState, carry):
         self.validate(state.config)

