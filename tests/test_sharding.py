@@ -38,6 +38,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -226,6 +227,23 @@ def run_worker(name: str) -> dict:
             fitted = sharding.fit_rules(DEFAULT_RULES, mesh, gqa)
         sharding.Placement.of(mesh, fitted).param_shardings(gqa)  # no error now
         out["fitted"] = {"rules": [[k, list(v) if v else None] for k, v in fitted], "notice": notice.getvalue()}
+        # The train entry point fits a preset too: the GQA model trains on fsdp=2 x tensor=4 with kv_heads
+        # replicated (and a notice), and the preset's fit_to_model=false refuses it naming the axis.
+        from dllm.training import train
+
+        gqa_config = dllm.ModelConfig(**{**MODEL, "n_kv_heads": 2})
+        preset = MeshConfig(axes={"data": 1, "fsdp": 2, "tensor": 4}, fit_to_model=True)
+        train_notice = io.StringIO()
+        with contextlib.redirect_stdout(train_notice):
+            trained = train(gqa_config, dataclasses.replace(config, workdir=tempfile.mkdtemp()), data,
+                            devices=jax.devices(), mesh_config=preset)
+        try:
+            train(gqa_config, dataclasses.replace(config, workdir=tempfile.mkdtemp()), data, devices=jax.devices(),
+                  mesh_config=dataclasses.replace(preset, fit_to_model=False))
+            unfitted = None
+        except ValueError as e:
+            unfitted = str(e)
+        out["fitted_train"] = {"notice": train_notice.getvalue(), "steps": trained.step, "unfitted": unfitted}
     return out
 
 
@@ -399,6 +417,9 @@ def test_indivisible_dimensions_name_the_parameter_axis_and_sizes(workers):
 
 
 def test_a_preset_fitted_to_a_model_replicates_the_axis_it_cannot_split(workers):
+    trained = workers["fsdp2_tensor4"]["fitted_train"]  # the train entry point, sharded over 8 devices
+    assert "replicating 'kv_heads' (the other rules hold)" in trained["notice"] and trained["steps"] == 2
+    assert "dimension 2 ('kv_heads') of size 2 does not divide over mesh axis tensor" in trained["unfitted"]
     fitted = workers["fsdp2_tensor4"]["fitted"]
     rules = dict((k, v) for k, v in fitted["rules"])
     assert rules["kv_heads"] is None and rules["heads"] == ["tensor"] and rules["embed"] == ["fsdp"]
