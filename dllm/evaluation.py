@@ -223,6 +223,35 @@ def unigram_entropy(tokens: np.ndarray, mask: np.ndarray | None = None) -> float
     return float(np.mean(entropies)) if entropies else float("nan")
 
 
+def results_line(summary: dict, *, task: str, split: str, model: str, sampler, decode: dict, **extra) -> dict:
+    """One line of results.jsonl, the record `experiments.report` reads: the run's settings, its
+    summary (`evaluate_examples`) and the versions. Every driver writes this shape."""
+    return {"task": task, "tasks": sorted(summary["per_task"]), "split": split, **extra, "model": model,
+            "sampler": sampler.settings(), "decode": decode, **summary, **environment()}
+
+
+def compare_samplers(model, tokenizer, runs: dict, examples, decode: DecodeConfig, *, batch_size: int = 64,
+                     key=None, prompt_width: int | None = None, after_each=None) -> dict:
+    """Each sampler of `runs` ({label: Sampler}) on the same examples, batches and keys:
+    {label: {"settings", the summary fields, "wall_s"}}; prints one line per run.
+
+    `after_each(label, sampler, summary)`, if given, runs after every sampler (the drivers write their
+    files there, so a comparison cut short keeps what it measured)."""
+    key = jax.random.key(0) if key is None else key
+    results = {}
+    for label, sampler in runs.items():
+        began = time.perf_counter()
+        out = evaluate_examples(model, tokenizer, sampler, examples, decode, batch_size=batch_size, key=key,
+                                prompt_width=prompt_width)
+        s = out["summary"]
+        results[label] = {"settings": sampler.settings(), **s, "wall_s": time.perf_counter() - began}
+        print(f"{label:34s} acc {s['accuracy']:.4f}  NFE {s['mean_nfe']:5.2f}  tok/fwd {s['tokens_per_forward']:.2f}",
+              flush=True)
+        if after_each is not None:
+            after_each(label, sampler, s)
+    return results
+
+
 def environment() -> dict:
     """Versions and device, recorded with every result."""
     import flax

@@ -11,26 +11,27 @@ gen 128 / block 32 (prompt width 96) with the threshold sweep tau 0.5 ... 0.95
 and LowConfidence at 2 and 4 tokens per step.
 
 Sampler settings come from configs/sampler/*.yaml (plus the compositions
-below), so the table measures exactly what `sampler=<name>` runs.
+below), so the table measures exactly what `sampler=<name>` runs. The loop is
+`dllm.evaluation.compare_samplers` (train_filter's evaluation runs the same),
+and `--results-jsonl` writes the lines `experiments.evaluate` writes, for
+`experiments.report`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import jax
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig
+from dllm.decoding.sampler import sampler_names, sampler_spec
 from dllm.tasks import SUITES, suite_examples, task_config_of_suite
-from experiments.common import REPO_ROOT, resolve_path
+from experiments.common import resolve_path
 
-SAMPLER_DIR = REPO_ROOT / "configs" / "sampler"
 COMPOSITIONS = {
     "early_commit(threshold)": {"_target_": "samplers.early_commit.EarlyCommit",
                                 "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}},
@@ -63,7 +64,7 @@ TINY_ONLY = ("learned_filter",)
 
 
 def sampler_specs(names=None, suite: str = "tiny", gen_length: int = 128) -> dict[str, dict]:
-    specs = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in sorted(SAMPLER_DIR.glob("*.yaml"))}
+    specs = {name: sampler_spec(name) for name in sampler_names()}  # the registry: configs/sampler/*.yaml
     if suite == "tiny":
         specs = {"low_confidence": specs.pop("low_confidence"), **specs, **COMPOSITIONS, **EXTRA}
     else:
@@ -102,26 +103,28 @@ def main(argv=None) -> dict:
     model, tokenizer = dllm.from_pretrained(resolve_path(args.checkpoint))
     examples = suite_examples("test", args.n_per_task, suite=args.suite)
     decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache)
+    runs = {name: instantiate(spec, _convert_="all")
+            for name, spec in sampler_specs(args.samplers, args.suite, args.gen_length).items()}
     results = {}
-    for name, spec in sampler_specs(args.samplers, args.suite, args.gen_length).items():
-        sampler = instantiate(spec, _convert_="all")
-        began = time.perf_counter()
-        out = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
-                                           batch_size=args.batch_size, key=jax.random.key(0),
-                                           prompt_width=args.prompt_width)
-        results[name] = {"settings": sampler.settings(), **out["summary"], "wall_s": time.perf_counter() - began}
-        s = out["summary"]
-        print(f"{name:26s} acc {s['accuracy']:.3f}  NFE {s['mean_nfe']:5.2f}  tok/fwd {s['tokens_per_forward']:.2f}",
-              flush=True)
-        if args.out:  # after every sampler, so a run cut short keeps what it measured
+
+    def write(label, sampler, summary):  # after every sampler, so a run cut short keeps what it measured
+        results[label] = {"settings": sampler.settings(), **summary}
+        if args.out:
             payload = {"checkpoint": str(args.checkpoint), "suite": args.suite, "n_per_task": args.n_per_task,
                        "decode": vars(args), "environment": evaluation.environment(), "results": results}
             evaluation.write_json_atomic(args.out, payload)
         if args.results_jsonl:  # the record experiments.evaluate writes, so experiments.report reads it
-            line = {"task": task_config_of_suite(args.suite), "tasks": sorted(s["per_task"]), "split": "test", "model": str(args.checkpoint),
-                    "sampler": sampler.settings(), "decode": dataclasses.asdict(decode), "label": name,
-                    **s, **evaluation.environment()}
+            line = evaluation.results_line(summary, task=task_config_of_suite(args.suite), split="test",
+                                           model=str(args.checkpoint), sampler=sampler,
+                                           decode=dataclasses.asdict(decode), label=label)
             evaluation.write_json_atomic(args.results_jsonl, line, lines=True, append=True)
+
+    results = evaluation.compare_samplers(model, tokenizer, runs, examples, decode, batch_size=args.batch_size,
+                                          key=jax.random.key(0), prompt_width=args.prompt_width, after_each=write)
+    if args.out:  # with each run's wall time
+        payload = {"checkpoint": str(args.checkpoint), "suite": args.suite, "n_per_task": args.n_per_task,
+                   "decode": vars(args), "environment": evaluation.environment(), "results": results}
+        evaluation.write_json_atomic(args.out, payload)
     print_table(results)
     return results
 

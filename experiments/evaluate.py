@@ -27,12 +27,9 @@ def main(cfg: DictConfig) -> dict:
     result = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
                                           batch_size=cfg.batch_size, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules)
     summary = result["summary"]
-    line = {
-        "task": cfg.task.name, "tasks": sorted(summary["per_task"]), "split": cfg.task.split,
-        "task_config": OmegaConf.to_container(cfg.task),
-        "model": source, "sampler": sampler.settings(), "decode": OmegaConf.to_container(cfg.decode),
-        **{k: v for k, v in summary.items()}, **evaluation.environment(),
-    }
+    line = evaluation.results_line(summary, task=cfg.task.name, split=cfg.task.split, model=source, sampler=sampler,
+                                   decode=OmegaConf.to_container(cfg.decode),
+                                   task_config=OmegaConf.to_container(cfg.task))
     out_dir = HydraConfig.get().runtime.output_dir
     evaluation.write_json_atomic(f"{out_dir}/results.jsonl", line, lines=True, append=True)
     evaluation.write_json_atomic(f"{out_dir}/rows.json", result["rows"])

@@ -86,16 +86,8 @@ def evaluate(cfg: dict, model, tokenizer, filter_path: Path) -> dict:
                                                           eot_prediction=True)
         runs.update({f"end_of_text(threshold(tau={tau}))": EndOfText(inner=Threshold(tau=tau))
                      for tau in ev["eot_thresholds"]})
-    results = {}
-    for name, sampler in runs.items():
-        began = time.perf_counter()
-        out = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode, batch_size=ev["batch_size"],
-                                           key=jax.random.key(0), prompt_width=oracle["prompt_width"])
-        results[name] = {"settings": sampler.settings(), **out["summary"], "wall_s": time.perf_counter() - began}
-        s = out["summary"]
-        print(f"{name:34s} acc {s['accuracy']:.4f}  NFE {s['mean_nfe']:5.2f}  tok/fwd {s['tokens_per_forward']:.2f}",
-              flush=True)
-    return results
+    return evaluation.compare_samplers(model, tokenizer, runs, examples, decode, batch_size=ev["batch_size"],
+                                       key=jax.random.key(0), prompt_width=oracle["prompt_width"])
 
 
 def dominated_by(run: dict, points: dict) -> list[str]:
