@@ -46,10 +46,11 @@ def answer_text(tokenizer, tokens) -> str:
 
 def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeConfig, *, batch_size: int = 64,
                  key=None, prompt_width: int | None = None, mesh=None, rules=None,
-                 progress: bool = True) -> tuple[list[dict], dict]:
+                 progress: bool = True, compiler_options: dict | None = None) -> tuple[list[dict], dict]:
     """Decodes every prompt; returns per-prompt rows and timing figures.
 
     `progress`: a tqdm bar over the prompts (prompts/s) on a terminal; never in a log file.
+    `compiler_options`: XLA options of the decoding loop, as `dllm.generate`'s.
 
     `mesh`, `rules`: decode sharded (see `dllm.generate`); `batch_size` must
     then divide over the mesh's batch axes.
@@ -74,7 +75,8 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
     def run(batch_prompts, batch_key):
         tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
         return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
-                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules, **fields)
+                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules,
+                        compiler_options=compiler_options, **fields)
 
     keys_of = lambda start: prompt_keys(key, np.arange(start, start + batch_size))
     jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),

@@ -33,6 +33,9 @@ PROMPTS = [
     "insert Zoe at 3 : Sam Tom Uma Val Wes Ann Bob Cid Dan =>",
 ]
 WIDTH = 15  # the longest prompt: the batch's width
+# XLA's backend optimisations off: the same tokens for every run of the grid, half the compile time
+# (compiling dominates these tests on CPU; batch and solo runs compile alike).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,8 @@ def tiny():
 
 def decoded(model, tokenizer, sampler, decode, batch_size, prompt_width=WIDTH):
     rows, _ = evaluation.decode_texts(model, tokenizer, sampler, PROMPTS, decode, batch_size=batch_size,
-                                      key=jax.random.key(7), prompt_width=prompt_width, progress=False)
+                                      key=jax.random.key(7), prompt_width=prompt_width, progress=False,
+                                      compiler_options=FAST_COMPILE)
     return [(row["tokens"], row["nfe"]) for row in rows]
 
 
