@@ -15,6 +15,12 @@ schedule is (MDLM Eq. 10, MD4 Eq. 5, LLaDA Eq. 3)
 The weight 1/t is -alpha'_t / (1 - alpha_t) for alpha_t = 1 - t. We sample
 t ~ U(eps, 1) (eps = 1e-3, as LLaDA) to keep the weight bounded.
 
+Block diffusion (Arriola et al. 2025, BD3-LM, arXiv 2503.09573; SDAR, arXiv
+2510.06303; Fast-dLLM v2, arXiv 2509.26328): a block-causal model is trained
+on the "2L" input [x_t ; x_0] (`two_l_inputs`): each noised block sees itself
+and the clean earlier blocks, and the loss reads the x_t half. The same losses
+apply with t per row or per position (`block_times`: one t per block).
+
 Everything here is a pure function of arrays; the model is called elsewhere
 (`dllm.training`), so these functions are testable with hand-written logits.
 """
@@ -51,17 +57,82 @@ def mask_tokens(key: jax.Array, tokens: jax.Array, t: jax.Array, mask_id: int,
 
     Args:
       tokens: clean tokens x_0, int [B, L].
-      t: per-row masking probability [B].
+      t: masking probability per row [B], or per position [B, L] (`block_times`).
       maskable: bool [B, L]; positions that may be masked (the answer in SFT,
         every real token in pretraining). None means all positions.
 
     Returns:
       (noisy tokens x_t [B, L], masked bool [B, L]).
     """
-    masked = jax.random.uniform(key, tokens.shape) < t[:, None]
+    masked = jax.random.uniform(key, tokens.shape) < per_position(t)
     if maskable is not None:
         masked = masked & maskable.astype(bool)
     return jnp.where(masked, mask_id, tokens), masked
+
+
+def per_position(t: jax.Array) -> jax.Array:
+    """t per row [B] -> [B, 1] (broadcasts over positions); t per position [B, L] as is."""
+    return t if t.ndim == 2 else t[:, None]
+
+
+def block_times(key: jax.Array, positions: jax.Array, block_size: int, eps: float = 1e-3,
+                low_discrepancy: bool = False) -> jax.Array:
+    """t per position [B, L], one draw per block of `block_size` RoPE positions (BD3-LM, arXiv
+    2503.09573, §4: a masking rate per block); stratified over all blocks of the batch with
+    `low_discrepancy` (BD3-LM's antithetic sampling is the two-stratum case)."""
+    batch, length = positions.shape
+    n_blocks = -(-length // block_size)
+    t = sample_times(key, batch * n_blocks, eps, low_discrepancy).reshape(batch, n_blocks)
+    return jnp.take_along_axis(t, jnp.clip(positions // block_size, 0, n_blocks - 1), axis=1)
+
+
+def complementary_copy(tokens: jax.Array, masked: jax.Array, t: jax.Array, mask_id: int, maskable: jax.Array,
+                       eps: float = 1e-3) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fast-dLLM v2's complementary mask (arXiv 2509.26328, §3.2): the copy of x_t that masks the
+    maskable tokens x_t kept, so every maskable token is supervised once per pair.
+    Returns (noisy copy, its masked positions, its masking rate 1 - t, floored at eps)."""
+    masked_copy = maskable.astype(bool) & ~masked
+    return jnp.where(masked_copy, mask_id, tokens), masked_copy, jnp.maximum(1.0 - t, eps)
+
+
+def two_l_inputs(noisy: jax.Array, clean: jax.Array, attention_mask: jax.Array, positions: jax.Array,
+                 block_size: int, token_shift: bool = False) -> dict[str, jax.Array]:
+    """The block-diffusion training input of length 2L: [x_t ; x_0] and its three-part mask.
+
+    BD3-LM's `block_diff_mask` (arXiv 2503.09573, §3.2; the same in SDAR and Fast-dLLM v2), with
+    block b = RoPE positions [b * block_size, (b + 1) * block_size) in both halves:
+      * block diagonal: a query attends its own block in its own half (x_t or x_0);
+      * offset block-causal: an x_t query attends the x_0 blocks strictly before its own;
+      * block-causal: an x_0 query attends x_0 blocks up to its own.
+    Both halves use the token positions 0..L-1 for RoPE; padded keys stay hidden.
+
+    `token_shift` (Fast-dLLM v2): position i is predicted from hidden state i - 1; the first
+    position of a noised block reads the clean half's previous position, as in decoding, where
+    the block before the active one is finished. (A choice of ours: read from the noised half
+    instead, the block's first token would be predicted from a possibly masked position.)
+
+    Returns the keyword arguments of `Transformer.forward` (tokens, attention_mask, positions,
+    pair_mask, logits_length=L, and shift_from with `token_shift`).
+    """
+    length = noisy.shape[1]
+    positions2 = jnp.concatenate([positions, positions], axis=1)
+    block = positions2 // block_size
+    clean_half = jnp.arange(2 * length) >= length
+    q_clean, k_clean = clean_half[None, :, None], clean_half[None, None, :]
+    q_block, k_block = block[:, :, None], block[:, None, :]
+    pairs = (((q_block == k_block) & (q_clean == k_clean))
+             | ((k_block < q_block) & k_clean & ~q_clean)
+             | ((k_block <= q_block) & k_clean & q_clean))
+    inputs = dict(tokens=jnp.concatenate([noisy, clean], axis=1),
+                  attention_mask=jnp.concatenate([attention_mask, attention_mask], axis=1),
+                  positions=positions2, pair_mask=pairs, logits_length=length)
+    if token_shift:
+        column = jnp.arange(length)
+        block_start = (positions % block_size == 0) & (column > 0)[None, :]
+        noisy_from = jnp.where(block_start, length + column - 1, jnp.maximum(column - 1, 0))
+        clean_from = jnp.broadcast_to(length + jnp.maximum(column - 1, 0), positions.shape)
+        inputs["shift_from"] = jnp.concatenate([noisy_from, clean_from], axis=1).astype(jnp.int32)
+    return inputs
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -97,14 +168,14 @@ def pretrain_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array, t: j
       logits: float [B, L, V].
       targets: clean tokens x_0, int [B, L].
       masked: bool [B, L], positions that were masked in x_t.
-      t: [B] masking probability of each row.
+      t: [B] masking probability of each row, or [B, L] per position (`block_times`).
       valid: optional bool [B, L]: real tokens (the normalizer).
 
     Returns:
       (loss scalar, metrics: masked_accuracy, masked_tokens).
     """
     ce = token_cross_entropy(logits, targets)
-    weighted = jnp.where(masked, ce / t[:, None], 0.0)
+    weighted = jnp.where(masked, ce / per_position(t), 0.0)
     n_tokens = targets.size if valid is None else jnp.maximum(jnp.sum(valid), 1)
     return jnp.sum(weighted) / n_tokens, _metrics(logits, targets, masked)
 
@@ -126,7 +197,7 @@ def sft_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array, t: jax.Ar
     Args:
       logits: float [B, L, V]; targets: clean tokens [B, L].
       masked: bool [B, L] (a subset of `answer_mask`).
-      t: [B] masking probability of each row.
+      t: [B] masking probability of each row, or [B, L] per position.
       answer_mask: bool [B, L], the response positions (answer + EOS padding).
 
     Returns:
@@ -134,7 +205,7 @@ def sft_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array, t: jax.Ar
     """
     ce = token_cross_entropy(logits, targets)
     masked = masked & answer_mask.astype(bool)
-    weighted = jnp.where(masked, ce / t[:, None], 0.0)
+    weighted = jnp.where(masked, ce / per_position(t), 0.0)
     answer_length = jnp.maximum(jnp.sum(answer_mask, axis=-1), 1)
     per_row = jnp.sum(weighted, axis=-1) / answer_length
     return jnp.mean(per_row), _metrics(logits, targets, masked)

@@ -15,7 +15,7 @@ import tokenizers
 from dllm.models.config import read_json
 
 # Token strings that mark each special role in the checkpoints we know.
-MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>")
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "|<MASK>|", "[MASK]", "<mask>")  # |<MASK>|: Fast-dLLM v2
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<|eos|>")
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
 PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")

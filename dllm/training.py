@@ -56,9 +56,10 @@ from dllm import diffusion, sharding
 from dllm.checkpoints import model_from_params, save_pretrained
 from dllm.data import Data, check_batch_divides
 from dllm.models.config import DTYPES, ModelConfig
-from dllm.models.transformer import Transformer
+from dllm.models.transformer import Transformer, positions_from_mask
 
 OBJECTIVES = ("sft", "pretrain", "autoregressive")
+BLOCK_NOISE = ("per_row", "per_block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,12 @@ class TrainConfig:
         (every token maskable, LLaDA Eq. 3), or "autoregressive" (next-token
         cross-entropy on clean tokens; needs ModelConfig attention="causal"
         and token_shift=True: the generative-perplexity scorer).
+        A block-causal model (ModelConfig.attention="block_causal") trains "sft"
+        and "pretrain" on the 2L input [x_t ; x_0] (`dllm.diffusion.two_l_inputs`).
+      block_noise: with a block-causal model, "per_row" (one t per sequence,
+        SDAR) or "per_block" (one t per block, BD3-LM).
+      complementary_mask: with a block-causal model, also train on each row's
+        complementary mask (Fast-dLLM v2), which doubles the batch per update.
       low_discrepancy: stratified t over the batch (MDLM §3.5).
       time_eps: t ~ U(time_eps, 1).
       log_every: steps between metrics lines and progress-bar updates.
@@ -110,6 +117,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 0
     objective: str = "sft"
+    block_noise: str = "per_row"
+    complementary_mask: bool = False
     low_discrepancy: bool = True
     time_eps: float = 1e-3
     log_every: int = 50
@@ -144,6 +153,8 @@ class TrainConfig:
         check("b2", 0 <= self.b2 < 1, "[0, 1)")
         check("adam_eps", self.adam_eps > 0, "> 0")
         check("objective", self.objective in OBJECTIVES, OBJECTIVES)
+        check("block_noise", self.block_noise in BLOCK_NOISE, BLOCK_NOISE)
+        check("complementary_mask", isinstance(self.complementary_mask, bool), "true or false")
         check("time_eps", 0 < self.time_eps < 1, "(0, 1)")
         for name in ("log_every",  "eval_batches", "elbo_samples", "keep_checkpoints"):
             check(name, is_int(getattr(self, name)) and getattr(self, name) >= 1, "an int >= 1")
@@ -183,21 +194,45 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int, time_eps: float,
-                   low_discrepancy: bool):
+                  low_discrepancy: bool, block_noise: str = "per_row", complementary_mask: bool = False):
     """The loss of `batch` under `objective`: one Monte Carlo draw of a masked-diffusion loss, or the
-    autoregressive next-token loss (all in `dllm.diffusion`)."""
+    autoregressive next-token loss (all in `dllm.diffusion`). A block-causal model's diffusion
+    losses read the 2L forward (`block_diffusion_logits`)."""
     model = nnx.merge(graphdef, params)
     tokens, attention_mask = batch["tokens"], batch["attention_mask"]
     if objective == "autoregressive":
         return diffusion.autoregressive_loss(model(tokens, attention_mask), tokens, attention_mask)
+    maskable = batch["answer_mask"].astype(bool) if objective == "sft" else attention_mask.astype(bool)
     time_key, mask_key = jax.random.split(key)
-    t = diffusion.sample_times(time_key, tokens.shape[0], time_eps, low_discrepancy)
+    block = model.config.block_size if model.config.attention == "block_causal" else None
+    positions = positions_from_mask(attention_mask)
+    if block is not None and block_noise == "per_block":
+        t = diffusion.block_times(time_key, positions, block, time_eps, low_discrepancy)
+    else:
+        t = diffusion.sample_times(time_key, tokens.shape[0], time_eps, low_discrepancy)
+    noisy, masked = diffusion.mask_tokens(mask_key, tokens, t, mask_id, maskable)
+    if block is not None and complementary_mask:
+        copy, masked_copy, t_copy = diffusion.complementary_copy(tokens, masked, t, mask_id, maskable, time_eps)
+        t = jnp.concatenate([diffusion.per_position(t) * jnp.ones(tokens.shape), t_copy * jnp.ones(tokens.shape)])
+        noisy, masked = jnp.concatenate([noisy, copy]), jnp.concatenate([masked, masked_copy])
+        tokens, attention_mask, maskable, positions = (jnp.concatenate([x, x]) for x in
+                                                       (tokens, attention_mask, maskable, positions))
+    if block is None:
+        logits = model(noisy, attention_mask)
+    else:
+        logits = block_diffusion_logits(model, noisy, tokens, attention_mask, positions)
     if objective == "sft":
-        noisy, masked = diffusion.mask_tokens(mask_key, tokens, t, mask_id, batch["answer_mask"])
-        return diffusion.sft_loss(model(noisy, attention_mask), tokens, masked, t, batch["answer_mask"])
-    valid = attention_mask.astype(bool)
-    noisy, masked = diffusion.mask_tokens(mask_key, tokens, t, mask_id, valid)
-    return diffusion.pretrain_loss(model(noisy, attention_mask), tokens, masked, t, valid)
+        return diffusion.sft_loss(logits, tokens, masked, t, maskable)
+    return diffusion.pretrain_loss(logits, tokens, masked, t, maskable)
+
+
+def block_diffusion_logits(model, noisy, clean, attention_mask, positions=None):
+    """Logits of the x_t half of the 2L forward [x_t ; x_0] of a block-causal model
+    (`dllm.diffusion.two_l_inputs`): each noised block given the clean blocks before it."""
+    positions = positions_from_mask(attention_mask) if positions is None else positions
+    c = model.config
+    return model.forward(**diffusion.two_l_inputs(noisy, clean, attention_mask, positions, c.block_size,
+                                                  c.token_shift))[0]
 
 
 # TrainConfig fields that do not change the update or the evaluation; runs that
@@ -226,7 +261,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: T
     base_key = jax.random.PRNGKey(config.seed)
     loss_fn = lambda params, batch, key: training_loss(
         graphdef, params, batch, key, objective=config.objective, mask_id=mask_id,
-        time_eps=config.time_eps, low_discrepancy=config.low_discrepancy)
+        time_eps=config.time_eps, low_discrepancy=config.low_discrepancy, block_noise=config.block_noise,
+        complementary_mask=config.complementary_mask)
 
     def train_step(params, opt_state, batch, step):
         key = jax.random.fold_in(base_key, step)
@@ -251,14 +287,19 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
 
     def eval_step(params, batch, key):
         loss, metrics = training_loss(graphdef, params, batch, key, objective=config.objective, mask_id=mask_id,
-                                       time_eps=config.time_eps, low_discrepancy=True)
+                                       time_eps=config.time_eps, low_discrepancy=True,
+                                       block_noise=config.block_noise)
         out = {"loss": loss, **metrics}
         if config.objective == "autoregressive":
             out["bits_per_token"] = loss / np.log(2.0)
         if config.objective == "pretrain":
-            model = nnx.merge(graphdef, params)
+            model, mask = nnx.merge(graphdef, params), batch["attention_mask"]
+            if model.config.attention == "block_causal":  # each noised block given its clean prefix
+                logits_fn = lambda noisy: block_diffusion_logits(model, noisy, batch["tokens"], mask)
+            else:
+                logits_fn = lambda noisy: model(noisy, mask)
             out["bits_per_token"] = diffusion.elbo_bits_per_token(
-                lambda tokens: model(tokens, batch["attention_mask"]), batch["tokens"], key, mask_id=mask_id,
+                logits_fn, batch["tokens"], key, mask_id=mask_id,
                 n_samples=config.elbo_samples, valid=batch["attention_mask"], eps=config.time_eps)
         return out
 
@@ -479,6 +520,11 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
     if config.objective == "sft" and not data.has_answers:
         raise ValueError(f"TrainConfig.objective='sft' needs prompt/answer data; data.source="
                          f"{data.config.source!r} allows only objective='pretrain'")
+    if model_config.attention != "block_causal" and (config.block_noise != "per_row" or config.complementary_mask):
+        raise ValueError(f"TrainConfig.block_noise={config.block_noise!r}, complementary_mask="
+                         f"{config.complementary_mask!r} are block-diffusion options; the model has "
+                         f"attention={model_config.attention!r} (allowed there: block_noise='per_row', "
+                         "complementary_mask=false)")
     if config.objective == "autoregressive" and not model_config.is_autoregressive:
         raise ValueError(f"TrainConfig.objective='autoregressive' needs ModelConfig.attention='causal' and "
                          f"token_shift=True; got attention={model_config.attention!r}, "

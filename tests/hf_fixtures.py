@@ -1,7 +1,8 @@
-"""Writes small random checkpoints in the real LLaDA / Dream HF layouts.
+"""Writes small random checkpoints in the real LLaDA / Dream / SDAR / Fast-dLLM v2 HF layouts.
 
 The weights come from PyTorch `transformers` models (LLaMA for LLaDA, Qwen2
-for Dream), so the same tensors drive an independent reference forward.
+for Dream and Fast-dLLM v2, Qwen3 for SDAR), so the same tensors drive an
+independent reference forward.
 """
 
 from __future__ import annotations
@@ -134,12 +135,85 @@ def make_dream(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_k
     return ref
 
 
-def reference_logits(ref, tokens, attention_mask):
-    """Bidirectional forward of the torch reference on a left-padded batch."""
+def _perturb(ref):
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped or missing one would show
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+
+
+def make_sdar(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+              mlp_hidden=160, rope_theta=1000000.0, block_size=4, n_shards=2, seed=0):
+    """A random SDAR checkpoint (Qwen3 names and q/k norms, config.json as JetLM's SDAR-1.7B-Chat:
+    model_type 'sdar', block_size, mask_token_id); returns the torch Qwen3 reference."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=d_model, intermediate_size=mlp_hidden, head_dim=head_dim,
+                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                      rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False,
+                      attn_implementation="eager", use_sliding_window=False)
+    ref = Qwen3ForCausalLM(cfg).eval()
+    _perturb(ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shards(folder, dict(ref.state_dict()), n_shards)
+    mask_id, eos_id = vocab - 1, vocab - 3
+    config = {
+        "architectures": ["SDARForCausalLM"], "model_type": "sdar", "attention_bias": False,
+        "block_size": block_size, "mask_token_id": mask_id, "eos_token_id": eos_id, "bos_token_id": eos_id,
+        "head_dim": head_dim, "hidden_act": "silu", "hidden_size": d_model, "intermediate_size": mlp_hidden,
+        "max_position_embeddings": 2048, "num_attention_heads": n_heads, "num_hidden_layers": n_layers,
+        "num_key_value_heads": n_kv_heads, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": rope_theta,
+        "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": vocab,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(folder, vocab, {"<|MASK|>": mask_id, "<|endoftext|>": eos_id, "<|im_end|>": vocab - 2})
+    return ref
+
+
+def make_fast_dllm_v2(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      mlp_hidden=160, rope_theta=1000000.0, bd_size=4, n_shards=2, seed=0):
+    """A random Fast-dLLM v2 checkpoint (Qwen2.5 names with qkv bias; config.json as
+    Efficient-Large-Model/Fast_dLLM_v2_7B: its architecture name and `bd_size`, no mask id, the
+    tokenizer's '|<MASK>|' token); returns the torch Qwen2 reference."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=d_model, intermediate_size=mlp_hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                      rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                      attn_implementation="eager", use_sliding_window=False)
+    ref = Qwen2ForCausalLM(cfg).eval()
+    _perturb(ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shards(folder, dict(ref.state_dict()), n_shards)
+    mask_id, eos_id, pad_id = vocab - 1, vocab - 3, vocab - 4
+    config = {
+        "architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen", "bd_size": bd_size,
+        "hidden_size": d_model, "num_hidden_layers": n_layers, "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads, "intermediate_size": mlp_hidden, "rope_theta": rope_theta,
+        "rms_norm_eps": 1e-6, "vocab_size": vocab, "tie_word_embeddings": False, "max_position_embeddings": 2048,
+        "eos_token_id": eos_id, "bos_token_id": eos_id, "hidden_act": "silu", "use_sliding_window": False,
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(folder, vocab, {"|<MASK>|": mask_id, "<|endoftext|>": eos_id, "<|im_end|>": vocab - 2,
+                                    "<|pad|>": pad_id})
+    return ref
+
+
+def reference_logits(ref, tokens, attention_mask, block_size=None):
+    """Forward of the torch reference on a left-padded batch: bidirectional, or block-causal
+    (query block >= key block, blocks cut by the positions that count real tokens) with `block_size`."""
     ids = torch.tensor(tokens, dtype=torch.long)
     mask = torch.tensor(attention_mask, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = mask[:, None, None, :] == 0
+    if block_size is not None:
+        block = positions // block_size
+        hidden = hidden | (block[:, None, None, :] > block[:, None, :, None])
     additive = torch.zeros(ids.shape[0], 1, ids.shape[1], ids.shape[1])
-    additive = additive.masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    additive = additive.masked_fill(hidden, torch.finfo(torch.float32).min)
     with torch.no_grad():
         return ref(ids, attention_mask=additive, position_ids=positions).logits.numpy()

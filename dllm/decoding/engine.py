@@ -13,6 +13,13 @@ may finish row 0's block before row 1's). Rows are left-padded: the
 generation region is the same columns for every row, and RoPE positions
 count only real tokens, so a padded row decodes exactly as it does alone.
 
+Block-causal models (`ModelConfig.attention="block_causal"`): the engine's
+blocks follow the model's, which are cut by RoPE position from the prompt's
+first token; the first generation block completes the block that holds the
+prompt's tail (its length is block_length - prompt_length % block_size, per
+row), as SDAR and Fast-dLLM v2 decode (the prompt's tail in the first canvas).
+Every step is a full forward (cache "none").
+
 KV caches (none, Fast-dLLM's prefix and dual): one policy object per
 `DecodeConfig.cache` mode in `dllm/decoding/cache.py` decides what each step's
 forward runs and which positions get logits (`DecodeState.has_logits`); the
@@ -112,9 +119,40 @@ def row_keys(key, batch: int) -> jax.Array:
     return key
 
 
+def first_block_end(attention_mask, config: DecodeConfig, model_block: int | None) -> jax.Array:
+    """int32 [B]: where each row's first block ends, in generation coordinates: block_length, or
+    with a block-causal model of block `model_block`, the end of the model block that holds the
+    prompt's tail (block_length - prompt_length % model_block)."""
+    batch = attention_mask.shape[0]
+    if model_block is None:
+        return jnp.full((batch,), config.block_length, jnp.int32)
+    prompt_length = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)
+    return (config.block_length - prompt_length % model_block).astype(jnp.int32)
+
+
+def model_block_of(model) -> int | None:
+    """The block size the engine aligns to: a block-causal model's, else None."""
+    config = getattr(model, "config", None)
+    return config.block_size if getattr(config, "attention", None) == "block_causal" else None
+
+
+def check_block_alignment(model, config: DecodeConfig) -> None:
+    """A block-causal model decodes in blocks of whole model blocks, over full forwards."""
+    block = model_block_of(model)
+    if block is None:
+        return
+    if config.block_length % block:
+        raise ValueError(f"block_length={config.block_length} with a block-causal model of block_size={block}: "
+                         f"allowed block lengths are multiples of the model's block ({block}, {2 * block}, ...)")
+    if config.cache != "none":
+        raise ValueError(f"cache={config.cache!r} with a block-causal model (ModelConfig.attention="
+                         f"'block_causal'): Fast-dLLM's caches attend bidirectionally; allowed: cache='none'")
+
+
 def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds, model=None) -> DecodeState:
     """The state before the first step. `key`: one PRNG key or one per row (`row_keys`).
-    `model`: the cache policy's empty buffer is made for it (its config and layout; none without)."""
+    `model`: the cache policy's empty buffer is made for it (its config and layout; none without),
+    and a block-causal model's blocks set the first block's end (`first_block_end`)."""
     batch, width = tokens.shape
     key = row_keys(key, batch)
     g = config.gen_length
@@ -124,7 +162,7 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
     state = DecodeState(
         tokens=canvas, attention_mask=mask,
         block_start=jnp.zeros((batch,), jnp.int32),
-        block_end=jnp.full((batch,), config.block_length, jnp.int32),
+        block_end=first_block_end(attention_mask, config, model_block_of(model)),
         step_in_block=jnp.zeros((batch,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         nfe=jnp.zeros((batch,), jnp.int32),
@@ -335,6 +373,7 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
     if tokenizer is not None:
         sampler = sampler.bind(tokenizer)  # token texts in sampler settings -> ids
     sampler.validate(config)
+    check_block_alignment(model, config)
     special = resolve_special_ids(model, tokenizer, special)
     tokens, mask = pad_prompts(prompt_tokens, special.pad)
     if attention_mask is not None:

@@ -1,4 +1,4 @@
-"""Hugging Face weight names of LLaDA and Dream, mapped onto our parameters.
+"""Hugging Face weight names of LLaDA, Dream/Qwen2 and Qwen3 (SDAR), mapped onto our parameters.
 
 Every HF `nn.Linear` weight is stored [out, in]; ours are [in, out] reshaped
 to the head layout (e.g. q_proj [d_model, heads, head_dim]). So a Linear
@@ -48,9 +48,18 @@ DREAM_GLOBAL_NAMES = {
     "lm_head": "lm_head.weight",
 }
 
+# Qwen3 (and SDAR, built on it): Qwen2's names plus one RMSNorm weight per q and k head dimension.
+QWEN3_LAYER_NAMES = {
+    **DREAM_LAYER_NAMES,
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight",
+    "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+}
+
 NAMES = {
     "llada": (LLADA_LAYER_NAMES, LLADA_GLOBAL_NAMES),
     "dream": (DREAM_LAYER_NAMES, DREAM_GLOBAL_NAMES),
+    "qwen2": (DREAM_LAYER_NAMES, DREAM_GLOBAL_NAMES),
+    "qwen3": (QWEN3_LAYER_NAMES, DREAM_GLOBAL_NAMES),
 }
 
 LINEAR_WEIGHTS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}

@@ -1,4 +1,4 @@
-"""One bidirectional transformer for LLaDA and Dream, in Flax NNX.
+"""One transformer for LLaDA, Dream and the block-diffusion models (SDAR, Fast-dLLM v2), in Flax NNX.
 
 The network (Nie et al. 2025, "Large Language Diffusion Models", arXiv
 2502.09992, §2.4 and Table 5; Ye et al. 2025, "Dream 7B", arXiv 2508.15487) is
@@ -14,6 +14,10 @@ shift"): `logits = concat(h[:, :1], h[:, :-1]) W_head`. With
 `ModelConfig.attention="causal"` and token shift the same network is a plain
 autoregressive LM (the causal mask put back), which the framework trains to
 score the generative perplexity of dLLM samples (`dllm.diffusion.autoregressive_loss`).
+With `attention="block_causal"` a query attends its own block and every
+earlier one (block diffusion: BD3-LM, SDAR, Fast-dLLM v2); blocks are cut by
+RoPE position, so a left-padded row keeps its blocks. `qk_norm` adds Qwen3's
+per-head RMSNorm of q and k (SDAR).
 
 How the model runs is its `Layout` (`dllm.models.layout`, never part of a
 checkpoint). Layer parameters are laid out as `Layout.scan_layers` says (as MaxText does): stacked
@@ -56,6 +60,8 @@ LAYER_PARAM_AXES = {
     "q_bias": ("heads", "head_dim"),
     "k_bias": ("kv_heads", "head_dim"),
     "v_bias": ("kv_heads", "head_dim"),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
     "o_proj": ("heads", "head_dim", "embed"),
     "mlp_norm": ("embed",),
     "gate_proj": ("embed", "mlp"),
@@ -86,6 +92,8 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if config.qkv_bias:
         shapes.update(q_bias=(h, hd), k_bias=(kv, hd), v_bias=(kv, hd))
+    if config.qk_norm:
+        shapes.update(q_norm=(hd,), k_norm=(hd,))
     return shapes
 
 
@@ -195,6 +203,9 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
         q = q + p["q_bias"].astype(dtype)
         k = k + p["k_bias"].astype(dtype)
         v = v + p["v_bias"].astype(dtype)
+    if config.qk_norm:  # Qwen3 / SDAR: each head normalised over head_dim, before RoPE
+        q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -240,12 +251,41 @@ def window_attention_impl(config: ModelConfig, layout: Layout, query_rows: int) 
     return "pallas" if one_gpu and pallas_fits else "xla"
 
 
+def block_causal_pairs(query_positions, key_positions, block_size: int) -> jax.Array:
+    """bool [B, T, S]: query t may attend key s, block-causally (BD3-LM's M_BC, Arriola et al. 2025,
+    arXiv 2503.09573, §3.1): key block <= query block, block b holding RoPE positions
+    [b * block_size, (b + 1) * block_size)."""
+    return (key_positions[:, None, :] // block_size) <= (query_positions[:, :, None] // block_size)
+
+
+def attention_pairs(config: ModelConfig, positions, attention_mask, pair_mask=None):
+    """The [B, L, L] query-key mask of a full forward, or None where the pattern needs none
+    (bidirectional: the key mask alone; causal: the kernels' own causal flag).
+    `pair_mask` (e.g. the 2L training mask) replaces the pattern; padded keys stay hidden."""
+    if pair_mask is None and config.attention != "block_causal":
+        return None
+    pairs = block_causal_pairs(positions, positions, config.block_size) if pair_mask is None else pair_mask
+    if attention_mask is not None:
+        pairs = pairs & attention_mask[:, None, :].astype(bool)
+    return pairs
+
+
+def refuse_window_steps(config: ModelConfig) -> None:
+    """Cached window steps (Fast-dLLM's prefix/dual caches, the fused Pallas kernel) attend
+    bidirectionally: a causal or block-causal model runs full forwards only."""
+    if config.attention != "bidirectional":
+        raise ValueError(f"ModelConfig.attention={config.attention!r}: cached window steps (cache='prefix' or "
+                         "'dual') attend bidirectionally, which this pattern cannot; decode it with cache='none'")
+
+
 def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: int | None = None, *,
-           window: bool = False):
+           window: bool = False, pairs=None):
     """Attention of q over k/v; key_mask [B, S] hides padding.
 
-    Bidirectional, or causal (query i sees keys <= i) for `config.attention`
-    "causal" in full forwards; cached window steps refuse a causal model.
+    Bidirectional; causal (query i sees keys <= i) for `config.attention`
+    "causal" in full forwards; or `pairs` [B, T, S] (`attention_pairs`: the
+    block-causal pattern, a training mask) with the padding folded in.
+    Cached window steps refuse a model that is not bidirectional.
 
     key_mask None: no key is padding, or (`key_length`) only the keys from
     `key_length` on, which the fused kernels take as sequence lengths instead
@@ -253,10 +293,12 @@ def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: i
     (`window_attention_impl(config, layout, batch x queries)` instead of `layout.attention_impl`;
     its "pallas" kernel is called by `Transformer.forward_window`, with the cache write)."""
     impl = window_attention_impl(config, layout, q.shape[0] * q.shape[1]) if window else layout.attention_impl
+    if window:
+        refuse_window_steps(config)
+    if pairs is not None:
+        mask = pairs[:, None, :, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     causal = config.attention == "causal"
-    if causal and window:
-        raise ValueError("ModelConfig.attention='causal': cached window steps attend bidirectionally; "
-                         "a causal model runs only full forwards (decode it with cache='none')")
     if key_mask is None:
         lengths = None if key_length is None else jnp.full((q.shape[0],), key_length, jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl,
@@ -438,7 +480,8 @@ class Transformer(nnx.Module):
 
     def forward(self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                 *, logits_start: int = 0, logits_length: int | None = None, logits_offsets: jax.Array | None = None,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                cache: KVCache | None = None, pair_mask: jax.Array | None = None,
+                shift_from: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The full forward over every position: (logits, cache).
 
         Args:
@@ -456,6 +499,12 @@ class Transformer(nnx.Module):
             (after RoPE) into, in place from column 0 (a cache refresh; its tail
             beyond L is left as it was and must be hidden from attention). None:
             no K/V are kept, and the returned cache is None.
+          pair_mask: bool [B, L, L], which keys each query may attend, replacing
+            the config's attention pattern (the block-diffusion 2L training
+            forward, `dllm.diffusion.two_l_inputs`); padded keys stay hidden.
+          shift_from: int32 [B, L], with `token_shift`: the column whose hidden
+            state predicts each position (default i - 1; the 2L forward points
+            a noised block's first position at the clean half).
 
         Returns (logits float32 [B, logits_length, V], the written cache or None).
         The logits of position i come from hidden state i, or i - 1 with `token_shift`.
@@ -464,10 +513,11 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = default_positions(tokens, attention_mask)
         cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        pairs = attention_pairs(c, positions, attention_mask, pair_mask)
 
         def block(x, p, layer_cache):
             q, k, v = attention_qkv(x, p, c, cos, sin)
-            x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c, self.layout), p, c)
+            x = attention_out_and_mlp(x, attend(q, k, v, attention_mask, c, self.layout, pairs=pairs), p, c)
             if layer_cache is None:
                 return x, None
             write = lambda buffer, a: jax.lax.dynamic_update_slice_in_dim(buffer, a, 0, axis=1)
@@ -475,7 +525,9 @@ class Transformer(nnx.Module):
 
         per_layer = None if cache is None else cache.per_layer(self.layout)
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), self.layout, per_layer)
-        if c.token_shift:
+        if c.token_shift and shift_from is not None:
+            hidden = jnp.take_along_axis(hidden, shift_from[:, :, None], axis=1)
+        elif c.token_shift:
             hidden = jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
         length = tokens.shape[1] - logits_start if logits_length is None else logits_length
         logits = self.hidden_to_logits(take_positions(hidden, logits_start, length, logits_offsets))
@@ -501,9 +553,7 @@ class Transformer(nnx.Module):
         Returns (logits [B, logits_count, V], updated cache).
         """
         c = self.config
-        if c.attention == "causal":  # every window path (the fused Pallas kernel too) attends bidirectionally
-            raise ValueError("ModelConfig.attention='causal': cached window steps attend bidirectionally; "
-                             "a causal model runs only full forwards (decode it with cache='none')")
+        refuse_window_steps(c)  # every window path (the fused Pallas kernel too) attends bidirectionally
         shift = 1 if c.token_shift else 0  # position i is predicted from hidden i - 1
         first = start - shift
         take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, queries + shift))
