@@ -213,7 +213,8 @@ def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int,
     noisy, masked = diffusion.mask_tokens(mask_key, tokens, t, mask_id, maskable)
     if block is not None and complementary_mask:
         copy, masked_copy, t_copy = diffusion.complementary_copy(tokens, masked, t, mask_id, maskable, time_eps)
-        t = jnp.concatenate([diffusion.per_position(t) * jnp.ones(tokens.shape), t_copy * jnp.ones(tokens.shape)])
+        every_position = lambda rate: jnp.broadcast_to(diffusion.per_position(rate), tokens.shape)
+        t = jnp.concatenate([every_position(t), every_position(t_copy)])
         noisy, masked = jnp.concatenate([noisy, copy]), jnp.concatenate([masked, masked_copy])
         tokens, attention_mask, maskable, positions = (jnp.concatenate([x, x]) for x in
                                                        (tokens, attention_mask, maskable, positions))

@@ -102,9 +102,17 @@ def make_llada(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_k
     return ref
 
 
-def make_dream(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-               mlp_hidden=160, rope_theta=1000000.0, n_shards=3, seed=0):
-    """A random Dream checkpoint (Qwen2 names); returns the torch Qwen2 reference."""
+def _perturb(ref):
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped or missing one would show
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+
+
+def qwen2_reference(*, vocab, d_model, n_layers, n_heads, n_kv_heads, mlp_hidden, rope_theta, seed):
+    """A random torch Qwen2 model with non-trivial norms and biases (Dream's and Fast-dLLM v2's weights)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -113,12 +121,15 @@ def make_dream(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_k
                       rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=False,
                       attn_implementation="eager", use_sliding_window=False)
     ref = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+    _perturb(ref)
+    return ref
+
+
+def make_dream(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+               mlp_hidden=160, rope_theta=1000000.0, n_shards=3, seed=0):
+    """A random Dream checkpoint (Qwen2 names); returns the torch Qwen2 reference."""
+    ref = qwen2_reference(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                          mlp_hidden=mlp_hidden, rope_theta=rope_theta, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     write_shards(folder, dict(ref.state_dict()), n_shards)
     mask_id, eos_id, pad_id = vocab - 1, vocab - 3, vocab - 4
@@ -133,15 +144,6 @@ def make_dream(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_k
     write_tokenizer(folder, vocab, {"<|mask|>": mask_id, "<|endoftext|>": eos_id, "<|im_end|>": vocab - 2,
                                     "<|pad|>": pad_id})
     return ref
-
-
-def _perturb(ref):
-    with torch.no_grad():  # non-trivial norms and biases, so a swapped or missing one would show
-        for name, p in ref.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            if name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
 
 
 def make_sdar(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -178,15 +180,8 @@ def make_fast_dllm_v2(folder: Path, *, vocab=96, d_model=64, n_layers=2, n_heads
     """A random Fast-dLLM v2 checkpoint (Qwen2.5 names with qkv bias; config.json as
     Efficient-Large-Model/Fast_dLLM_v2_7B: its architecture name and `bd_size`, no mask id, the
     tokenizer's '|<MASK>|' token); returns the torch Qwen2 reference."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=d_model, intermediate_size=mlp_hidden,
-                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-                      rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                      attn_implementation="eager", use_sliding_window=False)
-    ref = Qwen2ForCausalLM(cfg).eval()
-    _perturb(ref)
+    ref = qwen2_reference(vocab=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                          mlp_hidden=mlp_hidden, rope_theta=rope_theta, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
     write_shards(folder, dict(ref.state_dict()), n_shards)
     mask_id, eos_id, pad_id = vocab - 1, vocab - 3, vocab - 4

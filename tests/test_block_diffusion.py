@@ -171,7 +171,8 @@ def test_block_noise_and_complementary_copy_by_hand():
     assert float(t_copy[0]) == 0.75
 
 
-@pytest.mark.parametrize("options", [dict(), dict(block_noise="per_block", complementary_mask=True)])
+@pytest.mark.parametrize("options", [dict(), dict(complementary_mask=True),
+                                     dict(block_noise="per_block", complementary_mask=True)])
 def test_block_diffusion_training_loss_reads_the_two_l_forward(options):
     """A hand-built loss on the 2L logits: SFT cross-entropy over masked answer tokens, 1/t weighted."""
     model = block_model(4)
@@ -184,13 +185,13 @@ def test_block_diffusion_training_loss_reads_the_two_l_forward(options):
                                           time_eps=1e-3, low_discrepancy=False, **options)
     time_key, mask_key = jax.random.split(key)
     positions = jnp.broadcast_to(jnp.arange(12), (3, 12))
-    if options:
+    if options.get("block_noise") == "per_block":
         t = diffusion.block_times(time_key, positions, 4, 1e-3)
     else:
         t = jnp.broadcast_to(diffusion.sample_times(time_key, 3, 1e-3)[:, None], (3, 12))
     masked = (jax.random.uniform(mask_key, (3, 12)) < t) & batch["answer_mask"]
     rows = [(jnp.where(masked, 39, tokens), masked, t)]
-    if options:
+    if options.get("complementary_mask"):
         rows.append((jnp.where(batch["answer_mask"] & ~masked, 39, tokens), batch["answer_mask"] & ~masked,
                      jnp.maximum(1 - t, 1e-3)))
     per_row = []

@@ -143,11 +143,6 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: allowed {tuple(DTYPES)}")
 
     @property
-    def attention_block(self) -> int | None:
-        """The block of the attention pattern: block_size, 1 for causal, None for bidirectional."""
-        return {"block_causal": self.block_size, "causal": 1}.get(self.attention)
-
-    @property
     def is_autoregressive(self) -> bool:
         """Causal attention with token shift: the logits at position i predict token i from the tokens before it."""
         return self.attention == "causal" and self.token_shift
