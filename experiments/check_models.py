@@ -6,6 +6,10 @@
 tiny-tasks: held-out exact match per task (tiny suite) with one token committed
 per step (LowConfidence, gen 24, block 8).
 
+attention-variants: tiny-ar, tiny-block and tiny-full (one size, one recipe,
+attention causal / block-causal of 8 / bidirectional): held-out exact match per
+task of the tiny suite, one token per step and with Threshold(0.9).
+
 tasks-base: held-out accuracy per task of the `parallel` suite with one token
 per step (gen 128, block 32), each deterministic task against the 0.90 bar,
 and the model's confidence (max-prob of the proposed token) at the first
@@ -43,7 +47,12 @@ from dllm.diffusion import elbo_bits_per_token
 from dllm.tasks import SUITES, suite_examples
 from experiments.common import REPO_ROOT
 
-MODELS = ("tiny-tasks", "tasks-base", "text-base")
+MODELS = ("tiny-tasks", "attention-variants", "tasks-base", "text-base")
+# tiny-ar / tiny-block / tiny-full (configs/model/tiny_*.yaml, train=tiny_compare): one size, one recipe,
+# three attention patterns. Each decodes with engine blocks its training matches: the AR model one
+# position at a time, the block model one model block (8) at a time, the full model in blocks of 8
+# (semi-AR, as tiny-tasks).
+ATTENTION_VARIANTS = {"tiny-ar": 1, "tiny-block": 8, "tiny-full": 8}  # checkpoint -> engine block_length
 ACCURACY_BAR = 0.90  # tasks-base: deterministic tasks at one token per step
 PARALLEL_PROMPT_WIDTH = 96
 
@@ -58,6 +67,34 @@ def check_tiny_tasks(n_per_task: int) -> dict:
     for task, acc in per_task.items():
         print(f"  {task:15s} {acc:.3f}{'' if acc >= 0.95 else '   < 0.95'}")
     return {"per_task_accuracy": per_task, "n_per_task": n_per_task}
+
+
+def check_attention_variants(n_per_task: int) -> dict:
+    """AR vs block diffusion vs full diffusion at equal size and data: held-out exact match per task."""
+    examples = suite_examples("test", n_per_task)
+    runs = {"one token per step": samplers.LowConfidence, "threshold 0.9": lambda: samplers.Threshold(tau=0.9)}
+    report = {}
+    for name, block_length in ATTENTION_VARIANTS.items():
+        model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints" / name)
+        report[name] = {"attention": model.config.attention, "block_size": model.config.block_size,
+                        "engine_block_length": block_length}
+        for run, make_sampler in runs.items():
+            result = evaluation.evaluate_examples(model, tokenizer, make_sampler(), examples,
+                                                  DecodeConfig(gen_length=24, block_length=block_length),
+                                                  batch_size=250, prompt_width=24)
+            summary = result["summary"]
+            report[name][run] = {"per_task_accuracy": {k: v["accuracy"] for k, v in summary["per_task"].items()},
+                                 "accuracy": summary["accuracy"], "mean_nfe": summary["mean_nfe"]}
+    for run in runs:
+        print(f"attention variants (0.87M parameters each, same data and recipe): held-out exact match, {run}, "
+              f"gen 24, {n_per_task} prompts per task")
+        print(f"  {'task':15s}" + "".join(f"{name:>12s}" for name in ATTENTION_VARIANTS))
+        for task in report["tiny-ar"][run]["per_task_accuracy"]:
+            print(f"  {task:15s}" + "".join(f"{report[name][run]['per_task_accuracy'][task]:12.3f}"
+                                          for name in ATTENTION_VARIANTS))
+        print(f"  {'all':15s}" + "".join(f"{report[name][run]['accuracy']:12.3f}" for name in ATTENTION_VARIANTS))
+        print(f"  {'mean NFE':15s}" + "".join(f"{report[name][run]['mean_nfe']:12.1f}" for name in ATTENTION_VARIANTS))
+    return report | {"n_per_task": n_per_task}
 
 
 def first_forward_confidence(model, tokenizer, prompts: list[str], gen_length: int, block_length: int,
@@ -212,6 +249,8 @@ def main(argv=None):
     report = {"environment": evaluation.environment()}
     if args.only in (None, "tiny-tasks"):
         report["tiny-tasks"] = check_tiny_tasks(args.n_per_task)
+    if args.only in (None, "attention-variants"):
+        report["attention-variants"] = check_attention_variants(args.n_per_task)
     if args.only in (None, "tasks-base"):
         report["tasks-base"] = check_tasks_base(args.n_per_task, args.batch_size)
     if args.only in (None, "text-base"):

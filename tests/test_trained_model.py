@@ -9,6 +9,7 @@ import pytest
 from hydra.utils import instantiate
 
 import dllm
+import samplers
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, pad_prompts
 from dllm.decoding.sampler import sampler_names, sampler_spec
@@ -103,3 +104,16 @@ def test_window_only_logits_decode_the_same_tokens(trained, cache):
                               record_confidence=full) for full in (False, True)]
         np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens, err_msg=type(sampler).__name__)
         np.testing.assert_array_equal(runs[0].nfe, runs[1].nfe, err_msg=type(sampler).__name__)
+
+
+@pytest.mark.parametrize("name, attention, block_size, block_length",
+                         [("tiny-ar", "block_causal", 1, 1), ("tiny-block", "block_causal", 8, 8),
+                          ("tiny-full", "bidirectional", None, 8)])
+def test_attention_variants_decode(name, attention, block_size, block_length):
+    """The three bundled attention variants load with their pattern and decode held-out prompts."""
+    model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints" / name)
+    assert (model.config.attention, model.config.block_size) == (attention, block_size)
+    summary = evaluation.evaluate_examples(model, tokenizer, samplers.LowConfidence(), suite_examples("test", 2),
+                                           DecodeConfig(gen_length=24, block_length=block_length), batch_size=20,
+                                           prompt_width=24)["summary"]
+    assert summary["accuracy"] >= 0.9 and summary["mean_nfe"] == 24, summary
