@@ -134,6 +134,10 @@ class AdaptiveBlock(base.Sampler):
         if not self.delimiter_ids:
             raise ValueError(f"AdaptiveBlock(delimiters={self.delimiters!r}) is not bound to a tokenizer: "
                              "call sampler.bind(tokenizer) or set delimiter_ids")
+        if config.cache == "block":
+            raise ValueError("AdaptiveBlock with cache='block': its windows end at delimiters, and the exact "
+                             "block cache needs windows that end on the model's blocks; allowed: cache='none' "
+                             "(a block-causal model) or a bidirectional model with any cache")
 
     # ------------------------------------------------------------ the rule
 

@@ -5,6 +5,7 @@ block-causal mask (built in torch from the positions), and the 2L training forwa
 noised block run alone after its clean prefix.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -108,15 +109,18 @@ def test_block_causal_left_padded_row_equals_row_alone():
 
 def test_decoding_a_block_causal_model_refuses_caches_and_misaligned_blocks():
     model, special = block_model(), SpecialIds(mask=39, eos=38, eot=37, pad=0)
-    with pytest.raises(ValueError, match=r"cache='dual' with a block-causal model .*allowed: cache='none'"):
+    with pytest.raises(ValueError, match=r"cache='dual' with a block-causal model .*allowed: cache='block' "
+                                         r"\(exact\) or 'none'"):
         dllm.generate(model, [[3, 4, 5]], get_sampler("low_confidence"), gen_length=8, block_length=4,
                       cache="dual", special=special)
     with pytest.raises(ValueError, match=r"block_length=6 with a block-causal model of block_size=4: allowed "
                                          r"block lengths are multiples"):
         dllm.generate(model, [[3, 4, 5]], get_sampler("low_confidence"), gen_length=12, block_length=6,
                       special=special)
-    with pytest.raises(ValueError, match=r"attention='block_causal': cached window steps .*cache='none'"):
-        model.forward_window(jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32), model.empty_cache(1, 8),
+    causal = dllm.Transformer(dataclasses.replace(model.config, attention="causal", block_size=None),
+                              rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"attention='causal': cached window steps .*cache='none'"):
+        causal.forward_window(jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32), model.empty_cache(1, 8),
                              None, start=jnp.zeros((1,), jnp.int32), queries=4, logits_count=4, key_length=8)
 
 

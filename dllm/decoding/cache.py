@@ -28,6 +28,10 @@ policy here.
   (`StepLogits.has_logits`); the engine drops commits elsewhere and ignores
   `stop` until the next refresh. Every window (adaptive blocks included) must
   fit in the recomputed range (`max_window`).
+* "block": the exact cache of a block-causal model (`BlockCache`): prefill,
+  then each step forwards the active block alone over the cached K/V of the
+  blocks before it; a finished block's K/V are written by the forward that
+  starts the next block. The same tokens as "none".
 """
 
 from __future__ import annotations
@@ -140,8 +144,12 @@ class NoCache:
         return None
 
     def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
-        logits = without_mask_token(guided_logits(model, state, window_only, padded), state)
-        return StepLogits(logits, state.cache, jnp.ones(state.gen_tokens.shape, bool))
+        """Under a block-causal model the active block alone has logits (`active_block_only`)."""
+        out = StepLogits(guided_logits(model, state, window_only, padded), state.cache,
+                         jnp.ones(state.gen_tokens.shape, bool))
+        if getattr(getattr(model, "config", None), "attention", None) == "block_causal":
+            out = active_block_only(out, state, window_only)
+        return out.replace(logits=without_mask_token(out.logits, state))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +240,109 @@ def select_rows(refresh: jax.Array, fresh: StepLogits, windowed: StepLogits) -> 
     return StepLogits(pick(fresh.logits, windowed.logits), cache, pick(fresh.has_logits, windowed.has_logits))
 
 
+def active_block_only(out: StepLogits, state: DecodeState, window_only: bool) -> StepLogits:
+    """A block-causal decode sees its active block only (SDAR, Fast-dLLM v2 and BD3-LM forward the
+    block alone): logits and `has_logits` outside each row's window are zeroed / False, so a sampler
+    reads the same with or without the exact block cache."""
+    inside = state.in_window & out.has_logits
+    if window_only:
+        j = state.window_offsets[:, None] + jnp.arange(state.config.block_length)[None, :]
+        keep = (j >= state.block_start[:, None]) & (j < state.block_end[:, None])
+    else:
+        keep = inside
+    return out.replace(logits=jnp.where(keep[..., None], out.logits, 0.0), has_logits=inside)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCache:
+    """The exact KV cache of a block-causal model ("block"; BD3-LM, Arriola et al. 2025, arXiv
+    2503.09573, §3.2; SDAR and Fast-dLLM v2 decode so).
+
+    A block's K/V depend only on it and the blocks before it, so once a block is finished its cached
+    K/V are exact. Per row:
+    * first step (prefill): one full forward over the canvas writes every position's K/V; the
+      prompt's complete blocks are final from then on (the masked positions after it are rewritten
+      before any query may see them), and the first window's logits come from it;
+    * later steps of a block: the window's queries alone, over the cache
+      (`Transformer.forward_window` with block-causal pairs), writing the window's K/V in place;
+      the window starts at its model block's first position, so in the first block the prompt's
+      tail is recomputed with the generation it shares a block with;
+    * first step of each later block: the queries are the finished block and the new one, so the
+      finished block's K/V are written from its final tokens in the forward that starts the next
+      block (folded in: no extra forward, no extra NFE), where SDAR (`store_kv=True`) and Fast-dLLM
+      v2 (`update_past_key_values=True`) run one more forward.
+    With token shift each window also recomputes the position before it, whose hidden state
+    predicts the window's first token (the previous block's last position seeds the next block).
+    When only some rows start a block, both window forwards run and each row keeps its own
+    (`select_rows`), so a row decodes as it does alone. The decode equals the uncached one
+    (`NoCache` under a block-causal model, every step a full forward) token for token; tested
+    for every sampler. The canvas sits behind one hidden column (never attended) so a shifted
+    window never starts before column 0.
+    """
+
+    name: str = "block"
+
+    def max_window(self, config: DecodeConfig) -> int:
+        """A window is one engine block (its end on a model block's)."""
+        return config.block_length
+
+    def length(self, canvas_width: int, config: DecodeConfig) -> int:
+        """Cache columns: the hidden column, the canvas, and a tail that fits two blocks of queries."""
+        return 1 + max(canvas_width, 2 * config.block_length)
+
+    def init(self, model, batch: int, canvas_width: int, config: DecodeConfig) -> KVCache:
+        return KVCache.zeros(model.config, model.layout, batch, self.length(canvas_width, config))
+
+    def cache_canvas(self, state: DecodeState):
+        """(tokens, key mask, positions) [B, S]: the canvas behind the hidden column, with the tail."""
+        canvas = state.tokens.shape[1]
+        pad = ((0, 0), (1, self.length(canvas, state.config) - 1 - canvas))
+        tokens = jnp.pad(state.tokens, pad, constant_values=state.special.mask)
+        key_mask = jnp.pad(state.attention_mask, pad)
+        return tokens, key_mask, positions_from_mask(key_mask)
+
+    def prefill(self, model, state: DecodeState, window_only: bool) -> StepLogits:
+        tokens, key_mask, positions = self.cache_canvas(state)
+        length, offsets = head_request(state, window_only)
+        logits, cache = model.forward(tokens, key_mask, positions, logits_start=1 + state.prompt_width,
+                                      logits_length=length, logits_offsets=offsets, cache=state.cache)
+        return StepLogits(logits, cache, jnp.ones(state.gen_tokens.shape, bool))
+
+    def window(self, model, state: DecodeState, window_only: bool, blocks: int) -> StepLogits:
+        """Queries: the `blocks` engine blocks that end where each row's window ends."""
+        config, width = state.config, state.prompt_width
+        tokens, key_mask, positions = self.cache_canvas(state)
+        queries = blocks * config.block_length
+        start = 1 + width + state.block_end - queries  # canvas column (with the hidden one) of query 0
+        logits, cache = model.forward_window(tokens, positions, state.cache, key_mask, start=start,
+                                             queries=queries, logits_count=queries)
+        if window_only:
+            j = state.window_offsets[:, None] + jnp.arange(config.block_length)[None, :]
+        else:
+            j = jnp.arange(config.gen_length)[None, :]
+        i = 1 + width + j - start[:, None]  # query index of generation position j
+        placed = jnp.take_along_axis(logits, jnp.clip(i, 0, queries - 1)[:, :, None], axis=1)
+        placed = jnp.where(((i >= 0) & (i < queries))[..., None], placed, 0.0)
+        return StepLogits(placed, cache, state.in_window)
+
+    def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
+        """Prefill at the first step; then per row two blocks of queries at a block's first step and
+        one at its other steps (both forwards when the rows disagree). `padded` is not used: the
+        hidden column always needs the key mask."""
+        starts = (state.step_in_block == 0) & ~state.done
+        prefill = lambda s: self.prefill(model, s, window_only)
+        fold = lambda s: self.window(model, s, window_only, blocks=2)
+        inside = lambda s: self.window(model, s, window_only, blocks=1)
+        mixed = lambda s: select_rows(starts, fold(s), inside(s))
+        branch = jnp.where(state.step == 0, 0, jnp.where(jnp.all(starts | state.done), 1,
+                                                         jnp.where(jnp.any(starts), 3, 2)))
+        out = jax.lax.switch(branch, (prefill, fold, inside, mixed), state)
+        out = active_block_only(out, state, window_only)
+        return out.replace(logits=without_mask_token(out.logits, state))
+
+
 CACHE_POLICIES = {"none": NoCache(), "prefix": FastDLLMCache("prefix", dual=False),
-                  "dual": FastDLLMCache("dual", dual=True)}
+                  "dual": FastDLLMCache("dual", dual=True), "block": BlockCache()}
 CACHE_MODES = tuple(CACHE_POLICIES)
 
 

@@ -20,7 +20,7 @@ prompt's tail (its length is block_length - prompt_length % block_size, per
 row), as SDAR and Fast-dLLM v2 decode (the prompt's tail in the first canvas).
 Every step is a full forward (cache "none").
 
-KV caches (none, Fast-dLLM's prefix and dual): one policy object per
+KV caches (none, Fast-dLLM's prefix and dual, the exact block cache): one policy object per
 `DecodeConfig.cache` mode in `dllm/decoding/cache.py` decides what each step's
 forward runs and which positions get logits (`DecodeState.has_logits`); the
 engine commits nowhere else.
@@ -137,16 +137,23 @@ def model_block_of(model) -> int | None:
 
 
 def check_block_alignment(model, config: DecodeConfig) -> None:
-    """A block-causal model decodes in blocks of whole model blocks, over full forwards."""
+    """A block-causal model decodes in blocks of whole model blocks, uncached or over the exact
+    block cache; that cache is for block-causal models only."""
     block = model_block_of(model)
     if block is None:
+        if config.cache == "block":
+            attention = getattr(getattr(model, "config", None), "attention", None)
+            raise ValueError(f"cache='block' with ModelConfig.attention={attention!r}: the exact block cache needs "
+                             "a block-causal model (a bidirectional model's K/V change with every commit); "
+                             "allowed here: cache='none', 'prefix' or 'dual'")
         return
     if config.block_length % block:
         raise ValueError(f"block_length={config.block_length} with a block-causal model of block_size={block}: "
                          f"allowed block lengths are multiples of the model's block ({block}, {2 * block}, ...)")
-    if config.cache != "none":
+    if config.cache not in ("none", "block"):
         raise ValueError(f"cache={config.cache!r} with a block-causal model (ModelConfig.attention="
-                         f"'block_causal'): Fast-dLLM's caches attend bidirectionally; allowed: cache='none'")
+                         f"'block_causal'): Fast-dLLM's caches attend bidirectionally; allowed: cache='block' "
+                         "(exact) or 'none'")
 
 
 def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds, model=None) -> DecodeState:

@@ -43,7 +43,9 @@ class DecodeConfig:
         it against cached K/V of the prefix); "dual" (recompute only the
         active window against cached prefix *and* suffix). Both are
         approximate: K/V outside the recomputed range are stale until the next
-        refresh. One policy object per mode: `dllm/decoding/cache.py`.
+        refresh. "block": the exact cache of a block-causal model (each step
+        forwards the active block over the finished blocks' K/V; the same
+        tokens as "none"). One policy object per mode: `dllm/decoding/cache.py`.
       cache_refresh_every: besides the refresh at every block start, refresh
         every k-th step (0 = only at block starts; 1 = every step, which
         makes cached decoding exact).

@@ -271,11 +271,26 @@ def attention_pairs(config: ModelConfig, positions, attention_mask, pair_mask=No
 
 
 def refuse_window_steps(config: ModelConfig) -> None:
-    """Cached window steps (Fast-dLLM's prefix/dual caches, the fused Pallas kernel) attend
-    bidirectionally: a causal or block-causal model runs full forwards only."""
-    if config.attention != "bidirectional":
-        raise ValueError(f"ModelConfig.attention={config.attention!r}: cached window steps (cache='prefix' or "
-                         "'dual') attend bidirectionally, which this pattern cannot; decode it with cache='none'")
+    """Cached window steps attend bidirectionally (Fast-dLLM's prefix/dual caches, the fused Pallas
+    kernel) or block-causally (the exact block cache, `window_pairs`); a causal model runs full
+    forwards only."""
+    if config.attention == "causal":
+        raise ValueError(f"ModelConfig.attention={config.attention!r}: cached window steps attend "
+                         "bidirectionally or block-causally, which this pattern cannot; decode it with cache='none'")
+
+
+def window_pairs(config: ModelConfig, window_positions, positions, key_mask, key_length: int | None):
+    """bool [B, Q, S]: which cached keys each window query may attend under a block-causal model
+    (`block_causal_pairs` with the hidden keys folded in), or None for a bidirectional model (the
+    key mask alone)."""
+    if config.attention != "block_causal":
+        return None
+    pairs = block_causal_pairs(window_positions, positions, config.block_size)
+    if key_mask is not None:
+        return pairs & key_mask[:, None, :].astype(bool)
+    if key_length is not None:
+        return pairs & (jnp.arange(positions.shape[1]) < key_length)[None, None, :]
+    return pairs
 
 
 def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: int | None = None, *,
@@ -297,6 +312,7 @@ def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: i
         refuse_window_steps(config)
     if pairs is not None:
         mask = pairs[:, None, :, :]
+        impl = layout.attention_impl if impl == "pallas" else impl  # the fused kernel takes no pair mask
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     causal = config.attention == "causal"
     if key_mask is None:
@@ -535,7 +551,9 @@ class Transformer(nnx.Module):
 
     def forward_window(self, tokens, positions, cache: KVCache, key_mask, *, start, queries: int, logits_count: int,
                        key_length: int | None = None):
-        """Recomputes a window of positions against cached K/V (Fast-dLLM's caches).
+        """Recomputes a window of positions against cached K/V (Fast-dLLM's caches; under a
+        block-causal model each query sees the keys of its block and the blocks before, the exact
+        block cache).
 
         Args:
           tokens, positions: [B, S] the canvas (padded to the cache's length S)
@@ -553,14 +571,17 @@ class Transformer(nnx.Module):
         Returns (logits [B, logits_count, V], updated cache).
         """
         c = self.config
-        refuse_window_steps(c)  # every window path (the fused Pallas kernel too) attends bidirectionally
+        refuse_window_steps(c)
         shift = 1 if c.token_shift else 0  # position i is predicted from hidden i - 1
         first = start - shift
         take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, queries + shift))
-        tokens, positions = take(tokens, first), take(positions, first)
-        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+        window_positions = take(positions, first)
+        pairs = window_pairs(c, window_positions, positions, key_mask, key_length)
+        tokens = take(tokens, first)
+        cos, sin = rope_tables(window_positions, c.head_dim, c.rope_theta)
 
-        fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * tokens.shape[1]) == "pallas"
+        fused_write = (pairs is None
+                       and window_attention_impl(c, self.layout, tokens.shape[0] * tokens.shape[1]) == "pallas")
 
         def block(x, p, layer_cache):
             cache_k, cache_v = layer_cache
@@ -570,7 +591,8 @@ class Transformer(nnx.Module):
                                                               key_length=key_length)
             else:
                 cache_k, cache_v = write_rows(cache_k, k, first), write_rows(cache_v, v, first)
-                attended = attend(q, cache_k, cache_v, key_mask, c, self.layout, key_length, window=True)
+                attended = attend(q, cache_k, cache_v, key_mask, c, self.layout, key_length, window=True,
+                                  pairs=pairs)
             x = attention_out_and_mlp(x, attended, p, c)
             return written_before_next_layer(x, cache_k, cache_v)
 

@@ -1,0 +1,104 @@
+"""The exact block cache of block-causal models (cache='block', `dllm.decoding.cache.BlockCache`).
+
+A finished block's K/V never change under block-causal attention, so decoding over the cache must
+give the tokens of the uncached decode, where every step is a full forward over the canvas: for
+every sampler, on the bundled trained tiny-block model, in a left-padded batch whose prompts end at
+different offsets inside their model block (the prompt's tail shares the first generation block).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hydra.utils import instantiate
+
+import dllm
+import samplers
+from dllm import evaluation
+from dllm.decoding import DecodeConfig, SpecialIds, steps
+from dllm.decoding.sampler import sampler_names, sampler_spec
+from experiments.common import REPO_ROOT
+
+SAMPLER_SPECS = {name: sampler_spec(name) for name in sampler_names() if name != "adaptive_block"}
+SAMPLER_SPECS["low_confidence_random"] = {"_target_": "samplers.low_confidence.LowConfidence", "remasking": "random"}
+SAMPLER_SPECS["end_of_text"] = {"_target_": "samplers.end_of_text.EndOfText",
+                                "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}}
+# 11, 11, 11, 11 and 15 tokens: 3 or 7 of them in the first generation block's model block of 8.
+PROMPTS = [
+    "reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>",
+    "sort : Hal Eve Ann Gus Bob Fay Dan Cid =>",
+    "shuffle : Ann Bob Cid Dan Eve Fay Gus Ivy =>",
+    "copy : Kim Lou Max Ned Oli Pam Quin Ray =>",
+    "insert Zoe at 3 : Sam Tom Uma Val Wes Ann Bob Cid Dan =>",
+]
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_block():
+    return dllm.from_pretrained(REPO_ROOT / "checkpoints/tiny-block")
+
+
+def decoded(model, tokenizer, sampler, decode, batch_size):
+    rows, _ = evaluation.decode_texts(model, tokenizer, sampler, PROMPTS, decode, batch_size=batch_size,
+                                      key=jax.random.key(3), prompt_width=15, progress=False,
+                                      compiler_options=FAST_COMPILE)
+    return [(row["tokens"], row["nfe"]) for row in rows]
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_SPECS))
+def test_block_cache_decodes_the_uncached_tokens(tiny_block, name):
+    """Temperature 1 (every random draw in play): the cached batch equals the uncached batch, token
+    for token and NFE for NFE; for the rules whose rows finish blocks at different steps, so that
+    some steps start a block in some rows only, each row decoded alone over the cache too."""
+    model, tokenizer = tiny_block
+    sampler = instantiate(SAMPLER_SPECS[name], _convert_="all")
+    settings = dict(gen_length=24, block_length=8, temperature=1.0)
+    uncached = decoded(model, tokenizer, sampler, DecodeConfig(**settings), batch_size=5)
+    cached = decoded(model, tokenizer, sampler, DecodeConfig(**settings, cache="block"), batch_size=5)
+    assert cached == uncached
+    if name in ("threshold", "credit", "end_of_text"):
+        alone = decoded(model, tokenizer, sampler, DecodeConfig(**settings, cache="block"), batch_size=1)
+        assert alone == cached
+    assert any(nfe < 24 for _, nfe in cached) or name.startswith("low_confidence")
+
+
+def block_model(token_shift: bool, block_size: int = 4):
+    config = dllm.ModelConfig(arch="qwen3", qk_norm=True, vocab_size=40, d_model=32, n_layers=3, n_heads=4,
+                              n_kv_heads=2, mlp_hidden=64, attention="block_causal", block_size=block_size,
+                              token_shift=token_shift, max_seq_len=64)
+    return dllm.Transformer(config, rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("token_shift, block_size, block_length", [(False, 4, 8), (True, 4, 4), (True, 1, 4)])
+def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_length):
+    """Step by step on a random 3-layer model (prompts of 3, 6 and 9 tokens, left-padded): the
+    cached step's logits (each row's block) equal the full forward's; the engine block spans one or two model blocks; with and without token shift."""
+    model, special = block_model(token_shift, block_size), SpecialIds(mask=39, eos=38, eot=37, pad=0)
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    run = lambda cache: list(steps(model, prompts, samplers.LowConfidence(), gen_length=16,
+                                   block_length=block_length, special=special, cache=cache))
+    uncached, cached = run("none"), run("block")
+    assert len(cached) == len(uncached) == 16
+    for full, step in zip(uncached, cached):
+        has = np.asarray(step.state.has_logits)
+        np.testing.assert_array_equal(has, np.asarray(full.state.has_logits))
+        np.testing.assert_allclose(step.logits, full.logits, rtol=1e-5, atol=1e-5)  # zeros outside the block
+        np.testing.assert_array_equal(step.tokens, full.tokens)
+    assert has.sum(-1).max() <= block_length
+
+
+def test_block_cache_refuses_bidirectional_models_and_adaptive_blocks(tiny_block):
+    model, tokenizer = tiny_block
+    bidirectional, _ = dllm.from_pretrained(REPO_ROOT / "checkpoints/tiny-full")
+    prompt = [tokenizer.encode(PROMPTS[0])]
+    with pytest.raises(ValueError, match=r"cache='block' with ModelConfig.attention='bidirectional': the exact "
+                                         r"block cache needs a block-causal model"):
+        dllm.generate(bidirectional, prompt, samplers.LowConfidence(), gen_length=24, block_length=8,
+                      tokenizer=tokenizer, cache="block")
+    with pytest.raises(ValueError, match=r"AdaptiveBlock with cache='block': its windows end at delimiters"):
+        dllm.generate(model, prompt, samplers.get_sampler("adaptive_block"), gen_length=24, block_length=8,
+                      tokenizer=tokenizer, cache="block")
