@@ -3,6 +3,7 @@
     python -m experiments.benchmark                       # LLaDA-8B, batch 1/8/32, cache none/prefix/dual
     python -m experiments.benchmark model=dream_7b batch_sizes=[1] caches=[dual]
     python -m experiments.benchmark mesh=data batch_sizes=[8]   # sharded over every GPU (configs/mesh/)
+    python -m experiments.benchmark model=fast_dllm_v2_7b caches=[none,block] batch_sizes=[1,32,128]
 
 Each configuration decodes a batch of random prompts with a fixed
 one-token-per-step schedule (LowConfidence, steps = gen_length, so NFE is
@@ -27,7 +28,8 @@ of the generated tokens, so runs on different meshes can be checked to decode
 the same tokens. A configuration that runs out of device memory is printed
 and recorded as a `{"skipped": ..., "reason": ...}` row; the others still run.
 Layout (configs/layout/, default gpu_decode: `layout.<field>=...`): scan_layers,
-fused_projections, attention_impl, window_attention_impl; and the engine's XLA compiler_options.
+fused_projections, attention_impl, window_attention_impl; and the engine's XLA compiler_options. A block-causal model (model=fast_dllm_v2_7b) decodes
+with cache none or block (the exact block cache; `step_plan` says what each step runs).
 """
 
 from __future__ import annotations
@@ -114,6 +116,31 @@ def step_flops(config, batch: int, queries: int, keys: int, head_positions: int 
     attention = 4 * layers * config.n_heads * config.head_dim * keys
     head = 2 * d * config.vocab_size * (queries if head_positions is None else head_positions)
     return batch * (queries * (per_token + attention) + head)
+
+
+def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, int, int | None]]:
+    """(queries, keys executed, cached keys attended or None) of each of `nfe` one-token-per-step steps.
+
+    none: full forwards. prefix / dual: a refresh (full forward) at each block's first step, then
+    window steps over the whole cache. block (a block-causal model): the prefill, then one block of
+    queries per step and two at each later block's first step (the finished block's K/V are written
+    then), plus the position before them with token shift; the attention runs over the whole cache
+    (masked), while the floor counts the K/V of the prompt and the blocks up to the active one."""
+    total, block = cfg.prompt_length + cfg.gen_length, cfg.block_length
+    plan = []
+    for n in range(nfe):
+        first = n % block == 0
+        if cache == "none" or (cache in ("prefix", "dual") and first):
+            plan.append((total, total, None))
+        elif cache in ("prefix", "dual"):
+            plan.append((cfg.gen_length if cache == "prefix" else block, total, total))
+        elif n == 0:
+            plan.append((total + 1, total + 1, None))
+        else:
+            shift = 1 if config.token_shift else 0
+            queries = (2 if first else 1) * block + shift
+            plan.append((queries, total + 1, cfg.prompt_length + (n // block + 1) * block))
+    return plan
 
 
 def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
@@ -219,15 +246,13 @@ def main(cfg: DictConfig) -> list[dict]:
             seconds = float(np.median(runs))
             nfe = int(np.asarray(result.nfe).max())
             ms = 1000 * seconds / nfe
-            refreshes = -(-nfe // cfg.block_length) if cache != "none" else nfe
-            window = cfg.gen_length if cache == "prefix" else cfg.block_length
-            # executed FLOPs: LowConfidence reads only the active block's logits, so the head runs there only
-            refresh_flops = step_flops(c, batch, total_len, total_len, cfg.block_length)
-            window_flops = step_flops(c, batch, window, total_len, cfg.block_length)
-            flops = refreshes * refresh_flops + (nfe - refreshes) * window_flops
-            floor = (refreshes * roofline_ms(refresh_flops, weights, peak_tflops, peak_tb_s)
-                     + (nfe - refreshes) * roofline_ms(window_flops, weights + cache_bytes(c, batch, total_len),
-                                                       peak_tflops, peak_tb_s)) / nfe
+            flops, floor = 0.0, 0.0
+            for queries, keys, attended in step_plan(cfg, c, cache, nfe):
+                # executed FLOPs: LowConfidence reads only the active block's logits, so the head runs there only
+                flops += step_flops(c, batch, queries, keys, cfg.block_length)
+                read = weights + (0 if attended is None else cache_bytes(c, batch, attended))
+                floor += roofline_ms(step_flops(c, batch, queries, attended or keys, cfg.block_length), read,
+                                     peak_tflops, peak_tb_s) / nfe
             row = {
                 "model": cfg.model.get("arch"), "batch": batch, "cache": cache, "nfe_timed": nfe,
                 "ms_per_nfe": round(ms, 3), "ms_per_nfe_runs": [round(1000 * r / nfe, 3) for r in runs],
@@ -241,8 +266,10 @@ def main(cfg: DictConfig) -> list[dict]:
                 "floor_ms_weights": round(weights / peak_tb_s / 1e9, 3),
                 "compile_s": round(compile_s, 1), "scan_layers": model.layout.scan_layers,
                 "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
-                "window_attention_impl": None if cache == "none" else window_attention_impl(c, model.layout,
-                                                                                            batch * window),
+                "window_attention_impl": (None if cache == "none" else "pairs mask: layout.attention_impl"
+                                          if cache == "block" else window_attention_impl(
+                                              c, model.layout, batch * (cfg.gen_length if cache == "prefix"
+                                                                        else cfg.block_length))),
                 "pallas_block_k": window_kernel.BLOCK_K, "pallas_splits": window_kernel.SPLITS,  # None: default_splits
                 "mesh": mesh_axes,
                 "compiler_options": engine.COMPILER_OPTIONS if kwargs["compiler_options"] is None
@@ -255,7 +282,7 @@ def main(cfg: DictConfig) -> list[dict]:
     for batch in cfg.batch_sizes:
         by_cache = {r["cache"]: r["ms_per_nfe"] for r in rows if r.get("batch") == batch}
         for r in rows:  # window steps alone: the block's one refresh costs about a no-cache step
-            refreshes = -(-r.get("nfe_timed", 0) // cfg.block_length)
+            refreshes = 1 if r.get("cache") == "block" else -(-r.get("nfe_timed", 0) // cfg.block_length)
             if r.get("batch") == batch and r["cache"] != "none" and "none" in by_cache and r["nfe_timed"] > refreshes:
                 r["window_step_ms"] = round((r["ms_per_nfe"] * r["nfe_timed"] - refreshes * by_cache["none"])
                                             / (r["nfe_timed"] - refreshes), 3)

@@ -9,7 +9,6 @@ different offsets inside their model block (the prompt's tail shares the first g
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 import dllm
-from experiments.benchmark import cache_bytes, roofline_ms, step_flops
+from experiments.benchmark import cache_bytes, roofline_ms, step_flops, step_plan
+from omegaconf import OmegaConf
 from experiments.common import REPO_ROOT
 
 TINY = ["model.vocab_size=1000", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
@@ -62,6 +63,20 @@ def test_floors_by_hand():
     assert step_flops(c, 2, 32, 512, 8) == 2 * (32 * (per_token + attention) + 8 * head)
     assert cache_bytes(c.replace(dtype="bfloat16"), 1, 512) == 2 * 32 * 512 * 32 * 128 * 2  # 268 MB
     assert roofline_ms(2e12, 1e9, 1000, 1) == 2.0 and roofline_ms(1e12, 4e9, 1000, 1) == 4.0
+
+
+def test_block_cache_benchmark_row_and_step_plan(tmp_path):
+    """A block-causal model's rows (cache none and block) decode the same tokens; the block cache's
+    steps by hand: the prefill, one block of queries (+ the shifted position), two at a block start."""
+    out = tmp_path / "block.json"
+    run("experiments.benchmark", "model=fast_dllm_v2_7b", "model.block_size=8", "batch_sizes=[2]",
+        "caches=[none,block]", "timed_steps=10", f"out={out}", f"hydra.run.dir={tmp_path}")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["cache"] for r in rows] == ["none", "block"] and rows[0]["tokens_sha1"] == rows[1]["tokens_sha1"]
+    assert all(r["nfe_timed"] == 10 and r["floor_ms"] > 0 for r in rows), rows
+    cfg = OmegaConf.create({"prompt_length": 16, "gen_length": 32, "block_length": 8})
+    plan = step_plan(cfg, dllm.ModelConfig(token_shift=True), "block", 10)
+    assert plan[0] == (49, 49, None) and plan[1] == (9, 49, 24) and plan[8] == (17, 49, 32) and plan[9] == (9, 49, 32)
 
 
 def test_profile_decode_writes_trace_and_summary(tmp_path):
