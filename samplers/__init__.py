@@ -9,11 +9,12 @@ from dllm.decoding.sampler import sampler_names
 from samplers.base import Commit, Sampler
 from samplers.adaptive_block import AdaptiveBlock
 from samplers.credit import Credit
+from samplers.dynamic_low_confidence import DynamicLowConfidence
 from samplers.early_commit import EarlyCommit
 from samplers.end_of_text import EndOfText
 from samplers.learned_filter import LearnedFilter
 from samplers.low_confidence import LowConfidence
 from samplers.threshold import Factor, Threshold
 
-__all__ = ["AdaptiveBlock", "Commit", "Credit", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence",
+__all__ = ["AdaptiveBlock", "Commit", "Credit", "DynamicLowConfidence", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence",
            "Sampler", "Threshold", "get_sampler", "sampler_names"]
