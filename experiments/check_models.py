@@ -10,6 +10,10 @@ attention-variants: tiny-ar, tiny-block and tiny-full (one size, one recipe,
 attention causal / block-causal of 8 / bidirectional): held-out exact match per
 task of the tiny suite, one token per step and with Threshold(0.9).
 
+block-decoding: the same three over their caches (the exact block cache for
+tiny-ar and tiny-block, the dual cache for tiny-full): accuracy and mean NFE for
+one token per step, Threshold at several bars and SDAR's dynamic rule.
+
 tasks-base: held-out accuracy per task of the `parallel` suite with one token
 per step (gen 128, block 32), each deterministic task against the 0.90 bar,
 and the model's confidence (max-prob of the proposed token) at the first
@@ -47,7 +51,7 @@ from dllm.diffusion import elbo_bits_per_token
 from dllm.tasks import SUITES, suite_examples
 from experiments.common import REPO_ROOT
 
-MODELS = ("tiny-tasks", "attention-variants", "tasks-base", "text-base")
+MODELS = ("tiny-tasks", "attention-variants", "block-decoding", "tasks-base", "text-base")
 # tiny-ar / tiny-block / tiny-full (configs/model/tiny_*.yaml, train=tiny_compare): one size, one recipe,
 # three attention patterns. Each decodes with engine blocks its training matches: the AR model one
 # position at a time, the block model one model block (8) at a time, the full model in blocks of 8
@@ -94,6 +98,41 @@ def check_attention_variants(n_per_task: int) -> dict:
                                           for name in ATTENTION_VARIANTS))
         print(f"  {'all':15s}" + "".join(f"{report[name][run]['accuracy']:12.3f}" for name in ATTENTION_VARIANTS))
         print(f"  {'mean NFE':15s}" + "".join(f"{report[name][run]['mean_nfe']:12.1f}" for name in ATTENTION_VARIANTS))
+    return report | {"n_per_task": n_per_task}
+
+
+# block-decoding: each variant over its cache (the exact block cache for the block-causal two,
+# Fast-dLLM's dual cache for the full model), one token per step and the parallel rules.
+BLOCK_DECODING_CACHES = {"tiny-ar": "block", "tiny-block": "block", "tiny-full": "dual"}
+
+
+def block_decoding_samplers() -> dict:
+    runs = {"one token per step": samplers.LowConfidence()}
+    runs |= {f"threshold {tau}": samplers.Threshold(tau=tau) for tau in (0.95, 0.9, 0.7, 0.5, 0.3)}
+    runs |= {f"low_confidence_dynamic {tau}": samplers.DynamicLowConfidence(tau=tau) for tau in (0.9, 0.5)}
+    return runs
+
+
+def check_block_decoding(n_per_task: int) -> dict:
+    """Accuracy and NFE of the attention variants decoded over their caches, per sampler."""
+    examples = suite_examples("test", n_per_task)
+    report = {}
+    for name, cache in BLOCK_DECODING_CACHES.items():
+        model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints" / name)
+        decode = DecodeConfig(gen_length=24, block_length=ATTENTION_VARIANTS[name], cache=cache)
+        report[name] = {"cache": cache, "block_length": decode.block_length, "runs": {}}
+        for run, sampler in block_decoding_samplers().items():
+            summary = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode, batch_size=250,
+                                                   prompt_width=24)["summary"]
+            report[name]["runs"][run] = {"accuracy": summary["accuracy"], "mean_nfe": summary["mean_nfe"],
+                                         "per_task_accuracy": {k: v["accuracy"]
+                                                               for k, v in summary["per_task"].items()}}
+    print(f"block decoding: held-out exact match (mean NFE), gen 24, {n_per_task} prompts per task; "
+          + ", ".join(f"{n} cache {c}" for n, c in BLOCK_DECODING_CACHES.items()))
+    print(f"  {'sampler':30s}" + "".join(f"{name:>18s}" for name in BLOCK_DECODING_CACHES))
+    for run in block_decoding_samplers():
+        cells = [report[name]["runs"][run] for name in BLOCK_DECODING_CACHES]
+        print(f"  {run:30s}" + "".join(f"{c['accuracy']:10.3f} ({c['mean_nfe']:4.1f})" for c in cells))
     return report | {"n_per_task": n_per_task}
 
 
@@ -251,6 +290,8 @@ def main(argv=None):
         report["tiny-tasks"] = check_tiny_tasks(args.n_per_task)
     if args.only in (None, "attention-variants"):
         report["attention-variants"] = check_attention_variants(args.n_per_task)
+    if args.only in (None, "block-decoding"):
+        report["block-decoding"] = check_block_decoding(args.n_per_task)
     if args.only in (None, "tasks-base"):
         report["tasks-base"] = check_tasks_base(args.n_per_task, args.batch_size)
     if args.only in (None, "text-base"):

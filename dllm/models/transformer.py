@@ -312,7 +312,8 @@ def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: i
         refuse_window_steps(config)
     if pairs is not None:
         mask = pairs[:, None, :, :]
-        impl = layout.attention_impl if impl == "pallas" else impl  # the fused kernel takes no pair mask
+        if window:  # a block-causal window step: XLA (the fused Pallas kernel takes no pair mask)
+            impl = None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     causal = config.attention == "causal"
     if key_mask is None:
