@@ -14,7 +14,8 @@ from samplers.early_commit import EarlyCommit
 from samplers.end_of_text import EndOfText
 from samplers.learned_filter import LearnedFilter
 from samplers.low_confidence import LowConfidence
+from samplers.sub_blocks import SubBlocks
 from samplers.threshold import Factor, Threshold
 
 __all__ = ["AdaptiveBlock", "Commit", "Credit", "DynamicLowConfidence", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence",
-           "Sampler", "Threshold", "get_sampler", "sampler_names"]
+           "Sampler", "SubBlocks", "Threshold", "get_sampler", "sampler_names"]

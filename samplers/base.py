@@ -217,8 +217,9 @@ def top_k_commit(scores: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Ar
     return (rank_desc(scores, eligible) < k[:, None]) & eligible
 
 
-def threshold_commit(scores: jax.Array, eligible: jax.Array, threshold) -> jax.Array:
-    """Every eligible position with score >= threshold, plus the single best
-    one so every row with an eligible position makes progress (Fast-dLLM v1)."""
+def threshold_commit(scores: jax.Array, eligible: jax.Array, threshold, strict: bool = False) -> jax.Array:
+    """Every eligible position with score >= threshold (> when `strict`), plus the single best
+    one so every row with an eligible position makes progress (Fast-dLLM v1; v2 is strict)."""
     best = rank_desc(scores, eligible) == 0
-    return eligible & ((scores >= threshold) | best)
+    passes = scores > threshold if strict else scores >= threshold
+    return eligible & (passes | best)

@@ -45,7 +45,8 @@ class Threshold(base.Sampler):
 
     Fast-dLLM v1 `get_transfer_index(threshold=tau)`: among the masked
     positions of the active window, commit the most confident one, plus every
-    other with confidence >= tau (`>=`, as the v1 code; v2 uses `>`).
+    other with confidence >= tau (`>=`, as the v1 code; `strict=True` gives
+    v2's `>`, `v2/generation_functions.py`).
 
     Attributes:
       tau: the bar, in (0, 1]. Fast-dLLM's default is 0.9. tau = 1 commits
@@ -67,6 +68,7 @@ class Threshold(base.Sampler):
       entropy_bound: the dParallel bound in nats, >= 0 (0.5 in the paper;
         0.45 for MBPP). Used only by confidence="entropy_bound"; it is not a
         probability, hence its own field.
+      strict: compare with `>` instead of `>=` (Fast-dLLM v2); default False (v1).
 
     Deviation: dParallel adds 1e-12 inside its log; we clip p at 1e-30
     (shared `neg_entropy_confidence`), which differs by < 1e-10 nats per term.
@@ -75,6 +77,7 @@ class Threshold(base.Sampler):
     tau: float = 0.9
     confidence: str = "max_prob"
     entropy_bound: float = 0.5
+    strict: bool = False
     reads_only_window = True  # not a field: see base.Sampler
     name = "threshold"  # registry name: configs/sampler/threshold.yaml
 
@@ -82,6 +85,8 @@ class Threshold(base.Sampler):
         base.check_number("Threshold", "tau", self.tau, 0, 1, low_open=True)
         base.check_confidence("Threshold", self.confidence, CONFIDENCES)
         base.check_number("Threshold", "entropy_bound", self.entropy_bound, 0, unit=" nats")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"Threshold.strict={self.strict!r}: allowed True or False")
 
     def scores(self, probs: jax.Array, tokens: jax.Array) -> tuple[jax.Array, float]:
         """(score at the logits' positions, [B, G] or [B, block_length]; the bar it
@@ -96,7 +101,7 @@ class Threshold(base.Sampler):
         score, bar = self.scores(probs, tokens)
         tokens, score = base.on_generation(tokens, state, state.special.mask), base.on_generation(score, state, -jnp.inf)
         score = base.deprioritize_eos(score, tokens, state)
-        commit = base.threshold_commit(score, base.masked_in_window(state), bar)
+        commit = base.threshold_commit(score, base.masked_in_window(state), bar, self.strict)
         return base.Commit(tokens=tokens, commit=commit, confidence=score.astype(jnp.float32)), carry
 
 

@@ -101,3 +101,14 @@ def test_block_cache_refuses_bidirectional_models_and_adaptive_blocks(tiny_block
     with pytest.raises(ValueError, match=r"AdaptiveBlock with cache='block': its windows end at delimiters"):
         dllm.generate(model, prompt, samplers.get_sampler("adaptive_block"), gen_length=24, block_length=8,
                       tokenizer=tokenizer, cache="block")
+
+
+def test_auto_cache_follows_the_attention_pattern(tiny_block):
+    """cache='auto' (the Hydra default) decodes a block-causal model over the exact block cache and a
+    bidirectional one without a cache (with guidance, a block-causal one uncached too)."""
+    model, tokenizer = tiny_block
+    bidirectional, _ = dllm.from_pretrained(REPO_ROOT / "checkpoints/tiny-full")
+    prompt = [tokenizer.encode(PROMPTS[0])]
+    chosen = lambda m, **kw: next(steps(m, prompt, samplers.LowConfidence(), gen_length=24, block_length=8,
+                                        tokenizer=tokenizer, cache="auto", **kw)).state.config.cache
+    assert chosen(model) == "block" and chosen(bidirectional) == "none" and chosen(model, cfg_scale=1.0) == "none"

@@ -156,6 +156,15 @@ def check_block_alignment(model, config: DecodeConfig) -> None:
                          "(exact) or 'none'")
 
 
+def resolve_cache(model, config: DecodeConfig) -> DecodeConfig:
+    """cache='auto' made concrete: the exact block cache for a block-causal model (without
+    classifier-free guidance, which runs uncached), else no cache."""
+    if config.cache != "auto":
+        return config
+    exact = model_block_of(model) is not None and config.cfg_scale == 0
+    return dataclasses.replace(config, cache="block" if exact else "none")
+
+
 def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds, model=None) -> DecodeState:
     """The state before the first step. `key`: one PRNG key or one per row (`row_keys`).
     `model`: the cache policy's empty buffer is made for it (its config and layout; none without),
@@ -376,7 +385,7 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
     """`generate`'s and `steps`' checks and inputs: (config, bound sampler, special ids, tokens, mask, key)."""
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler={sampler!r} is not a samplers.base.Sampler; build one with samplers.get_sampler(name)")
-    config = DecodeConfig(gen_length=gen_length, block_length=block_length, **config_fields)
+    config = resolve_cache(model, DecodeConfig(gen_length=gen_length, block_length=block_length, **config_fields))
     if tokenizer is not None:
         sampler = sampler.bind(tokenizer)  # token texts in sampler settings -> ids
     sampler.validate(config)

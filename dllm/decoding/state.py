@@ -45,7 +45,9 @@ class DecodeConfig:
         approximate: K/V outside the recomputed range are stale until the next
         refresh. "block": the exact cache of a block-causal model (each step
         forwards the active block over the finished blocks' K/V; the same
-        tokens as "none"). One policy object per mode: `dllm/decoding/cache.py`.
+        tokens as "none"). "auto": "block" for a block-causal model (without
+        classifier-free guidance), else "none"; `generate` resolves it from
+        the model. One policy object per mode: `dllm/decoding/cache.py`.
       cache_refresh_every: besides the refresh at every block start, refresh
         every k-th step (0 = only at block starts; 1 = every step, which
         makes cached decoding exact).
@@ -86,9 +88,9 @@ class DecodeConfig:
             raise ValueError(f"noise_dtype={self.noise_dtype!r}: allowed {NOISE_DTYPES}")
         if self.noise_dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError('noise_dtype="float64" needs jax.config.update("jax_enable_x64", True)')
-        if self.cache not in CACHE_MODES:
-            raise ValueError(f"cache={self.cache!r}: allowed {CACHE_MODES}")
-        if self.cache != "none" and self.cfg_scale > 0:
+        if self.cache not in (*CACHE_MODES, "auto"):
+            raise ValueError(f"cache={self.cache!r}: allowed {(*CACHE_MODES, 'auto')}")
+        if self.cache not in ("none", "auto") and self.cfg_scale > 0:
             raise ValueError(f"cache={self.cache!r} with cfg_scale={self.cfg_scale}: classifier-free guidance "
                              "runs without a cache; allowed cache='none' when cfg_scale > 0")
         if not isinstance(self.cache_refresh_every, int) or self.cache_refresh_every < 0:
