@@ -10,8 +10,8 @@ Its shipped eval script sets tau = 1, i.e. one token per step.
 Here the rule is a wrapper: the inner sampler (default Threshold(tau=0.9, strict=True), v2's `>`)
 commits inside the sub-block, as AdaptiveBlock's inner commits inside its window; the engine's
 block, and so what the cache recomputes, stays the whole block. Sub-blocks are cut from the start
-of the model block the window ends on, so in the first block (which holds the prompt's tail) the
-sub-blocks the prompt fills are skipped, as in v2.
+of the window's model block, so in the first block (which holds the prompt's tail) the sub-blocks
+the prompt fills are skipped, as in v2.
 
 Not here: v2's `use_block_cache` option (a cache of the finished sub-blocks inside the active
 block, approximate); its eval default is off, which is what this reproduces.
@@ -71,9 +71,9 @@ class SubBlocks(base.Sampler):
     def sub_block_end(self, state: DecodeState) -> jnp.ndarray:
         """int32 [B]: the end of each row's first sub-block (cut from the window's model-block start)
         that holds a mask, in generation coordinates."""
-        g = state.config.gen_length
-        origin = state.block_end - state.config.block_length  # may be < 0: the prompt's tail
-        j = jnp.arange(g)[None, :]
+        # Where the window's model block starts: the block start, except in the first block, which
+        # a block-causal model's prompt tail may begin (block_end - block_length < 0 there).
+        origin = jnp.where(state.block_start == 0, state.block_end - state.config.block_length, state.block_start)
         first_masked = jnp.argmax(state.is_masked & state.in_window, axis=-1)
         index = (first_masked - origin) // self.size
         return jnp.minimum(origin + (index + 1) * self.size, state.block_end).astype(jnp.int32)
