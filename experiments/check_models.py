@@ -110,6 +110,7 @@ def block_decoding_samplers() -> dict:
     runs = {"one token per step": samplers.LowConfidence()}
     runs |= {f"threshold {tau}": samplers.Threshold(tau=tau) for tau in (0.95, 0.9, 0.7, 0.5, 0.3)}
     runs |= {f"low_confidence_dynamic {tau}": samplers.DynamicLowConfidence(tau=tau) for tau in (0.9, 0.5)}
+    runs |= {f"sub_blocks {size} (threshold > 0.9)": samplers.SubBlocks(size=size) for size in (4, 2)}
     return runs
 
 
