@@ -13,9 +13,10 @@ from samplers.dynamic_low_confidence import DynamicLowConfidence
 from samplers.early_commit import EarlyCommit
 from samplers.end_of_text import EndOfText
 from samplers.learned_filter import LearnedFilter
+from samplers.local_leap import LocalLeap
 from samplers.low_confidence import LowConfidence
 from samplers.sub_blocks import SubBlocks
 from samplers.threshold import Factor, Threshold
 
-__all__ = ["AdaptiveBlock", "Commit", "Credit", "DynamicLowConfidence", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LowConfidence",
+__all__ = ["AdaptiveBlock", "Commit", "Credit", "DynamicLowConfidence", "EarlyCommit", "EndOfText", "LearnedFilter", "Factor", "LocalLeap", "LowConfidence",
            "Sampler", "SubBlocks", "Threshold", "get_sampler", "sampler_names"]

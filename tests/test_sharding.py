@@ -68,6 +68,7 @@ MODEL = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, mlp
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21], [22, 23, 24, 25],
            [26, 27, 28, 29, 30, 31], [32], [33, 34, 35, 36, 37]]
 CACHE_MODES = ("none", "prefix", "dual")
+BLOCK_CAUSAL_MODES = ("none", "block")
 DECODE = dict(gen_length=16, block_length=8)  # two blocks; 8 is the block the bundled learned filter needs
 
 
@@ -153,6 +154,19 @@ def run_worker(name: str) -> dict:
             runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
                          "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
         out["decode"][f"threshold/{mode}/unrolled-layers"] = runs
+    # The same weights, block-causal (blocks of 4, token shift): uncached and over the exact block cache.
+    block_config = dataclasses.replace(model.config, attention="block_causal", block_size=4)
+    block_model = model_from_params(block_config, canonical_params(model))
+    sharded_block = sharding.shard_model(model_from_params(block_config, canonical_params(model)), mesh,
+                                         DEFAULT_RULES)
+    for mode in BLOCK_CAUSAL_MODES:
+        runs = {}
+        for run, (m, on) in {"reference": (block_model, None), "sharded": (sharded_block, mesh)}.items():
+            result = dllm.generate(m, PROMPTS, samplers.Threshold(), **DECODE, special=SPECIAL,
+                                   key=jax.random.key(7), mesh=on, cache=mode)
+            runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
+                         "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
+        out["decode"][f"threshold/{mode}/block-causal"] = runs
     out["seconds"]["decode"] = time.perf_counter() - start
 
     start = time.perf_counter()  # the first two updates of `train` on the mesh (and on one device, once)
@@ -363,7 +377,10 @@ def test_one_device_mesh_is_the_plain_path():
 def test_sharded_generate_gives_the_tokens_of_one_device(workers, mesh):
     decoded = workers[mesh]["decode"]
     unrolled = {f"threshold/{mode}/unrolled-layers" for mode in ("none", "dual")}
-    assert set(decoded) == {case for case, _, _ in grid_cases(mesh, full_grid())} | unrolled
+    block_causal = {f"threshold/{mode}/block-causal" for mode in BLOCK_CAUSAL_MODES}
+    assert set(decoded) == {case for case, _, _ in grid_cases(mesh, full_grid())} | unrolled | block_causal
+    # the exact block cache, sharded or not, gives the uncached block-causal tokens
+    assert decoded["threshold/block/block-causal"]["reference"] == decoded["threshold/none/block-causal"]["reference"]
     for case, runs in decoded.items():
         reference, sharded = runs["reference"], runs["sharded"]
         np.testing.assert_array_equal(sharded["tokens"], reference["tokens"], err_msg=f"{mesh} {case}")
