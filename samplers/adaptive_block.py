@@ -134,6 +134,9 @@ class AdaptiveBlock(base.Sampler):
         if not self.delimiter_ids:
             raise ValueError(f"AdaptiveBlock(delimiters={self.delimiters!r}) is not bound to a tokenizer: "
                              "call sampler.bind(tokenizer) or set delimiter_ids")
+        if config.pipeline_blocks > 1:
+            raise ValueError(f"AdaptiveBlock with pipeline_blocks={config.pipeline_blocks}: it sizes one window "
+                             "at a time; allowed: pipeline_blocks=1")
         if config.cache == "block":
             raise ValueError("AdaptiveBlock with cache='block': its windows end at delimiters, and the exact "
                              "block cache needs windows that end on the model's blocks; allowed: cache='none' "

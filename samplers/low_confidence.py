@@ -68,6 +68,10 @@ class LowConfidence(base.Sampler):
         return steps // config.num_blocks
 
     def validate(self, config: DecodeConfig) -> None:
+        if config.pipeline_blocks > 1:
+            raise ValueError(f"{type(self).__name__} with pipeline_blocks={config.pipeline_blocks}: its schedule "
+                             "plans a number of commits per block, which a window of several blocks breaks; "
+                             "allowed: pipeline_blocks=1, or a threshold-style rule (threshold, factor, ...)")
         steps = config.gen_length if self.steps is None else self.steps
         if steps % config.num_blocks:
             raise ValueError(

@@ -9,6 +9,7 @@ different offsets inside their model block (the prompt's tail shares the first g
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 import dllm
 import samplers
 from dllm import evaluation
-from dllm.decoding import DecodeConfig, SpecialIds, steps
+from dllm.decoding import DecodeConfig, SpecialIds, engine, steps
 from dllm.decoding.sampler import sampler_names, sampler_spec
 from experiments.common import REPO_ROOT
 
@@ -72,14 +73,20 @@ def block_model(token_shift: bool, block_size: int = 4):
     return dllm.Transformer(config, rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("token_shift, block_size, block_length", [(False, 4, 8), (True, 4, 4), (True, 1, 4)])
-def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_length):
+@pytest.mark.parametrize("token_shift, block_size, block_length, pipeline_blocks",
+                         [(False, 4, 8, 1), (True, 4, 4, 1), (True, 1, 4, 1), (True, 4, 4, 3)])
+def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_length, pipeline_blocks):
     """Step by step on a random 3-layer model (prompts of 3, 6 and 9 tokens, left-padded): the
-    cached step's logits (each row's block) equal the full forward's; the engine block spans one or two model blocks; with and without token shift."""
+    cached step's logits (each row's open blocks) equal the full forward's; the engine block spans
+    one or two model blocks; with and without token shift; up to 3 blocks open at once (D2F)."""
     model, special = block_model(token_shift, block_size), SpecialIds(mask=39, eos=38, eot=37, pad=0)
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
-    run = lambda cache: list(steps(model, prompts, samplers.LowConfidence(), gen_length=16,
-                                   block_length=block_length, special=special, cache=cache))
+    # one token per step: LowConfidence, or (pipelined: its per-block schedule is refused) the top-1 of
+    # a bar the random model never reaches
+    sampler = samplers.LowConfidence() if pipeline_blocks == 1 else samplers.Threshold(tau=1.0, strict=True)
+    run = lambda cache: list(steps(model, prompts, sampler, gen_length=16, block_length=block_length,
+                                   special=special, cache=cache, pipeline_blocks=pipeline_blocks,
+                                   pipeline_fraction=0.5))
     uncached, cached = run("none"), run("block")
     assert len(cached) == len(uncached) == 16
     for full, step in zip(uncached, cached):
@@ -87,7 +94,9 @@ def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_l
         np.testing.assert_array_equal(has, np.asarray(full.state.has_logits))
         np.testing.assert_allclose(step.logits, full.logits, rtol=1e-5, atol=1e-5)  # zeros outside the block
         np.testing.assert_array_equal(step.tokens, full.tokens)
-    assert has.sum(-1).max() <= block_length
+    assert has.sum(-1).max() <= block_length * pipeline_blocks
+    if pipeline_blocks > 1:  # several blocks were open at once
+        assert max(np.asarray(step.state.has_logits).sum(-1).max() for step in cached) > block_length
 
 
 def test_block_cache_refuses_bidirectional_models_and_adaptive_blocks(tiny_block):
@@ -112,3 +121,44 @@ def test_auto_cache_follows_the_attention_pattern(tiny_block):
     chosen = lambda m, **kw: next(steps(m, prompt, samplers.LowConfidence(), gen_length=24, block_length=8,
                                         tokenizer=tokenizer, cache="auto", **kw)).state.config.cache
     assert chosen(model) == "block" and chosen(bidirectional) == "none" and chosen(model, cfg_scale=1.0) == "none"
+
+
+def test_pipelined_blocks_decode_the_uncached_tokens(tiny_block):
+    """D2F pipelining (two blocks open, the next joining at half its predecessor) on the trained
+    model at temperature 1: cached = uncached, and each row alone = the batch."""
+    model, tokenizer = tiny_block
+    sampler = samplers.Threshold(tau=0.99)
+    settings = dict(gen_length=24, block_length=8, temperature=1.0, pipeline_blocks=2, pipeline_fraction=0.5)
+    uncached = decoded(model, tokenizer, sampler, DecodeConfig(**settings), batch_size=5)
+    cached = decoded(model, tokenizer, sampler, DecodeConfig(**settings, cache="block"), batch_size=5)
+    alone = decoded(model, tokenizer, sampler, DecodeConfig(**settings, cache="block"), batch_size=1)
+    assert cached == uncached and alone == cached
+
+
+def test_pipeline_window_by_hand():
+    """Blocks of 4 in a generation of 12, at most 2 open, the next joins at half (2 of 4) committed."""
+    config = DecodeConfig(gen_length=12, block_length=4, pipeline_blocks=2, pipeline_fraction=0.5)
+    m, x = True, False  # masked, committed
+    masked = jnp.asarray([
+        [x, x, m, m, m, m, m, m, m, m, m, m],   # [0, 4) half done: [4, 8) joins
+        [x, m, m, m, m, m, m, m, m, m, m, m],   # a quarter: no change
+        [x, x, x, x, x, m, m, m, m, m, m, m],   # [0, 8): first block done -> [4, 8); then 1 of 4: no join
+        [x, x, x, x, x, x, m, m, m, m, m, m],   # [0, 8): first done -> [4, 8), half done -> [4, 12)
+        [x, x, x, x, x, x, x, x, x, x, x, m],   # phase 3 (blocks end at 3, 7, 11): [7, 11) done -> [11, 12)
+    ])
+    start, end = jnp.asarray([0, 0, 0, 0, 7]), jnp.asarray([4, 4, 8, 8, 12])
+    phase = jnp.asarray([0, 0, 0, 0, 3])
+    got = engine.pipeline_window(config, masked, start, end, phase)
+    np.testing.assert_array_equal(np.asarray(got[0]), [0, 0, 4, 4, 11])
+    np.testing.assert_array_equal(np.asarray(got[1]), [8, 4, 8, 12, 12])
+
+
+def test_bad_pipeline_settings_are_refused(tiny_block):
+    model, tokenizer = tiny_block
+    with pytest.raises(ValueError, match=r"pipeline_fraction=0: allowed \(0, 1\]"):
+        DecodeConfig(gen_length=24, block_length=8, pipeline_blocks=2, pipeline_fraction=0)
+    with pytest.raises(ValueError, match=r"pipeline_blocks=2 with cache='dual': .*allowed cache 'none', 'block'"):
+        DecodeConfig(gen_length=24, block_length=8, pipeline_blocks=2, cache="dual")
+    with pytest.raises(ValueError, match=r"LowConfidence with pipeline_blocks=2: its schedule plans"):
+        dllm.generate(model, [tokenizer.encode(PROMPTS[0])], samplers.LowConfidence(), gen_length=24,
+                      block_length=8, tokenizer=tokenizer, pipeline_blocks=2)

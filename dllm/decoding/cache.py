@@ -271,6 +271,8 @@ class BlockCache:
       finished block's K/V are written from its final tokens in the forward that starts the next
       block (folded in: no extra forward, no extra NFE), where SDAR (`store_kv=True`) and Fast-dLLM
       v2 (`update_past_key_values=True`) run one more forward.
+    With D2F's pipelining (`DecodeConfig.pipeline_blocks` = n) the queries are the n blocks that
+    end where the window ends (n + 1 when its first block moves), covering every open block.
     With token shift each window also recomputes the position before it, whose hidden state
     predicts the window's first token (the previous block's last position seeds the next block).
     When only some rows start a block, both window forwards run and each row keeps its own
@@ -283,12 +285,12 @@ class BlockCache:
     name: str = "block"
 
     def max_window(self, config: DecodeConfig) -> int:
-        """A window is one engine block (its end on a model block's)."""
-        return config.block_length
+        """A window is one engine block (its end on a model block's), or `pipeline_blocks` of them."""
+        return config.block_length * config.pipeline_blocks
 
     def length(self, canvas_width: int, config: DecodeConfig) -> int:
-        """Cache columns: the hidden column, the canvas, and a tail that fits two blocks of queries."""
-        return 1 + max(canvas_width, 2 * config.block_length)
+        """Cache columns: the hidden column, the canvas, and a tail that fits a fold step's queries."""
+        return 1 + max(canvas_width, self.max_window(config) + config.block_length)
 
     def init(self, model, batch: int, canvas_width: int, config: DecodeConfig) -> KVCache:
         return KVCache.zeros(model.config, model.layout, batch, self.length(canvas_width, config))
@@ -313,7 +315,10 @@ class BlockCache:
         config, width = state.config, state.prompt_width
         tokens, key_mask, positions = self.cache_canvas(state)
         queries = blocks * config.block_length
-        start = 1 + width + state.block_end - queries  # canvas column (with the hidden one) of query 0
+        shift = 1 if model.config.token_shift else 0
+        # canvas column (with the hidden one) of query 0; near the canvas start a longer window than
+        # the canvas so far starts at the first column instead (it then covers more finished positions)
+        start = jnp.clip(1 + width + state.block_end - queries, shift, tokens.shape[1] - queries)
         logits, cache = model.forward_window(tokens, positions, state.cache, key_mask, start=start,
                                              queries=queries, logits_count=queries)
         if window_only:
@@ -331,8 +336,9 @@ class BlockCache:
         hidden column always needs the key mask."""
         starts = (state.step_in_block == 0) & ~state.done
         prefill = lambda s: self.prefill(model, s, window_only)
-        fold = lambda s: self.window(model, s, window_only, blocks=2)
-        inside = lambda s: self.window(model, s, window_only, blocks=1)
+        open_blocks = state.config.pipeline_blocks  # the window's blocks at most (D2F pipelining)
+        fold = lambda s: self.window(model, s, window_only, blocks=open_blocks + 1)
+        inside = lambda s: self.window(model, s, window_only, blocks=open_blocks)
         mixed = lambda s: select_rows(starts, fold(s), inside(s))
         branch = jnp.where(state.step == 0, 0, jnp.where(jnp.all(starts | state.done), 1,
                                                          jnp.where(jnp.any(starts), 3, 2)))

@@ -175,11 +175,13 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
     canvas = jnp.concatenate([tokens, jnp.full((batch, g), special.mask, jnp.int32)], axis=1)
     mask = jnp.concatenate([attention_mask, jnp.ones((batch, g), jnp.int32)], axis=1)
     history = (jnp.zeros((config.max_steps, batch, g), jnp.float32) if config.record_confidence else None)
+    first_end = first_block_end(attention_mask, config, model_block_of(model))
     state = DecodeState(
         tokens=canvas, attention_mask=mask,
         block_start=jnp.zeros((batch,), jnp.int32),
-        block_end=first_block_end(attention_mask, config, model_block_of(model)),
+        block_end=first_end,
         step_in_block=jnp.zeros((batch,), jnp.int32),
+        block_phase=first_end % config.block_length,
         step=jnp.zeros((), jnp.int32),
         nfe=jnp.zeros((batch,), jnp.int32),
         done=jnp.zeros((batch,), bool),
@@ -202,19 +204,51 @@ def forward_logits(model, state: DecodeState, window_only: bool = False, padded:
 
 def next_window(state: DecodeState, gen_tokens, block_end):
     """Moves a row whose window is fully decoded to the next block that still
-    has a MASK (blocks already filled, e.g. by an early commit, are skipped)."""
+    has a MASK (blocks already filled, e.g. by an early commit, are skipped).
+    With `pipeline_blocks` > 1 a window that is not done drops its first block
+    once that block is complete and takes in the next block once its last
+    block is `pipeline_fraction` committed (`pipeline_window`)."""
     config, g = state.config, state.config.gen_length
     masked = gen_tokens == state.special.mask
     j = jnp.arange(g)
-    window = (j >= state.block_start[:, None]) & (j < block_end[:, None])
+    start = state.block_start
+    if config.pipeline_blocks > 1:
+        start, block_end = pipeline_window(config, masked, start, block_end, state.block_phase)
+    window = (j >= start[:, None]) & (j < block_end[:, None])
     window_done = ~jnp.any(masked & window, axis=-1)
     after = masked & (j >= block_end[:, None])
     first_after = jnp.where(jnp.any(after, -1), jnp.argmax(after, axis=-1), g).astype(jnp.int32)
     skipped = (first_after - block_end) // config.block_length * config.block_length
-    new_start = jnp.where(window_done, jnp.minimum(block_end + skipped, g), state.block_start)
+    new_start = jnp.where(window_done, jnp.minimum(block_end + skipped, g), start)
     new_end = jnp.where(window_done, jnp.minimum(new_start + config.block_length, g), block_end)
-    step_in_block = jnp.where(window_done, 0, state.step_in_block + 1)
+    step_in_block = jnp.where(window_done | (new_start != state.block_start), 0, state.step_in_block + 1)
     return new_start, new_end, step_in_block
+
+
+def pipeline_window(config: DecodeConfig, masked, start, end, phase):
+    """D2F's pipelined window (arXiv 2508.09192, §3.3) over whole blocks, which end where
+    position % block_length == phase: drop the first block once it is complete (unless it is the
+    whole window), and take in the next block while fewer than `pipeline_blocks` are open and the
+    last one has at least `pipeline_fraction` of its positions committed."""
+    g, block = config.gen_length, config.block_length
+    j = jnp.arange(g)[None, :]
+    inside = lambda lo, hi: (j >= lo[:, None]) & (j < hi[:, None])
+    after = lambda x: jnp.minimum(x + (phase - x - 1) % block + 1, g)  # the first block end > x
+    before = lambda x: x - (x - phase - 1) % block - 1  # the last block end < x
+
+    def drop_finished_first_block(start, end):
+        first_end = after(start)
+        first_done = ~jnp.any(masked & inside(start, first_end), axis=-1)
+        return jnp.where(first_done & (first_end < end), first_end, start)
+
+    start = drop_finished_first_block(start, end)
+    last_start = jnp.maximum(before(end), start)
+    committed = jnp.sum(~masked & inside(last_start, end), axis=-1)
+    open_blocks = jnp.where(before(end) > start, 1 + (before(end) - after(start)) // block + 1, 1)
+    grow = (open_blocks < config.pipeline_blocks) & (end < g) & \
+        (committed >= config.pipeline_fraction * (end - last_start))
+    end = jnp.where(grow, after(end), end).astype(jnp.int32)
+    return drop_finished_first_block(start, end), end  # a complete single block gives way to the one it let in
 
 
 def apply_commit(state: DecodeState, commit) -> DecodeState:
@@ -268,7 +302,8 @@ def uses_window_logits(sampler, config: DecodeConfig) -> bool:
     the sampler reads nothing else, the trace does not record every position's
     confidence, and a cached window step covers a block."""
     covered = cache_policy(config).max_window(config) >= config.block_length
-    return sampler.reads_only_window and not config.record_confidence and covered
+    single = config.pipeline_blocks == 1  # a pipelined window spans several blocks
+    return sampler.reads_only_window and not config.record_confidence and covered and single
 
 
 @functools.cache

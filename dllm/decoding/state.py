@@ -54,6 +54,13 @@ class DecodeConfig:
       cache_window: queries recomputed per cached step in "dual" mode
         (default block_length); every window (adaptive blocks included) must
         fit in it.
+      pipeline_blocks: D2F's pipelined decoding (Wang et al. 2025, arXiv
+        2508.09192): up to this many blocks decode at once (1: one block at a
+        time). A row's window grows by the next block once its last block has
+        `pipeline_fraction` of its positions committed, and drops its first
+        block when that one is complete; cache "none" or "block" only.
+      pipeline_fraction: in (0, 1]; the share of the window's last block that
+        must be committed before the next block joins.
     """
 
     gen_length: int = 128
@@ -67,6 +74,8 @@ class DecodeConfig:
     cache: str = "none"
     cache_refresh_every: int = 0
     cache_window: int | None = None
+    pipeline_blocks: int = 1
+    pipeline_fraction: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or self.gen_length <= 0:
@@ -99,6 +108,14 @@ class DecodeConfig:
             object.__setattr__(self, "cache_window", self.block_length)
         if not 0 < self.cache_window <= self.gen_length:
             raise ValueError(f"cache_window={self.cache_window}: allowed 1..gen_length={self.gen_length}")
+        if isinstance(self.pipeline_blocks, bool) or not isinstance(self.pipeline_blocks, int) \
+                or self.pipeline_blocks < 1:
+            raise ValueError(f"pipeline_blocks={self.pipeline_blocks!r}: must be an int >= 1 (1: no pipelining)")
+        if not 0 < self.pipeline_fraction <= 1:
+            raise ValueError(f"pipeline_fraction={self.pipeline_fraction!r}: allowed (0, 1]")
+        if self.pipeline_blocks > 1 and self.cache not in ("none", "block", "auto"):
+            raise ValueError(f"pipeline_blocks={self.pipeline_blocks} with cache={self.cache!r}: pipelined blocks "
+                             "decode uncached or over the exact block cache; allowed cache 'none', 'block' or 'auto'")
         if self.max_steps is None:
             object.__setattr__(self, "max_steps", self.gen_length)
         if self.max_steps <= 0:
@@ -128,6 +145,8 @@ class DecodeState:
     attention_mask:  int32 [B, prompt_width + gen_length], 0 on left padding.
     block_start/end: int32 [B], the active window [start, end) of each row.
     step_in_block:   int32 [B], steps taken inside the current window.
+    block_phase:     int32 [B], where blocks end: the positions p with p % block_length == block_phase
+                     (0, or block_length - prompt_length % block_size for a block-causal model).
     step:            int32 [], loop iteration (= forward passes so far).
     nfe:             int32 [B], forward passes while the row was unfinished.
     done:            bool [B], the row is finished (no mask left, or stopped).
@@ -146,6 +165,7 @@ class DecodeState:
     block_start: jax.Array
     block_end: jax.Array
     step_in_block: jax.Array
+    block_phase: jax.Array
     step: jax.Array
     nfe: jax.Array
     done: jax.Array
