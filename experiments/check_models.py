@@ -107,10 +107,15 @@ BLOCK_DECODING_CACHES = {"tiny-ar": "block", "tiny-block": "block", "tiny-full":
 
 
 def block_decoding_samplers() -> dict:
-    runs = {"one token per step": samplers.LowConfidence()}
-    runs |= {f"threshold {tau}": samplers.Threshold(tau=tau) for tau in (0.95, 0.9, 0.7, 0.5, 0.3)}
-    runs |= {f"low_confidence_dynamic {tau}": samplers.DynamicLowConfidence(tau=tau) for tau in (0.9, 0.5)}
-    runs |= {f"sub_blocks {size} (threshold > 0.9)": samplers.SubBlocks(size=size) for size in (4, 2)}
+    """{row name: (sampler, DecodeConfig overrides)}."""
+    runs = {"one token per step": (samplers.LowConfidence(), {})}
+    runs |= {f"threshold {tau}": (samplers.Threshold(tau=tau), {}) for tau in (0.95, 0.9, 0.7, 0.5, 0.3)}
+    runs |= {f"low_confidence_dynamic {tau}": (samplers.DynamicLowConfidence(tau=tau), {}) for tau in (0.9, 0.5)}
+    runs |= {f"sub_blocks {size} (threshold > 0.9)": (samplers.SubBlocks(size=size), {}) for size in (4, 2)}
+    # D2F pipelining (pipelined rows of the full model run uncached: the dual cache takes one block)
+    runs |= {f"threshold {tau}, 2 blocks pipelined at {fraction}": (
+        samplers.Threshold(tau=tau), {"pipeline_blocks": 2, "pipeline_fraction": fraction})
+        for tau, fraction in ((0.9, 0.5), (0.9, 0.25), (0.7, 0.25))}
     return runs
 
 
@@ -120,12 +125,14 @@ def check_block_decoding(n_per_task: int) -> dict:
     report = {}
     for name, cache in BLOCK_DECODING_CACHES.items():
         model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints" / name)
-        decode = DecodeConfig(gen_length=24, block_length=ATTENTION_VARIANTS[name], cache=cache)
-        report[name] = {"cache": cache, "block_length": decode.block_length, "runs": {}}
-        for run, sampler in block_decoding_samplers().items():
+        report[name] = {"cache": cache, "block_length": ATTENTION_VARIANTS[name], "runs": {}}
+        for run, (sampler, overrides) in block_decoding_samplers().items():
+            run_cache = "none" if overrides and cache == "dual" else cache
+            decode = DecodeConfig(gen_length=24, block_length=ATTENTION_VARIANTS[name], cache=run_cache, **overrides)
             summary = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode, batch_size=250,
                                                    prompt_width=24)["summary"]
             report[name]["runs"][run] = {"accuracy": summary["accuracy"], "mean_nfe": summary["mean_nfe"],
+                                         "cache": run_cache, **overrides,
                                          "per_task_accuracy": {k: v["accuracy"]
                                                                for k, v in summary["per_task"].items()}}
     print(f"block decoding: held-out exact match (mean NFE), gen 24, {n_per_task} prompts per task; "

@@ -14,11 +14,13 @@ for model in tiny_ar tiny_block tiny_full; do
 done
 wait
 echo "three trainings, side by side: $(( $(date +%s) - start )) s wall"
+declare -A RUN=([tiny_ar]=block_causal_1 [tiny_block]=block_causal_8 [tiny_full]=bidirectional_None)
 for model in tiny_ar tiny_block tiny_full; do
   tail -3 "$OUT/train_$model.log"
   name=${model/_/-}
-  cp runs/$model/metrics.jsonl runs/$model/model/train_metrics.jsonl
-  rm -rf checkpoints/$name && cp -r runs/$model/model checkpoints/$name
+  run=runs/tiny_compare/${RUN[$model]}
+  cp $run/metrics.jsonl $run/model/train_metrics.jsonl
+  rm -rf checkpoints/$name && cp -r $run/model checkpoints/$name
   tar -cf "$OUT/$name.tar" -C checkpoints $name
 done
 python3 -m experiments.check_models --only attention-variants --n-per-task 200 --out "$OUT/check_models.json" \
