@@ -331,9 +331,9 @@ class BlockCache:
         return StepLogits(placed, cache, state.in_window)
 
     def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
-        """Prefill at the first step; then per row two blocks of queries at a block's first step and
-        one at its other steps (both forwards when the rows disagree). `padded` is not used: the
-        hidden column always needs the key mask."""
+        """Prefill at the first step; then per row `pipeline_blocks` + 1 blocks of queries when its
+        window has just moved, `pipeline_blocks` at its other steps (both forwards when the rows
+        disagree). `padded` is not used: the hidden column always needs the key mask."""
         starts = (state.step_in_block == 0) & ~state.done
         prefill = lambda s: self.prefill(model, s, window_only)
         open_blocks = state.config.pipeline_blocks  # the window's blocks at most (D2F pipelining)
