@@ -22,6 +22,7 @@ from dllm.decoding import DecodeConfig, SpecialIds, engine, steps
 from dllm.decoding.sampler import sampler_names, sampler_spec
 from experiments.common import REPO_ROOT
 
+pytestmark = pytest.mark.usefixtures("release_after_each_test")  # see tests/conftest.py
 SAMPLER_SPECS = {name: sampler_spec(name) for name in sampler_names() if name != "adaptive_block"}
 SAMPLER_SPECS["low_confidence_random"] = {"_target_": "samplers.low_confidence.LowConfidence", "remasking": "random"}
 SAMPLER_SPECS["end_of_text"] = {"_target_": "samplers.end_of_text.EndOfText",
