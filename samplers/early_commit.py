@@ -139,6 +139,7 @@ class EarlyCommit(base.Sampler):
     thresholds: tuple[float, ...] = (7.5, 5.0, 2.5)
     progress_bounds: tuple[float, ...] = (0.33, 0.67)
     gap: str = "logit"
+    needs_whole_canvas = True  # not a field: its all-in fill reaches every block (see Sampler)
     name = "early_commit"  # registry name: configs/sampler/early_commit.yaml
 
     def __post_init__(self):

@@ -71,9 +71,10 @@ class SubBlocks(base.Sampler):
     def sub_block_end(self, state: DecodeState) -> jnp.ndarray:
         """int32 [B]: the end of each row's first sub-block (cut from the window's model-block start)
         that holds a mask, in generation coordinates."""
-        # Where the window's model block starts: the block start, except in the first block, which
-        # a block-causal model's prompt tail may begin (block_end - block_length < 0 there).
-        origin = jnp.where(state.block_start == 0, state.block_end - state.config.block_length, state.block_start)
+        # Sub-blocks are cut on the engine's block grid (blocks end where p % block_length ==
+        # block_phase; `size` divides block_length), so in a block-causal model's first block they
+        # start before position 0, where the prompt's tail is.
+        origin = state.block_phase
         first_masked = jnp.argmax(state.is_masked & state.in_window, axis=-1)
         index = (first_masked - origin) // self.size
         return jnp.minimum(origin + (index + 1) * self.size, state.block_end).astype(jnp.int32)

@@ -23,7 +23,8 @@ from dllm.decoding.sampler import sampler_names, sampler_spec
 from experiments.common import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("release_after_each_test")  # see tests/conftest.py
-SAMPLER_SPECS = {name: sampler_spec(name) for name in sampler_names() if name != "adaptive_block"}
+# refused in a block-causal decode (tested below): adaptive_block with cache=block, early_commit always
+SAMPLER_SPECS = {name: sampler_spec(name) for name in sampler_names() if name not in ("adaptive_block", "early_commit")}
 SAMPLER_SPECS["low_confidence_random"] = {"_target_": "samplers.low_confidence.LowConfidence", "remasking": "random"}
 SAMPLER_SPECS["end_of_text"] = {"_target_": "samplers.end_of_text.EndOfText",
                                 "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}}
@@ -100,7 +101,7 @@ def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_l
         assert max(np.asarray(step.state.has_logits).sum(-1).max() for step in cached) > block_length
 
 
-def test_block_cache_refuses_bidirectional_models_and_adaptive_blocks(tiny_block):
+def test_block_cache_refuses_bidirectional_models_adaptive_blocks_and_early_commit(tiny_block):
     model, tokenizer = tiny_block
     bidirectional, _ = dllm.from_pretrained(REPO_ROOT / "checkpoints/tiny-full")
     prompt = [tokenizer.encode(PROMPTS[0])]
@@ -108,6 +109,10 @@ def test_block_cache_refuses_bidirectional_models_and_adaptive_blocks(tiny_block
                                          r"block cache needs a block-causal model"):
         dllm.generate(bidirectional, prompt, samplers.LowConfidence(), gen_length=24, block_length=8,
                       tokenizer=tokenizer, cache="block")
+    with pytest.raises(ValueError, match=r"EarlyCommit with a block-causal model: it reads or fills positions "
+                                         r"outside the active block"):
+        dllm.generate(model, prompt, samplers.get_sampler("early_commit"), gen_length=24, block_length=8,
+                      tokenizer=tokenizer)
     with pytest.raises(ValueError, match=r"AdaptiveBlock with cache='block': its windows end at delimiters"):
         dllm.generate(model, prompt, samplers.get_sampler("adaptive_block"), gen_length=24, block_length=8,
                       tokenizer=tokenizer, cache="block")

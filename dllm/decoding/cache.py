@@ -354,6 +354,9 @@ CACHE_MODES = tuple(CACHE_POLICIES)
 
 def cache_policy(config: DecodeConfig):
     """The policy of `config.cache`."""
+    if config.cache == "auto":
+        raise ValueError("cache='auto' names no policy until it is resolved from the model: "
+                         "dllm.decoding.engine.resolve_cache(model, config) (generate does this)")
     return CACHE_POLICIES[config.cache]
 
 

@@ -425,6 +425,10 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
         sampler = sampler.bind(tokenizer)  # token texts in sampler settings -> ids
     sampler.validate(config)
     check_block_alignment(model, config)
+    if model_block_of(model) is not None and getattr(sampler, "needs_whole_canvas", False):
+        raise ValueError(f"{type(sampler).__name__} with a block-causal model: it reads or fills positions outside "
+                         "the active block, and a block-causal decode computes the active block's logits only; "
+                         "allowed: a rule that commits inside the block (threshold, low_confidence_dynamic, ...)")
     special = resolve_special_ids(model, tokenizer, special)
     tokens, mask = pad_prompts(prompt_tokens, special.pad)
     if attention_mask is not None:

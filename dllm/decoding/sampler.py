@@ -66,6 +66,9 @@ class Sampler:
     """
 
     reads_only_window = False
+    # True for a rule that reads or fills positions outside the active block (Prophet's all-in fill):
+    # a block-causal decode has logits for the active block only, so the engine refuses it there.
+    needs_whole_canvas = False
     name = "sampler"  # the registry name (configs/sampler/<name>.yaml); each rule sets its own
 
     def validate(self, config: DecodeConfig) -> None:
