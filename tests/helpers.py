@@ -61,3 +61,27 @@ def registered_samplers(delimiter_id: int, answer_delimiter_id: int = 3) -> dict
     ids = {"early_commit": {"answer_delimiter_id": answer_delimiter_id},
            "adaptive_block": {"delimiter_ids": [delimiter_id]}}
     return {name: build_sampler(name, **ids.get(name, {})) for name in sampler_names()}
+
+
+# The trained-model decoding grids (batch invariance, the block cache): five task prompts, four of 11
+# tokens and one of 15, so a batch of five is left-padded, and the registry's samplers plus two
+# compositions that the registry's YAMLs do not spell out.
+GRID_PROMPTS = [
+    "reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>",
+    "sort : Hal Eve Ann Gus Bob Fay Dan Cid =>",
+    "shuffle : Ann Bob Cid Dan Eve Fay Gus Ivy =>",
+    "copy : Kim Lou Max Ned Oli Pam Quin Ray =>",
+    "insert Zoe at 3 : Sam Tom Uma Val Wes Ann Bob Cid Dan =>",
+]
+
+
+def grid_sampler_specs(exclude=()) -> dict:
+    """{name: Hydra spec}: every registered sampler's YAML (but `exclude`), low_confidence with random
+    remasking, and end_of_text around threshold 0.9."""
+    from dllm.decoding.sampler import sampler_names, sampler_spec
+
+    specs = {name: sampler_spec(name) for name in sampler_names() if name not in exclude}
+    specs["low_confidence_random"] = {"_target_": "samplers.low_confidence.LowConfidence", "remasking": "random"}
+    specs["end_of_text"] = {"_target_": "samplers.end_of_text.EndOfText",
+                            "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}}
+    return specs

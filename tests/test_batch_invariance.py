@@ -17,22 +17,12 @@ from hydra.utils import instantiate
 import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig
-from dllm.decoding.sampler import sampler_names, sampler_spec
 from experiments.common import REPO_ROOT
+from tests.helpers import GRID_PROMPTS, grid_sampler_specs
 
 pytestmark = pytest.mark.usefixtures("release_after_each_test")  # see tests/conftest.py
-SAMPLER_SPECS = {name: sampler_spec(name) for name in sampler_names()}  # the registry's YAMLs
-SAMPLER_SPECS["low_confidence_random"] = {"_target_": "samplers.low_confidence.LowConfidence", "remasking": "random"}
-SAMPLER_SPECS["end_of_text"] = {"_target_": "samplers.end_of_text.EndOfText",
-                                "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}}
-# Five prompts, four of 11 tokens and one of 15: the batch of five is left-padded.
-PROMPTS = [
-    "reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>",
-    "sort : Hal Eve Ann Gus Bob Fay Dan Cid =>",
-    "shuffle : Ann Bob Cid Dan Eve Fay Gus Ivy =>",
-    "copy : Kim Lou Max Ned Oli Pam Quin Ray =>",
-    "insert Zoe at 3 : Sam Tom Uma Val Wes Ann Bob Cid Dan =>",
-]
+SAMPLER_SPECS = grid_sampler_specs()
+PROMPTS = GRID_PROMPTS  # the batch of five is left-padded
 WIDTH = 15  # the longest prompt: the batch's width
 # XLA's backend optimisations off: the same tokens for every run of the grid, half the compile time
 # (compiling dominates these tests on CPU; batch and solo runs compile alike).

@@ -19,23 +19,14 @@ import dllm
 import samplers
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, SpecialIds, engine, steps
-from dllm.decoding.sampler import sampler_names, sampler_spec
 from experiments.common import REPO_ROOT
+from tests.helpers import GRID_PROMPTS, grid_sampler_specs
 
 pytestmark = pytest.mark.usefixtures("release_after_each_test")  # see tests/conftest.py
 # refused in a block-causal decode (tested below): adaptive_block with cache=block, early_commit always
-SAMPLER_SPECS = {name: sampler_spec(name) for name in sampler_names() if name not in ("adaptive_block", "early_commit")}
-SAMPLER_SPECS["low_confidence_random"] = {"_target_": "samplers.low_confidence.LowConfidence", "remasking": "random"}
-SAMPLER_SPECS["end_of_text"] = {"_target_": "samplers.end_of_text.EndOfText",
-                                "inner": {"_target_": "samplers.threshold.Threshold", "tau": 0.9}}
+SAMPLER_SPECS = grid_sampler_specs(exclude=("adaptive_block", "early_commit"))
 # 11, 11, 11, 11 and 15 tokens: 3 or 7 of them in the first generation block's model block of 8.
-PROMPTS = [
-    "reverse : Ann Bob Cid Dan Eve Fay Gus Hal =>",
-    "sort : Hal Eve Ann Gus Bob Fay Dan Cid =>",
-    "shuffle : Ann Bob Cid Dan Eve Fay Gus Ivy =>",
-    "copy : Kim Lou Max Ned Oli Pam Quin Ray =>",
-    "insert Zoe at 3 : Sam Tom Uma Val Wes Ann Bob Cid Dan =>",
-]
+PROMPTS = GRID_PROMPTS
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 

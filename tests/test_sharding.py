@@ -108,6 +108,17 @@ def full_grid() -> bool:
 # --------------------------------------------------------------------------- #
 
 
+def reference_and_sharded(reference, sharded, mesh, sampler, **kw) -> dict:
+    """{"reference": ..., "sharded": ...}: tokens, NFE and token sharding of one decode of PROMPTS
+    by `reference` on one device and by `sharded` on `mesh`."""
+    runs = {}
+    for run, (m, on) in {"reference": (reference, None), "sharded": (sharded, mesh)}.items():
+        result = dllm.generate(m, PROMPTS, sampler, **DECODE, special=SPECIAL, key=jax.random.key(7), mesh=on, **kw)
+        runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
+                     "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
+    return runs
+
+
 def run_worker(name: str) -> dict:
     from dllm.data import DataConfig, make_data
     from dllm.training import TrainConfig, init_training, params_of
@@ -133,13 +144,7 @@ def run_worker(name: str) -> dict:
     out["actual_specs"] = {k: str(v.sharding.spec) for k, v in nnx.to_pure_dict(nnx.state(sharded_model)).items()}
 
     for case, sampler, kw in grid_cases(name, full_grid()):
-        runs = {}
-        for run, (m, on) in {"reference": (model, None), "sharded": (sharded_model, mesh)}.items():
-            result = dllm.generate(m, PROMPTS, sampler, **DECODE, special=SPECIAL,
-                                   key=jax.random.key(7), mesh=on, **kw)
-            runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
-                         "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
-        out["decode"][case] = runs
+        out["decode"][case] = reference_and_sharded(model, sharded_model, mesh, sampler, **kw)
     # Unrolled layers (a parameter dict and a KV buffer per layer) decode sharded as the scanned model does.
     from dllm.checkpoints import model_from_params
     from dllm.models.transformer import canonical_params
@@ -147,26 +152,16 @@ def run_worker(name: str) -> dict:
     unrolled = sharding.shard_model(model_from_params(model.config, canonical_params(model),
                                                       dllm.Layout(scan_layers=False)), mesh, DEFAULT_RULES)
     for mode in ("none", "dual"):
-        runs = {}
-        for run, (m, on) in {"reference": (model, None), "sharded": (unrolled, mesh)}.items():
-            result = dllm.generate(m, PROMPTS, samplers.Threshold(), **DECODE, special=SPECIAL,
-                                   key=jax.random.key(7), mesh=on, cache=mode)
-            runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
-                         "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
-        out["decode"][f"threshold/{mode}/unrolled-layers"] = runs
+        out["decode"][f"threshold/{mode}/unrolled-layers"] = reference_and_sharded(
+            model, unrolled, mesh, samplers.Threshold(), cache=mode)
     # The same weights, block-causal (blocks of 4, token shift): uncached and over the exact block cache.
     block_config = dataclasses.replace(model.config, attention="block_causal", block_size=4)
     block_model = model_from_params(block_config, canonical_params(model))
     sharded_block = sharding.shard_model(model_from_params(block_config, canonical_params(model)), mesh,
                                          DEFAULT_RULES)
     for mode in BLOCK_CAUSAL_MODES:
-        runs = {}
-        for run, (m, on) in {"reference": (block_model, None), "sharded": (sharded_block, mesh)}.items():
-            result = dllm.generate(m, PROMPTS, samplers.Threshold(), **DECODE, special=SPECIAL,
-                                   key=jax.random.key(7), mesh=on, cache=mode)
-            runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist(),
-                         "token_spec": str(getattr(result.tokens.sharding, "spec", None))}
-        out["decode"][f"threshold/{mode}/block-causal"] = runs
+        out["decode"][f"threshold/{mode}/block-causal"] = reference_and_sharded(
+            block_model, sharded_block, mesh, samplers.Threshold(), cache=mode)
     out["seconds"]["decode"] = time.perf_counter() - start
 
     start = time.perf_counter()  # the first two updates of `train` on the mesh (and on one device, once)
