@@ -26,7 +26,6 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from dllm.decoding.state import DecodeState
 from samplers import base
 from samplers.low_confidence import LowConfidence
 
@@ -52,16 +51,8 @@ class DynamicLowConfidence(LowConfidence):
             raise ValueError(f"DynamicLowConfidence.remasking={self.remasking!r}: allowed 'low_confidence'")
         base.check_number("DynamicLowConfidence", "tau", self.tau, 0, 1, low_open=True)
 
-    def step(self, logits, state: DecodeState, masked_at_start):
-        logits = base.apply_eos_policy(logits, state)
-        proposed = base.sample_tokens(logits, state)
-        tokens = base.on_generation(proposed, state, state.special.mask)
-        eligible = base.masked_in_window(state)
-        confidence = base.CONFIDENCES[self.confidence](base.probabilities(logits, state), proposed)
-        confidence = base.deprioritize_eos(base.on_generation(confidence, state, base.NEG_INF), tokens, state)
-        masked_at_start = jnp.where(state.step_in_block == 0, eligible.sum(-1, dtype=jnp.int32), masked_at_start)
-        k = self.commit_count(state, masked_at_start)
+    def select(self, confidence, eligible, k):
+        """Every eligible position above tau if there are at least k of them, else the top k."""
         high = eligible & (confidence > self.tau)
         enough = high.sum(-1) >= k
-        commit = jnp.where(enough[:, None], high, base.top_k_commit(confidence, eligible, k))
-        return base.Commit(tokens=tokens, commit=commit, confidence=confidence.astype(jnp.float32)), masked_at_start
+        return jnp.where(enough[:, None], high, base.top_k_commit(confidence, eligible, k))

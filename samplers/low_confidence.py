@@ -110,5 +110,9 @@ class LowConfidence(base.Sampler):
         confidence = base.deprioritize_eos(confidence, tokens, state)
         masked_at_start = jnp.where(state.step_in_block == 0, eligible.sum(-1, dtype=jnp.int32), masked_at_start)  # int32 carry under x64 too
         k = self.commit_count(state, masked_at_start)
-        commit = base.top_k_commit(confidence, eligible, k)
+        commit = self.select(confidence, eligible, k)
         return base.Commit(tokens=tokens, commit=commit, confidence=confidence.astype(jnp.float32)), masked_at_start
+
+    def select(self, confidence: jax.Array, eligible: jax.Array, k: jax.Array) -> jax.Array:
+        """bool [B, G]: this step's commits given the step's count k [B]: the top k (LLaDA)."""
+        return base.top_k_commit(confidence, eligible, k)
