@@ -134,16 +134,20 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
     for name, index in by_task.items():  # score_many: code benchmarks run their sandboxes in parallel
         task = get_task(name, examples[index[0]].suite)
         scores = task.score_many([examples[i] for i in index], [rows[i]["output"] for i in index])
+        format_ok = getattr(task, "format_ok", lambda output: None)  # answer_pattern: a format to check
         for i, score in zip(index, scores):
             rows[i]["score"] = score
+            rows[i]["format_ok"] = format_ok(rows[i]["output"])
     per_task: dict[str, dict] = {}
     for example, row in zip(examples, rows):
         row["task"] = example.task
         row["answer"] = example.answer
-        entry = per_task.setdefault(example.task, {"n": 0, "correct": 0.0, "nfe": []})
+        entry = per_task.setdefault(example.task, {"n": 0, "correct": 0.0, "nfe": [], "format_ok": []})
         entry["n"] += 1
         entry["correct"] += row["score"]
         entry["nfe"].append(row["nfe"])
+        if row["format_ok"] is not None:
+            entry["format_ok"].append(row["format_ok"])
     nfe = np.array([r["nfe"] for r in rows])
     summary = {
         "n": len(rows),
@@ -154,7 +158,8 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
         "unfinished": sum(not r["finished"] for r in rows),
         **timing,
         "per_task": {
-            name: {"n": e["n"], "accuracy": e["correct"] / e["n"], "mean_nfe": float(np.mean(e["nfe"]))}
+            name: {"n": e["n"], "accuracy": e["correct"] / e["n"], "mean_nfe": float(np.mean(e["nfe"])),
+                   **({"format_valid": float(np.mean(e["format_ok"]))} if e["format_ok"] else {})}
             for name, e in sorted(per_task.items())
         },
     }

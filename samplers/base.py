@@ -88,26 +88,34 @@ def apply_eos_policy(logits: jax.Array, state: DecodeState) -> jax.Array:
     return logits
 
 
-def sample_tokens(logits: jax.Array, state: DecodeState) -> jax.Array:
+def sample_tokens(logits: jax.Array, state: DecodeState, step_keys: jax.Array | None = None) -> jax.Array:
     """x0 = argmax of Gumbel-perturbed logits (LLaDA `add_gumbel_noise`).
 
     LLaDA computes argmax(exp(l) / (-log u)^T) in float64; we take the argmax
     of the monotone equivalent l - T * log(-log u), which cannot overflow in
     float32. u ~ U(0, 1) is drawn per row from fold_in(step_key, 0) in `noise_dtype`,
     over [G, V] also for window-only logits (their rows of it), so a
-    position gets the same draw from either.
+    position gets the same draw from either. `step_keys` [rows of `logits`] replace
+    `state.step_key` (self-speculative decoding draws each canvas's noise from the key of the
+    stepwise step that reaches it).
     """
-    temperature = state.config.temperature
-    if temperature == 0:
+    if state.config.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(perturbed_logits(logits, state, step_keys), axis=-1).astype(jnp.int32)
+
+
+def perturbed_logits(logits: jax.Array, state: DecodeState, step_keys: jax.Array | None = None) -> jax.Array:
+    """l - T * log(-log u) in `noise_dtype`: the Gumbel-perturbed logits `sample_tokens` takes the argmax
+    of (temperature > 0), with its noise."""
+    temperature = state.config.temperature
     dtype = noise_dtype(state)
     _, length, vocab = logits.shape
     u = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0), (state.config.gen_length, vocab), dtype,
-                                                minval=jnp.finfo(dtype).tiny, maxval=1.0))(state.step_key)
+                                                minval=jnp.finfo(dtype).tiny, maxval=1.0))(
+        state.step_key if step_keys is None else step_keys)
     if length != state.config.gen_length:
         u = jax.vmap(lambda rows, start: jax.lax.dynamic_slice_in_dim(rows, start, length))(u, state.window_offsets)
-    perturbed = logits.astype(dtype) - temperature * jnp.log(-jnp.log(u))
-    return jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
+    return logits.astype(dtype) - temperature * jnp.log(-jnp.log(u))
 
 
 def probabilities(logits: jax.Array, state: DecodeState) -> jax.Array:

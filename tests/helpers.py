@@ -53,6 +53,18 @@ def top(c, token=0):
     return p
 
 
+def refusal(sampler, **decode_fields) -> str | None:
+    """The ValueError text with which `sampler` refuses these decode settings (`Sampler.validate`),
+    or None when it runs them: the grids decode the pairs a sampler accepts and assert that the
+    engine refuses the others, so no pair is skipped silently."""
+    fields = {"gen_length": 16, "block_length": 8, **decode_fields}
+    try:
+        sampler.validate(DecodeConfig(**fields))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def registered_samplers(delimiter_id: int, answer_delimiter_id: int = 3) -> dict:
     """Every registered sampler (configs/sampler/*.yaml) with its YAML defaults; the token texts
     of the task-suite YAMLs given as ids of the test's vocabulary."""

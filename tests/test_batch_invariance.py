@@ -18,7 +18,7 @@ import dllm
 from dllm import evaluation
 from dllm.decoding import DecodeConfig
 from experiments.common import REPO_ROOT
-from tests.helpers import GRID_PROMPTS, grid_sampler_specs
+from tests.helpers import GRID_PROMPTS, grid_sampler_specs, refusal
 
 pytestmark = pytest.mark.usefixtures("release_after_each_test")  # see tests/conftest.py
 SAMPLER_SPECS = grid_sampler_specs()
@@ -48,11 +48,16 @@ ALL_SETTINGS = [(cache, temperature) for cache in ("none", "prefix", "dual") for
 def test_every_row_decodes_as_it_does_alone(tiny, name):
     """Every sampler x cache policy x temperature: each row of the padded batch of five equals the
     row decoded alone (a batch of one at the same prompt width: one compile for the five solo runs;
-    compiling dominates on CPU), token for token and NFE for NFE."""
+    compiling dominates on CPU), token for token and NFE for NFE; a cache policy the sampler refuses
+    (self_speculative's prefix/dual) is asserted refused."""
     model, tokenizer = tiny
     sampler = instantiate(SAMPLER_SPECS[name], _convert_="all")
     for cache, temperature in ALL_SETTINGS:
         decode = DecodeConfig(gen_length=24, block_length=8, cache=cache, temperature=temperature)
+        if refusal(sampler, cache=cache):
+            with pytest.raises(ValueError, match=f"cache='{cache}'"):
+                decoded(model, tokenizer, sampler, decode, 1)
+            continue
         alone = decoded(model, tokenizer, sampler, decode, 1)
         assert decoded(model, tokenizer, sampler, decode, 5) == alone, (cache, temperature)
 

@@ -23,8 +23,9 @@ from experiments.common import REPO_ROOT
 from tests.helpers import GRID_PROMPTS, grid_sampler_specs
 
 pytestmark = pytest.mark.usefixtures("release_after_each_test")  # see tests/conftest.py
-# refused in a block-causal decode (tested below): adaptive_block with cache=block, early_commit always
-SAMPLER_SPECS = grid_sampler_specs(exclude=("adaptive_block", "early_commit"))
+# refused in a block-causal decode (tested below): adaptive_block and self_speculative with cache=block,
+# early_commit always
+SAMPLER_SPECS = grid_sampler_specs(exclude=("adaptive_block", "early_commit", "self_speculative"))
 # 11, 11, 11, 11 and 15 tokens: 3 or 7 of them in the first generation block's model block of 8.
 PROMPTS = GRID_PROMPTS
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -107,6 +108,9 @@ def test_block_cache_refuses_bidirectional_models_adaptive_blocks_and_early_comm
     with pytest.raises(ValueError, match=r"AdaptiveBlock with cache='block': its windows end at delimiters"):
         dllm.generate(model, prompt, samplers.get_sampler("adaptive_block"), gen_length=24, block_length=8,
                       tokenizer=tokenizer, cache="block")
+    with pytest.raises(ValueError, match=r"SelfSpeculative with cache='block': its forward verifies several"):
+        dllm.generate(model, prompt, samplers.get_sampler("self_speculative"), gen_length=24, block_length=8,
+                      tokenizer=tokenizer, cache="auto")  # "block" for this model
 
 
 def test_auto_cache_follows_the_attention_pattern(tiny_block):

@@ -9,7 +9,7 @@ from flax import nnx
 import dllm
 import samplers
 from dllm.decoding import SpecialIds
-from tests.helpers import registered_samplers
+from tests.helpers import refusal, registered_samplers
 
 SPECIAL = SpecialIds(mask=39, eos=38, eot=38, pad=0)
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11]]
@@ -40,6 +40,10 @@ def test_one_layer_cache_is_exact(arch, mode):
     any plumbing error (RoPE positions, offsets, token shift, masks) shows."""
     model = make_model(arch, 1)
     for sampler in all_samplers():
+        if refusal(sampler, cache=mode):  # self_speculative runs uncached only
+            with pytest.raises(ValueError, match=f"cache='{mode}'"):
+                decode(model, sampler, cache=mode)
+            continue
         expected = decode(model, sampler)
         got = decode(model, sampler, cache=mode)
         np.testing.assert_array_equal(got[0], expected[0], err_msg=f"{sampler} {mode}")

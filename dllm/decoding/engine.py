@@ -2,7 +2,9 @@
 
     canvas = [left-padded prompt | MASK * gen_length]
     while some row has a MASK and step < max_steps:
-        logits = model(canvas)[generation region]        (one NFE; CFG doubles the batch)
+        logits = model(canvas)[generation region]        (one NFE; CFG doubles the batch; a
+                                                          self-speculative sampler's drafted canvases
+                                                          run as one batch: Sampler.draft_canvases)
         commit, carry = sampler.step(logits, state, carry)
         canvas = where(commit & masked & row unfinished, commit.tokens, canvas)
         advance each row's block when its window has no MASK left
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm.decoding.cache import cache_policy, clip_window, guided_logits, without_mask_token
+from dllm.decoding.cache import StepLogits, cache_policy, clip_window, guided_logits, without_mask_token
 from dllm.decoding.sampler import Sampler
 from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
 from dllm.models.transformer import CACHE_AXES
@@ -202,6 +204,16 @@ def forward_logits(model, state: DecodeState, window_only: bool = False, padded:
     return without_mask_token(guided_logits(model, state, window_only, padded), state)
 
 
+def canvas_logits(model, state: DecodeState, canvases, padded: bool = True) -> StepLogits:
+    """Logits [B, n, G, V] of n generation canvases per row (`Sampler.draft_canvases`) in one
+    uncached forward of B * n rows, each with its row's prompt and padding; [MASK] at -inf."""
+    batch, n, g = canvases.shape
+    tokens = jnp.repeat(state.tokens[:, None], n, axis=1).at[:, :, state.prompt_width:].set(canvases)
+    wide = state.replace(tokens=tokens.reshape(batch * n, -1), attention_mask=jnp.repeat(state.attention_mask, n, 0))
+    logits = guided_logits(model, wide, False, padded).reshape(batch, n, g, -1)
+    return StepLogits(without_mask_token(logits, state), state.cache, jnp.ones((batch, g), bool))
+
+
 def next_window(state: DecodeState, gen_tokens, block_end):
     """Moves a row whose window is fully decoded to the next block that still
     has a MASK (blocks already filled, e.g. by an early commit, are skipped).
@@ -318,7 +330,11 @@ def decode_step(model, state: DecodeState, carry, *, sampler, padded: bool = Tru
     """One forward pass (one NFE) and its commits: (state, carry, logits, commit).
 
     The body of the decoding loop; `steps` runs it one call at a time."""
-    out = cache_policy(state.config).step_logits(model, state, uses_window_logits(sampler, state.config), padded)
+    canvases = sampler.draft_canvases(state, carry)
+    if canvases is None:
+        out = cache_policy(state.config).step_logits(model, state, uses_window_logits(sampler, state.config), padded)
+    else:
+        out = canvas_logits(model, state, canvases, padded)
     cache = None if out.cache is None else constrain_cache(out.cache)
     state = state.replace(cache=cache, has_logits=out.has_logits)
     commit, carry = sampler.step(out.logits, state, carry)

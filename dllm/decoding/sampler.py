@@ -80,6 +80,12 @@ class Sampler:
     def step(self, logits: jax.Array, state: DecodeState, carry: Any) -> tuple[Commit, Any]:
         raise NotImplementedError
 
+    def draft_canvases(self, state: DecodeState, carry: Any) -> jax.Array | None:
+        """None (the step forwards the canvas), or int32 [B, n, G]: n generation canvases per row that
+        this step's one forward runs instead (batched; self-speculative verification), and `step`
+        then receives their logits, float32 [B, n, G, V]. Such a sampler runs uncached."""
+        return None
+
     def bind(self, tokenizer) -> "Sampler":
         """A copy with token texts (delimiters) resolved to ids of `tokenizer`."""
         return self

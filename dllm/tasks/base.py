@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -117,6 +118,10 @@ class Task:
         curriculum that also holds smaller instances, as the `parallel` suite
         does); None: the train split draws from `sample`, as the test split
         always does.
+      answer_pattern: a regular expression every correct answer matches in
+        whole (its format, words joined by single spaces), or None: the
+        format-validity figure of evaluation and the constraint of DINGO
+        decoding (`samplers.dingo`, `sampler.pattern`).
     """
 
     name: str
@@ -127,6 +132,7 @@ class Task:
     suite: str = "tiny"
     max_answer_tokens: int = MAX_ANSWER_TOKENS
     train_sample: Sampler | None = None
+    answer_pattern: str | None = None
 
     def examples(self, split: str, n: int | None = None) -> list[Example]:
         """The first `n` examples of `split` ("train" or "test"); the same on every call.
@@ -181,10 +187,30 @@ class Task:
             raise ValueError(f"task {self.name!r} of suite {self.suite!r}: {error}") from None
         return 1.0 if correct else 0.0
 
+    def format_ok(self, output: str) -> bool | None:
+        """Whether `output` matches `answer_pattern` (whitespace normalised), None without a pattern."""
+        if self.answer_pattern is None:
+            return None
+        return re.fullmatch(self.answer_pattern, " ".join(output.split())) is not None
+
     def score_many(self, examples: Sequence[Example], outputs: Sequence[str]) -> list[float]:
         """`score` of each (example, output) pair: the protocol every task set shares (a code
         benchmark runs its sandboxes in parallel here)."""
         return [self.score(e, o) for e, o in zip(examples, outputs)]
+
+
+def words_pattern(words: Sequence[str], low: int = 1, high: int | None = None) -> str:
+    """A regular expression for `low` to `high` (None: any number of) space-separated `words`."""
+    word = "(" + "|".join(re.escape(w) for w in sorted(words, key=lambda w: (-len(w), w))) + ")"
+    more = f"{{{low - 1},{'' if high is None else high - 1}}}"
+    return f"{word}( {word}){more}"
+
+
+def grid_pattern(size: int, symbols: Sequence[str], separator: str) -> str:
+    """A regular expression for a size x size grid of `symbols`, rows split by `separator`."""
+    cell = "(" + "|".join(re.escape(s) for s in symbols) + ")"
+    row = f"{cell}( {cell}){{{size - 1}}}"
+    return f"{row}( {re.escape(separator)} {row}){{{size - 1}}}"
 
 
 def curriculum(easy: Sampler, hard: Sampler, easy_share: float) -> Sampler:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dllm.tasks.base import ANSWER_DELIMITER, Task, exact_match
+from dllm.tasks.base import ANSWER_DELIMITER, Task, exact_match, words_pattern
 
 OPERAND_DIGITS = 8
 OPERAND_LOW, OPERAND_HIGH = 10_000_000, 50_000_000  # half-open; sum < 10**OPERAND_DIGITS
@@ -38,4 +38,5 @@ def sample_addition(rng: np.random.Generator) -> tuple[str, str]:
 ADDITION = Task(
     "addition", True, sample_addition, exact_match,
     ("add", ":", "+", ANSWER_DELIMITER, *DIGITS), max_answer_tokens=OPERAND_DIGITS,
+    answer_pattern=words_pattern(DIGITS, OPERAND_DIGITS, OPERAND_DIGITS),
 )  # fmt: skip

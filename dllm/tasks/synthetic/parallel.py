@@ -55,7 +55,8 @@ import functools
 
 import numpy as np
 
-from dllm.tasks.base import ANSWER_DELIMITER, Task, curriculum, exact_match, prompt_payload
+from dllm.tasks.base import (ANSWER_DELIMITER, Task, curriculum, exact_match, grid_pattern, prompt_payload,
+                             words_pattern)
 from dllm.tasks.synthetic.puzzles import BLANK, ROW_SEPARATOR, grid_to_words
 from dllm.tasks.synthetic.waiting_line import LineShape, line_tasks
 
@@ -249,22 +250,27 @@ PARALLEL_TASKS: dict[str, Task] = {
         *line_tasks(LINE, suite=SUITE, easy_shape=EASY_LINE, easy_share=EASY_SHARE),
         Task("addition", True, sample_addition, exact_match, ("add", "+", *ARITHMETIC_WORDS),
              suite=SUITE, max_answer_tokens=MAX_DIGITS + 1,
-             train_sample=with_easy(sample_addition, digits=EASY_DIGITS)),
+             train_sample=with_easy(sample_addition, digits=EASY_DIGITS),
+             answer_pattern=words_pattern(DIGITS, MIN_DIGITS + 1, MAX_DIGITS + 1)),
         Task("multiplication", True, sample_multiplication, exact_match, ("multiply", "*", *ARITHMETIC_WORDS),
              suite=SUITE, max_answer_tokens=MAX_DIGITS + 1,
-             train_sample=with_easy(sample_multiplication, digits=EASY_DIGITS)),
+             train_sample=with_easy(sample_multiplication, digits=EASY_DIGITS),
+             answer_pattern=words_pattern(DIGITS, MIN_DIGITS + 1, MAX_DIGITS + 1)),
         Task("latin_square", False, sample_latin_square, puzzle_checker(LATIN_SIZE, None),
              ("latin", *GRID_WORDS, *(str(s) for s in range(1, LATIN_SIZE + 1))),
              suite=SUITE, max_answer_tokens=LATIN_SIZE * LATIN_SIZE + LATIN_SIZE - 1,
-             train_sample=with_easy(sample_latin_square, blanks=EASY_LATIN_BLANKS)),
+             train_sample=with_easy(sample_latin_square, blanks=EASY_LATIN_BLANKS),
+             answer_pattern=grid_pattern(LATIN_SIZE, [str(s) for s in range(1, LATIN_SIZE + 1)], ROW_SEPARATOR)),
         Task("sudoku", False, sample_sudoku, puzzle_checker(SUDOKU_SIZE, SUDOKU_BOX),
              ("sudoku", *GRID_WORDS, *(str(s) for s in range(1, SUDOKU_SIZE + 1))),
              suite=SUITE, max_answer_tokens=SUDOKU_SIZE * SUDOKU_SIZE + SUDOKU_SIZE - 1,
-             train_sample=with_easy(sample_sudoku, blanks=EASY_SUDOKU_BLANKS)),
+             train_sample=with_easy(sample_sudoku, blanks=EASY_SUDOKU_BLANKS),
+             answer_pattern=grid_pattern(SUDOKU_SIZE, [str(s) for s in range(1, SUDOKU_SIZE + 1)], ROW_SEPARATOR)),
         Task("distinct_names", False, sample_distinct_names, is_valid_distinct_names,
              ("name", "others", ":", ANSWER_DELIMITER, *NUMBERS, *NAMES),
              suite=SUITE, max_answer_tokens=DISTINCT_ASKED[1],
              train_sample=with_easy(sample_distinct_names, given_range=EASY_DISTINCT_GIVEN,
-                                    asked_range=EASY_DISTINCT_ASKED)),
+                                    asked_range=EASY_DISTINCT_ASKED),
+             answer_pattern=words_pattern(NAMES, *DISTINCT_ASKED)),
     )
 }

@@ -30,7 +30,7 @@ import itertools
 
 import numpy as np
 
-from dllm.tasks.base import ANSWER_DELIMITER, Task, prompt_payload
+from dllm.tasks.base import ANSWER_DELIMITER, Task, grid_pattern, prompt_payload
 
 SIZE = 4
 SYMBOLS = tuple(str(s) for s in range(1, SIZE + 1))
@@ -152,6 +152,8 @@ def is_valid_sudoku(prompt_words: list[str], answer_words: list[str], output_wor
 
 
 GRID_WORDS = (":", ANSWER_DELIMITER, ROW_SEPARATOR, BLANK, *SYMBOLS)
+GRID_FORMAT = grid_pattern(SIZE, SYMBOLS, ROW_SEPARATOR)
 LATIN_SQUARE = Task("latin_square", False, sample_latin_square, is_valid_latin_square, ("latin", *GRID_WORDS),
-                    max_answer_tokens=GRID_TOKENS)
-SUDOKU = Task("sudoku", False, sample_sudoku, is_valid_sudoku, ("sudoku", *GRID_WORDS), max_answer_tokens=GRID_TOKENS)
+                    max_answer_tokens=GRID_TOKENS, answer_pattern=GRID_FORMAT)
+SUDOKU = Task("sudoku", False, sample_sudoku, is_valid_sudoku, ("sudoku", *GRID_WORDS), max_answer_tokens=GRID_TOKENS,
+              answer_pattern=GRID_FORMAT)

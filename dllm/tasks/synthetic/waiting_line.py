@@ -40,7 +40,7 @@ import functools
 
 import numpy as np
 
-from dllm.tasks.base import ANSWER_DELIMITER, Task, curriculum, exact_match, prompt_payload
+from dllm.tasks.base import ANSWER_DELIMITER, Task, curriculum, exact_match, prompt_payload, words_pattern
 
 NAMES = (
     "Ann", "Bob", "Cid", "Dan", "Eve", "Fay", "Gus", "Hal",
@@ -163,7 +163,8 @@ def line_tasks(shape: LineShape = LineShape(), suite: str = "tiny", easy_shape: 
             train_sample = curriculum(functools.partial(sample, shape=easy_shape),
                                       functools.partial(sample, shape=shape), easy_share)
         return Task(name, deterministic, functools.partial(sample, shape=shape), checker, task_words, suite=suite,
-                    max_answer_tokens=longest, train_sample=train_sample)
+                    max_answer_tokens=longest, train_sample=train_sample,
+                    answer_pattern=words_pattern(shape.names, 1, longest))
 
     return (
         task("copy", True, sample_copy, exact_match, words("copy")),

@@ -1,0 +1,293 @@
+"""DINGO: constrained decoding, the most probable canvas a regular expression accepts.
+
+Suresh, Banerjee, Ugare, Misailovic, Singh 2025, "DINGO: Constrained Inference for Diffusion LLMs"
+(arXiv 2505.23061), §3-4, Algorithm 1. The regular expression R is compiled to a character DFA
+(`interegular`, the parser Outlines uses) and lifted to tokens: delta(q, t) runs the DFA over the
+token's text, and the mask token (bottom) moves q to every state one ordinary token reaches
+(delta(q, bottom), the paper's mask transition). Given the model's distributions v_i, the dynamic
+programme W[i, q] = max over (q', t) with delta(q', t) = q of W[i-1, q'] * v_i[t] (Eq. 2, in logs)
+finds the partially masked string of highest probability that the DFA can still take to acceptance,
+and a backtrack reads it off.
+
+Here, per decoding step: the inner sampler (default LLaDA's low-confidence rule) chooses which
+positions commit, from the unconstrained confidences; at those positions v_i is the model's
+distribution, at positions committed earlier a point mass on their token, and at the positions left
+masked a point mass on bottom. DINGO then writes the tokens of the best accepted string at the
+committing positions. The whole generation canvas is in the programme, so blocks after the active
+one are wildcards.
+
+Deviations, named:
+- Acceptance, not a valid prefix: the paper keeps the block's end state live (some continuation
+  accepted); here the canvas has a fixed length, so the programme requires the end state to accept
+  R followed by EOS padding (EOS or EOT, once any is written, only EOS/EOT follow). The output is
+  then a complete match whenever the decode finishes, never a prefix cut by the canvas end.
+- Positions: the paper decodes a block's positions with the model's distribution directly; here the
+  inner rule picks them (the unmasking schedule stays the sampler's).
+- Temperature > 0: the programme maximises the Gumbel-perturbed logits the inner rule samples from
+  (perturb-and-MAP), so with a pattern that accepts everything it commits the inner's own draws.
+- Logits of -inf (an EOS policy) are floored at -1e9: the constraint wins when only such a token
+  is allowed.
+- Tokens whose text is empty (special tokens other than EOS/EOT) are never allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm.decoding.state import DecodeConfig, DecodeState
+from samplers import base
+
+FLOOR = -1e9  # what a -inf logit counts in the programme
+
+
+def default_inner():
+    from samplers.low_confidence import LowConfidence
+
+    return LowConfidence()
+
+
+class TokenAutomaton:
+    """A regular expression lifted to a tokenizer's tokens (host arrays; hashed by content, so
+    the compiled decode of one pattern and tokenizer is reused and never another's).
+
+    States 0..n-1 are the character DFA's, then END (an EOS was written) and DEAD.
+    Attributes:
+      first, after: int32 [S, V], the state after a token at the first / a later generation position
+        (a later token's text carries the separator the tokenizer puts before it).
+      reach_first, reach_after: bool [S, S], the states the mask token can reach (any ordinary token).
+      initial: the start state; accepting: bool [S].
+    """
+
+    def __init__(self, pattern: str, first, after, reach_first, reach_after, initial: int, accepting):
+        self.pattern, self.initial = pattern, int(initial)
+        self.first, self.after = np.asarray(first, np.int32), np.asarray(after, np.int32)
+        self.reach_first, self.reach_after = np.asarray(reach_first, bool), np.asarray(reach_after, bool)
+        self.accepting = np.asarray(accepting, bool)
+        digest = hashlib.sha1(pattern.encode())
+        for table in (self.first, self.after, self.reach_first, self.reach_after, self.accepting):
+            digest.update(table.tobytes())
+        digest.update(str(self.initial).encode())
+        self.digest = digest.hexdigest()
+
+    def __eq__(self, other):
+        return isinstance(other, TokenAutomaton) and other.digest == self.digest
+
+    def __hash__(self):
+        return hash(self.digest)
+
+    def __repr__(self):
+        return f"TokenAutomaton({self.pattern!r}, {self.first.shape[0]} states)"
+
+    @property
+    def dead(self) -> int:
+        return self.first.shape[0] - 1
+
+    def shortest_match(self) -> int | None:
+        """The fewest tokens of an accepted generation (EOS padding not counted), or None."""
+        frontier, seen, length = {self.initial}, {self.initial}, 0
+        table = self.first
+        while frontier:
+            if any(self.accepting[q] for q in frontier):
+                return length
+            nxt = {int(q2) for q in frontier for q2 in np.unique(table[q])} - seen - {self.dead}
+            seen |= nxt
+            frontier, table, length = nxt, self.after, length + 1
+        return None
+
+
+def token_texts(tokenizer) -> tuple[list[str], list[str]]:
+    """(text of each token at the first position, text of each token after another one): the
+    second is decode([r, t]) less decode([r]) for an ordinary token r, so it carries the
+    separator a word-level tokenizer writes between tokens (and nothing for byte-level BPE)."""
+    size = base.vocabulary_size(tokenizer)
+    first = [tokenizer.decode([t]) for t in range(size)]
+    reference = next((t for t in range(size) if first[t]), None)
+    if reference is None:
+        raise ValueError(f"DINGO: no token of {tokenizer!r} decodes to any text")
+    head = first[reference]
+    after = []
+    for t in range(size):
+        both = tokenizer.decode([reference, t])
+        if not both.startswith(head):
+            raise ValueError(f"DINGO: decode([{reference}, {t}]) = {both!r} does not start with decode([{reference}]) "
+                             f"= {head!r}; this tokenizer's texts do not concatenate, so a token's text is undefined")
+        after.append(both[len(head):])
+    return first, after
+
+
+def compile_pattern(pattern: str, tokenizer) -> TokenAutomaton:
+    """R (Python `re` syntax, matched against the whole decoded answer) lifted to `tokenizer`."""
+    import interegular
+
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"Dingo.pattern={pattern!r}: must be a non-empty regular expression")
+    try:
+        fsm = interegular.parse_pattern(pattern).to_fsm()
+    except Exception as error:  # interegular raises its own parse errors
+        raise ValueError(f"Dingo.pattern={pattern!r} does not parse as a regular expression "
+                         f"({type(error).__name__}: {error})") from error
+    states = sorted(fsm.states)
+    index = {q: i for i, q in enumerate(states)}
+    end, dead = len(states), len(states) + 1
+    size = dead + 1
+    finals = np.zeros(size, bool)
+    finals[[index[q] for q in fsm.finals]] = True
+
+    def run(q: int, text: str) -> int:
+        state = states[q]
+        for char in text:
+            state = fsm.map.get(state, {}).get(fsm.alphabet[char])
+            if state is None:
+                return dead
+        return index[state]
+
+    specials = tokenizer.special_ids
+    stops = {specials["eos"], specials["eot"]}
+    never = {specials["mask"], specials["pad"]} - stops
+    first_text, after_text = token_texts(tokenizer)
+    vocab = len(first_text)
+    tables = []
+    for texts in (first_text, after_text):
+        table = np.full((size, vocab), dead, np.int32)
+        for t, text in enumerate(texts):
+            if t in stops:
+                table[finals, t] = end
+                table[end, t] = end
+            elif t in never or not text:
+                continue
+            else:
+                for q in range(len(states)):
+                    table[q, t] = run(q, text)
+        tables.append(table)
+    ordinary = np.array([t not in never for t in range(vocab)])
+
+    def reach(table):
+        out = np.zeros((size, size), bool)
+        for q in range(size):
+            out[q, table[q, ordinary]] = True
+        out[:, dead] = False
+        return out
+
+    accepting = finals.copy()
+    accepting[end] = True
+    return TokenAutomaton(pattern, tables[0], tables[1], reach(tables[0]), reach(tables[1]), index[fsm.initial],
+                          accepting)
+
+
+def best_accepted(scores, choose, wildcard, fixed_tokens, automaton: TokenAutomaton, mask_id: int):
+    """One row's dynamic programme (DINGO Algorithm 1). `scores` float [G, V]: the log-probabilities
+    (or logits) of the positions that choose; `choose` / `wildcard` bool [G]: positions whose token
+    the programme picks / that stay masked (the rest hold `fixed_tokens` int32 [G]).
+    Returns (tokens int32 [G], the mask id at wildcards; feasible bool: some accepted string exists)."""
+    size, vocab = automaton.first.shape
+    dead = automaton.dead
+    g = scores.shape[0]
+    if scores.shape[1] < vocab:
+        raise ValueError(f"DINGO: logits over {scores.shape[1]} tokens, the tokenizer has {vocab}")
+    scores = scores[:, :vocab]  # tokens past the tokenizer's vocabulary are never allowed
+    first, after = jnp.asarray(automaton.first), jnp.asarray(automaton.after)
+    reach_first, reach_after = jnp.asarray(automaton.reach_first), jnp.asarray(automaton.reach_after)
+    token_ids = jnp.arange(vocab)
+    flat_index = jnp.arange(size * vocab, dtype=jnp.int32)
+    big = jnp.int32(size * vocab)
+
+    def forward(best, j):
+        table = jnp.where(j == 0, first, after)
+        reach = jnp.where(j == 0, reach_first, reach_after)
+        fixed_row = jnp.where(token_ids == fixed_tokens[j], 0.0, -jnp.inf)
+        row = jnp.where(choose[j], jnp.maximum(scores[j], FLOOR), fixed_row)
+        by_token = (best[:, None] + row[None, :]).reshape(-1)  # [S * V], to state table[q, t]
+        target = table.reshape(-1)
+        token_best = jax.ops.segment_max(by_token, target, num_segments=size)
+        hit = (by_token == token_best[target]) & jnp.isfinite(by_token)
+        token_arg = jax.ops.segment_min(jnp.where(hit, flat_index, big), target, num_segments=size)
+        by_mask = jnp.where(reach, best[:, None], -jnp.inf)  # [S, S]: q -> q' through the mask token
+        mask_best, mask_arg = by_mask.max(axis=0), jnp.argmax(by_mask, axis=0).astype(jnp.int32)
+        new = jnp.where(wildcard[j], mask_best, token_best).at[dead].set(-jnp.inf)
+        previous = jnp.where(wildcard[j], mask_arg, token_arg // vocab)
+        token = jnp.where(wildcard[j], mask_id, token_arg % vocab)
+        return new, (previous, token)
+
+    start = jnp.full((size,), -jnp.inf).at[automaton.initial].set(0.0)
+    final, (previous, tokens) = jax.lax.scan(forward, start, jnp.arange(g))
+    final = jnp.where(jnp.asarray(automaton.accepting), final, -jnp.inf)
+    feasible = jnp.isfinite(final.max())
+
+    def backward(state, j):
+        return previous[j, state], tokens[j, state]
+
+    _, out = jax.lax.scan(backward, jnp.argmax(final).astype(jnp.int32), jnp.arange(g), reverse=True)
+    return out.astype(jnp.int32), feasible
+
+
+@dataclasses.dataclass(frozen=True)
+class Dingo(base.Sampler):
+    """The inner rule's positions, with the tokens of the most probable canvas `pattern` accepts.
+
+    Attributes:
+      pattern: a regular expression (Python `re` syntax) the decoded answer must match in whole,
+        EOS padding after it. Compiled for the tokenizer when bound (`generate(..., tokenizer=)`).
+      inner: the rule that picks the positions to commit (default LowConfidence(), LLaDA's).
+      automaton: filled by `bind`; leave unset.
+    """
+
+    pattern: str | None = None
+    inner: base.Sampler = dataclasses.field(default_factory=default_inner)
+    automaton: TokenAutomaton | None = None
+    name = "dingo"  # registry name: configs/sampler/dingo.yaml
+
+    def __post_init__(self):
+        if not isinstance(self.inner, base.Sampler):
+            raise ValueError(f"Dingo.inner={self.inner!r}: must be a samplers.base.Sampler")
+        if self.pattern is not None and (not isinstance(self.pattern, str) or not self.pattern):
+            raise ValueError(f"Dingo.pattern={self.pattern!r}: must be a non-empty regular expression")
+
+    def bind(self, tokenizer) -> Dingo:
+        if self.pattern is None:
+            raise ValueError("Dingo.pattern is not set: give the regular expression answers must match "
+                             "(Hydra: sampler.pattern='...')")
+        return dataclasses.replace(self, inner=base.bind_inner(self.inner, tokenizer),
+                                   automaton=compile_pattern(self.pattern, tokenizer))
+
+    def validate(self, config: DecodeConfig) -> None:
+        self.inner.validate(config)
+        if self.automaton is None:
+            raise ValueError("Dingo needs the tokenizer to compile its pattern: pass tokenizer= to generate "
+                             "(or bind it: Dingo(...).bind(tokenizer))")
+        shortest = self.automaton.shortest_match()
+        if shortest is None:
+            raise ValueError(f"Dingo.pattern={self.pattern!r} accepts no string of this tokenizer's tokens")
+        if shortest > config.gen_length:
+            raise ValueError(f"Dingo.pattern={self.pattern!r}: its shortest match takes {shortest} tokens, "
+                             f"gen_length={config.gen_length}; allowed: gen_length >= {shortest}")
+
+    def settings(self) -> dict:
+        return {"name": self.name, "pattern": self.pattern, "inner": self.inner.settings()}
+
+    def init(self, state: DecodeState):
+        return self.inner.init(state)
+
+    def step(self, logits, state: DecodeState, carry):
+        commit, carry = self.inner.step(logits, state, carry)
+        if commit.truncate_at is not None:
+            raise ValueError(f"Dingo with inner={type(self.inner).__name__}: its end-of-text truncation writes "
+                             "EOS the constraint did not choose; allowed: an inner rule without truncation")
+        scores = base.apply_eos_policy(logits, state).astype(base.noise_dtype(state))
+        if state.config.temperature > 0:  # perturb-and-MAP: the Gumbel noise the inner draws from
+            scores = base.perturbed_logits(scores, state)
+        scores = jax.nn.log_softmax(scores, axis=-1)
+        masked = state.is_masked
+        choose, wildcard = commit.commit & masked, masked & ~commit.commit
+        tokens, feasible = jax.vmap(lambda *row: best_accepted(*row, self.automaton, state.special.mask))(
+            scores, choose, wildcard, state.gen_tokens)
+        # no accepted string (cannot happen from a canvas the constraint wrote; shown, not hidden):
+        # the row commits nothing more and stops unfinished
+        stop = ~feasible if commit.stop is None else commit.stop | ~feasible
+        commit = commit.replace(tokens=jnp.where(choose, tokens, commit.tokens), commit=choose & feasible[:, None],
+                                stop=stop)
+        return commit, carry
