@@ -56,6 +56,7 @@ def parallel_extra(gen_length: int) -> dict[str, dict]:
         **{f"low_confidence({k} tokens/step)": {"_target_": "samplers.low_confidence.LowConfidence",
                                                  "steps": gen_length // k}
            for k in (2, 4)},
+        "self_speculative(k=2)": {"_target_": "samplers.self_speculative.SelfSpeculative", "draft_length": 2},
     }
 
 
@@ -105,6 +106,14 @@ def main(argv=None) -> dict:
     decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache)
     runs = {name: instantiate(spec, _convert_="all")
             for name, spec in sampler_specs(args.samplers, args.suite, args.gen_length).items()}
+    for name, sampler in list(runs.items()):  # e.g. self_speculative runs uncached only: said, not hidden
+        try:
+            sampler.bind(tokenizer).validate(decode)
+        except ValueError as error:
+            if args.samplers:  # asked for by name: an error
+                raise
+            print(f"not run: {name}: {error}")
+            del runs[name]
     results = {}
 
     def write(label, sampler, summary):  # after every sampler, so a run cut short keeps what it measured

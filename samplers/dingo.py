@@ -59,17 +59,17 @@ class TokenAutomaton:
     Attributes:
       first, after: int32 [S, V], the state after a token at the first / a later generation position
         (a later token's text carries the separator the tokenizer puts before it).
-      reach_first, reach_after: bool [S, S], the states the mask token can reach (any ordinary token).
+      ordinary: bool [V], the tokens the mask can stand for (all but mask and pad): the mask moves q
+        to every first/after[q, t] of an ordinary t.
       initial: the start state; accepting: bool [S].
     """
 
-    def __init__(self, pattern: str, first, after, reach_first, reach_after, initial: int, accepting):
+    def __init__(self, pattern: str, first, after, ordinary, initial: int, accepting):
         self.pattern, self.initial = pattern, int(initial)
         self.first, self.after = np.asarray(first, np.int32), np.asarray(after, np.int32)
-        self.reach_first, self.reach_after = np.asarray(reach_first, bool), np.asarray(reach_after, bool)
-        self.accepting = np.asarray(accepting, bool)
+        self.ordinary, self.accepting = np.asarray(ordinary, bool), np.asarray(accepting, bool)
         digest = hashlib.sha1(pattern.encode())
-        for table in (self.first, self.after, self.reach_first, self.reach_after, self.accepting):
+        for table in (self.first, self.after, self.ordinary, self.accepting):
             digest.update(table.tobytes())
         digest.update(str(self.initial).encode())
         self.digest = digest.hexdigest()
@@ -165,18 +165,9 @@ def compile_pattern(pattern: str, tokenizer) -> TokenAutomaton:
                     table[q, t] = run(q, text)
         tables.append(table)
     ordinary = np.array([t not in never for t in range(vocab)])
-
-    def reach(table):
-        out = np.zeros((size, size), bool)
-        for q in range(size):
-            out[q, table[q, ordinary]] = True
-        out[:, dead] = False
-        return out
-
     accepting = finals.copy()
     accepting[end] = True
-    return TokenAutomaton(pattern, tables[0], tables[1], reach(tables[0]), reach(tables[1]), index[fsm.initial],
-                          accepting)
+    return TokenAutomaton(pattern, tables[0], tables[1], ordinary, index[fsm.initial], accepting)
 
 
 def best_accepted(scores, choose, wildcard, fixed_tokens, automaton: TokenAutomaton, mask_id: int):
@@ -191,27 +182,22 @@ def best_accepted(scores, choose, wildcard, fixed_tokens, automaton: TokenAutoma
         raise ValueError(f"DINGO: logits over {scores.shape[1]} tokens, the tokenizer has {vocab}")
     scores = scores[:, :vocab]  # tokens past the tokenizer's vocabulary are never allowed
     first, after = jnp.asarray(automaton.first), jnp.asarray(automaton.after)
-    reach_first, reach_after = jnp.asarray(automaton.reach_first), jnp.asarray(automaton.reach_after)
+    any_ordinary = jnp.where(jnp.asarray(automaton.ordinary), 0.0, -jnp.inf)  # a mask: any ordinary token
     token_ids = jnp.arange(vocab)
     flat_index = jnp.arange(size * vocab, dtype=jnp.int32)
     big = jnp.int32(size * vocab)
 
     def forward(best, j):
         table = jnp.where(j == 0, first, after)
-        reach = jnp.where(j == 0, reach_first, reach_after)
         fixed_row = jnp.where(token_ids == fixed_tokens[j], 0.0, -jnp.inf)
-        row = jnp.where(choose[j], jnp.maximum(scores[j], FLOOR), fixed_row)
+        row = jnp.where(choose[j], jnp.maximum(scores[j], FLOOR), jnp.where(wildcard[j], any_ordinary, fixed_row))
         by_token = (best[:, None] + row[None, :]).reshape(-1)  # [S * V], to state table[q, t]
         target = table.reshape(-1)
-        token_best = jax.ops.segment_max(by_token, target, num_segments=size)
-        hit = (by_token == token_best[target]) & jnp.isfinite(by_token)
-        token_arg = jax.ops.segment_min(jnp.where(hit, flat_index, big), target, num_segments=size)
-        by_mask = jnp.where(reach, best[:, None], -jnp.inf)  # [S, S]: q -> q' through the mask token
-        mask_best, mask_arg = by_mask.max(axis=0), jnp.argmax(by_mask, axis=0).astype(jnp.int32)
-        new = jnp.where(wildcard[j], mask_best, token_best).at[dead].set(-jnp.inf)
-        previous = jnp.where(wildcard[j], mask_arg, token_arg // vocab)
-        token = jnp.where(wildcard[j], mask_id, token_arg % vocab)
-        return new, (previous, token)
+        new = jax.ops.segment_max(by_token, target, num_segments=size)
+        hit = (by_token == new[target]) & jnp.isfinite(by_token)
+        arg = jax.ops.segment_min(jnp.where(hit, flat_index, big), target, num_segments=size)
+        token = jnp.where(wildcard[j], mask_id, arg % vocab)  # a wildcard stays masked
+        return new.at[dead].set(-jnp.inf), (arg // vocab, token)
 
     start = jnp.full((size,), -jnp.inf).at[automaton.initial].set(0.0)
     final, (previous, tokens) = jax.lax.scan(forward, start, jnp.arange(g))

@@ -65,14 +65,32 @@ def refusal(sampler, **decode_fields) -> str | None:
     return None
 
 
-def registered_samplers(delimiter_id: int, answer_delimiter_id: int = 3) -> dict:
+def numbered_tokenizer(vocab_size: int, special: SpecialIds):
+    """A word-level tokenizer for a random test model's ids: token i reads "t<i>", the specials
+    their own names (what a sampler that compiles token texts, DINGO, binds to)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    names = {special.mask: "<mask>", special.eos: "<eos>", special.eot: "<eos>", special.pad: "<pad>"}
+    vocab = {names.get(i, f"t{i}"): i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in set(names.values())])
+    return dllm.Tokenizer(backend, mask_id=special.mask, eos_id=special.eos, eot_id=special.eot, pad_id=special.pad)
+
+
+def registered_samplers(delimiter_id: int, answer_delimiter_id: int = 3, vocab_size: int = 40,
+                        special: SpecialIds = SpecialIds(mask=39, eos=38, eot=38, pad=0)) -> dict:
     """Every registered sampler (configs/sampler/*.yaml) with its YAML defaults; the token texts
-    of the task-suite YAMLs given as ids of the test's vocabulary."""
+    of the task-suite YAMLs given as ids of the test's vocabulary, and the samplers that compile
+    token texts (DINGO) bound to `numbered_tokenizer(vocab_size, special)`."""
     from dllm.decoding.sampler import build_sampler, sampler_names
 
     ids = {"early_commit": {"answer_delimiter_id": answer_delimiter_id},
            "adaptive_block": {"delimiter_ids": [delimiter_id]}}
-    return {name: build_sampler(name, **ids.get(name, {})) for name in sampler_names()}
+    built = {name: build_sampler(name, **ids.get(name, {})) for name in sampler_names()}
+    built["dingo"] = built["dingo"].bind(numbered_tokenizer(vocab_size, special))
+    return built
 
 
 # The trained-model decoding grids (batch invariance, the block cache): five task prompts, four of 11

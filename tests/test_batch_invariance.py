@@ -54,7 +54,7 @@ def test_every_row_decodes_as_it_does_alone(tiny, name):
     sampler = instantiate(SAMPLER_SPECS[name], _convert_="all")
     for cache, temperature in ALL_SETTINGS:
         decode = DecodeConfig(gen_length=24, block_length=8, cache=cache, temperature=temperature)
-        if refusal(sampler, cache=cache):
+        if refusal(sampler.bind(tokenizer), cache=cache):
             with pytest.raises(ValueError, match=f"cache='{cache}'"):
                 decoded(model, tokenizer, sampler, decode, 1)
             continue

@@ -57,7 +57,7 @@ def test_block_cache_decodes_the_uncached_tokens(tiny_block, name):
     if name in ("threshold", "credit", "end_of_text"):
         alone = decoded(model, tokenizer, sampler, DecodeConfig(**settings, cache="block"), batch_size=1)
         assert alone == cached
-    assert any(nfe < 24 for _, nfe in cached) or name.startswith("low_confidence")
+    assert any(nfe < 24 for _, nfe in cached) or name.startswith("low_confidence") or name == "dingo"  # over LowConfidence
 
 
 def block_model(token_shift: bool, block_size: int = 4):

@@ -167,7 +167,7 @@ class ConstantLogits(nnx.Module):
 
 def adversarial_samplers():
     """Every registered sampler with its YAML defaults (token texts bound to ids)."""
-    return list(registered_samplers(delimiter_id=EOS).items())
+    return list(registered_samplers(delimiter_id=EOS, vocab_size=VOCAB, special=SPECIAL).items())
 
 
 @pytest.mark.parametrize("fake", ["uniform", "all_eos"])

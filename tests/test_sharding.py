@@ -82,7 +82,7 @@ def decode_model(mesh=None):
 
 
 def all_samplers():
-    return registered_samplers(delimiter_id=SPECIAL.eos)
+    return registered_samplers(delimiter_id=SPECIAL.eos, vocab_size=MODEL["vocab_size"], special=SPECIAL)
 
 
 def grid_cases(mesh: str, full: bool = False):

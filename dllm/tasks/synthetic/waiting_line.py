@@ -164,7 +164,7 @@ def line_tasks(shape: LineShape = LineShape(), suite: str = "tiny", easy_shape: 
                                       functools.partial(sample, shape=shape), easy_share)
         return Task(name, deterministic, functools.partial(sample, shape=shape), checker, task_words, suite=suite,
                     max_answer_tokens=longest, train_sample=train_sample,
-                    answer_pattern=words_pattern(shape.names, 1, longest))
+                    answer_pattern=words_pattern(shape.names))  # counts unbounded: a bounded count multiplies the DFA
 
     return (
         task("copy", True, sample_copy, exact_match, words("copy")),
