@@ -43,6 +43,7 @@ from dllm.decoding.cache import StepLogits, cache_policy, clip_window, guided_lo
 from dllm.decoding.sampler import Sampler
 from dllm.decoding.state import DecodeConfig, DecodeResult, DecodeState, SpecialIds, Trace
 from dllm.models.transformer import CACHE_AXES
+from dllm.models.function import LogitsFunction
 
 
 def pad_prompts(prompts, pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -167,14 +168,19 @@ def resolve_cache(model, config: DecodeConfig) -> DecodeConfig:
     return dataclasses.replace(config, cache="block" if exact else "none")
 
 
-def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds, model=None) -> DecodeState:
+def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: SpecialIds, model=None,
+                  template=None) -> DecodeState:
     """The state before the first step. `key`: one PRNG key or one per row (`row_keys`).
     `model`: the cache policy's empty buffer is made for it (its config and layout; none without),
-    and a block-causal model's blocks set the first block's end (`first_block_end`)."""
+    and a block-causal model's blocks set the first block's end (`first_block_end`).
+    `template`: int32 [B, G], the generation canvas to start from (infilling: [MASK] where to
+    fill, fixed tokens elsewhere); None: all [MASK]. Blocks without a mask are skipped, and a row
+    without any is done before the first step."""
     batch, width = tokens.shape
     key = row_keys(key, batch)
     g = config.gen_length
-    canvas = jnp.concatenate([tokens, jnp.full((batch, g), special.mask, jnp.int32)], axis=1)
+    gen = jnp.full((batch, g), special.mask, jnp.int32) if template is None else jnp.asarray(template, jnp.int32)
+    canvas = jnp.concatenate([tokens, gen], axis=1)
     mask = jnp.concatenate([attention_mask, jnp.ones((batch, g), jnp.int32)], axis=1)
     history = (jnp.zeros((config.max_steps, batch, g), jnp.float32) if config.record_confidence else None)
     first_end = first_block_end(attention_mask, config, model_block_of(model))
@@ -193,6 +199,10 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         key=key, cache=None, has_logits=jnp.ones((batch, g), bool), config=config, special=special,
         prompt_width=width,
     )
+    if template is not None:  # infilling: the first window is the first block that holds a mask
+        block_start, block_end, _ = next_window(state, gen, first_end)
+        state = state.replace(block_start=block_start, block_end=block_end,
+                              done=~jnp.any(gen == special.mask, axis=-1))
     if model is not None:
         state = state.replace(cache=cache_policy(config).init(model, batch, canvas.shape[1], config))
     return state
@@ -342,7 +352,8 @@ def decode_step(model, state: DecodeState, carry, *, sampler, padded: bool = Tru
     return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry, out.logits, commit
 
 
-def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, special, placement=None, padded=True):
+def _decode(graphdef, params, tokens, attention_mask, key, template=None, *, sampler, config, special, placement=None,
+            padded=True):
     """`padded`: whether some prompt has left padding (else full forwards run
     unmasked attention). `placement` (a `dllm.sharding.Placement`, or None on one device): the canvas
     and the KV cache are constrained to it (batch rows over the data axes,
@@ -351,7 +362,7 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
     # Stacked caches use every CACHE_AXES name; per-layer (unrolled) ones drop "layers".
     constrain_cache = lambda cache: jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
     model = nnx.merge(graphdef, params)
-    state = initial_state(tokens, attention_mask, key, config, special, model)
+    state = initial_state(tokens, attention_mask, key, config, special, model, template)
     state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
                           attention_mask=constrain(state.attention_mask, ("batch", "length")),
                           cache=None if state.cache is None else constrain_cache(state.cache))
@@ -374,11 +385,13 @@ def _decode(graphdef, params, tokens, attention_mask, key, *, sampler, config, s
 def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler, *, gen_length: int,
              block_length: int, key: jax.Array | None = None, tokenizer=None, attention_mask=None,
              special: SpecialIds | None = None, mesh=None, rules=None, compiler_options: dict | None = None,
-             **config_fields) -> DecodeResult:
+             template=None, **config_fields) -> DecodeResult:
     """Decodes a batch of prompts with `sampler`.
 
     Args:
-      model: a `dllm.Transformer` (anything with the same call signature).
+      model: a `dllm.Transformer` (anything with the same call signature), or a plain function
+        fn(tokens [B, L], attention_mask or None) -> logits [B, L, V] (`dllm.models.function`:
+        decoded uncached, on one device).
       prompt_tokens: a list of token-id lists (left-padded here) or an int
         array [B, P] (then pass `attention_mask` for its padding).
       sampler: a `dllm.decoding.sampler.Sampler` (every sampler of the `samplers` package).
@@ -397,21 +410,28 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         an exact near-tie could in principle resolve differently).
       compiler_options: XLA options for compiling the decoding loop (default
         `COMPILER_OPTIONS`; {} for XLA's own defaults).
+      template: infilling, int ids [B, gen_length] (a list of lists or an array): the generation
+        canvas to start from, the mask id where tokens are to be filled and fixed tokens elsewhere
+        (`prefix [MASK]* middle [MASK]* suffix`, any number of spans). Every sampler and cache
+        policy decodes it; only masked positions are ever written. None: all masked.
       config_fields: the other `DecodeConfig` fields (temperature, cfg_scale,
         eos_policy, noise_dtype, max_steps, record_confidence).
 
     Returns:
       DecodeResult with tokens [B, gen_length], nfe [B] and the trace.
     """
-    config, sampler, special, tokens, mask, key = prepare(model, prompt_tokens, sampler, gen_length, block_length,
-                                                          key, tokenizer, attention_mask, special, config_fields)
+    model, config, sampler, special, tokens, mask, key, template = prepare(
+        model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,
+        config_fields, template)
     graphdef, params = nnx.split(model)
     padded = bool(np.any(np.asarray(mask) == 0))
     options = COMPILER_OPTIONS if compiler_options is None else compiler_options
     decode = _decode_with(tuple(sorted(options.items())))
     if mesh is None:
-        return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key,
+        return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key, template,
                        sampler=sampler, config=config, special=special, padded=padded)
+    if isinstance(model, LogitsFunction):
+        raise ValueError("a function model decodes on one device: it has no parameters to place; pass mesh=None")
     if model.layout.window_attention_impl == "pallas":
         raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
                          "with a mesh use 'xla', 'cudnn' or None")
@@ -426,14 +446,17 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     shardings = placement.param_shardings(model)
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
     tokens, mask = placement.put_batch((tokens, mask))
+    if template is not None:
+        template = placement.put_batch(template)
     key = jax.device_put(key, placement.replicated())
-    return decode(graphdef, params, tokens, mask, key, sampler=sampler, config=config, special=special,
+    return decode(graphdef, params, tokens, mask, key, template, sampler=sampler, config=config, special=special,
                    placement=placement, padded=padded)
 
 
 def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,
-            config_fields):
-    """`generate`'s and `steps`' checks and inputs: (config, bound sampler, special ids, tokens, mask, key)."""
+            config_fields, template=None):
+    """`generate`'s and `steps`' checks and inputs: (model, config, bound sampler, special ids, tokens, mask,
+    key, template); a plain function model comes back wrapped (`LogitsFunction`)."""
     if not isinstance(sampler, Sampler):
         raise TypeError(f"sampler={sampler!r} is not a samplers.base.Sampler; build one with samplers.get_sampler(name)")
     config = resolve_cache(model, DecodeConfig(gen_length=gen_length, block_length=block_length, **config_fields))
@@ -445,6 +468,13 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
         raise ValueError(f"{type(sampler).__name__} with a block-causal model: it reads or fills positions outside "
                          "the active block, and a block-causal decode computes the active block's logits only; "
                          "allowed: a rule that commits inside the block (threshold, low_confidence_dynamic, ...)")
+    if not isinstance(model, nnx.Module) and callable(model):  # a function tokens -> logits
+        if special is None and tokenizer is None:
+            raise ValueError("a function model has no config: pass tokenizer= or special=SpecialIds(...)")
+        width = pad_prompts(prompt_tokens, (special or resolve_special_ids(None, tokenizer)).pad)[0].shape[1]
+        model = LogitsFunction.of(model, jnp.zeros((1, width + gen_length), jnp.int32))
+    if isinstance(model, LogitsFunction) and config.cache != "none":
+        raise ValueError(f"cache={config.cache!r} with a function model: it has no K/V to cache; allowed: cache='none'")
     special = resolve_special_ids(model, tokenizer, special)
     tokens, mask = pad_prompts(prompt_tokens, special.pad)
     if attention_mask is not None:
@@ -464,9 +494,27 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
     if real.size and (real.min() < 0 or real.max() >= vocab):
         raise ValueError(f"prompt token ids must lie in [0, {vocab}); found {real.min()}..{real.max()}")
     if np.any(real == special.mask):
-        raise ValueError(f"a prompt contains the mask token id {special.mask}; prompts must be fully observed")
+        raise ValueError(f"a prompt contains the mask token id {special.mask}; prompts must be fully observed "
+                         "(to fill positions, give the generation canvas as template=, [MASK] where to fill)")
+    if template is not None:
+        template = check_template(template, tokens.shape[0], gen_length, vocab, special)
     key = jax.random.key(0) if key is None else key
-    return config, sampler, special, tokens, mask, row_keys(key, tokens.shape[0])
+    return model, config, sampler, special, tokens, mask, row_keys(key, tokens.shape[0]), template
+
+
+def check_template(template, batch: int, gen_length: int, vocab: int, special: SpecialIds) -> np.ndarray:
+    """The infilling template as int32 [B, gen_length], or a ValueError naming what is wrong."""
+    try:
+        out = np.asarray(template, np.int32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"template must be int ids [batch, gen_length]: {error}") from None
+    if out.shape != (batch, gen_length):
+        raise ValueError(f"template shape {out.shape}: must be (batch, gen_length) = ({batch}, {gen_length})")
+    if out.min() < 0 or out.max() >= vocab:
+        raise ValueError(f"template ids must lie in [0, {vocab}); found {out.min()}..{out.max()}")
+    if not np.any(out == special.mask):
+        raise ValueError(f"template has no mask token (id {special.mask}) to fill: nothing would be decoded")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,7 +541,7 @@ class Step:
 
 
 def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, key=None, tokenizer=None,
-          attention_mask=None, special: SpecialIds | None = None, **config_fields):
+          attention_mask=None, special: SpecialIds | None = None, template=None, **config_fields):
     """Steps through a decode one forward pass at a time: yields a `Step` per NFE.
 
     The same inputs, checks and tokens as `generate` (tested): each step is
@@ -505,14 +553,15 @@ def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, 
         for s in dllm.decoding.steps(model, [tokens], sampler, gen_length=24, block_length=8, tokenizer=tok):
             print(s.index, s.committed.sum(), s.commit.confidence.max())
     """
-    config, sampler, special, tokens, mask, key = prepare(model, prompt_tokens, sampler, gen_length, block_length,
-                                                          key, tokenizer, attention_mask, special, config_fields)
+    model, config, sampler, special, tokens, mask, key, template = prepare(
+        model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,
+        config_fields, template)
     padded = bool(np.any(np.asarray(mask) == 0))
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def start(tokens, mask, key):
-        state = initial_state(tokens, mask, key, config, special, model)
+    def start(tokens, mask, key, template):
+        state = initial_state(tokens, mask, key, config, special, model, template)
         return state, sampler.init(state)
 
     @jax.jit
@@ -522,7 +571,7 @@ def steps(model, prompt_tokens, sampler, *, gen_length: int, block_length: int, 
                                                    padded=padded)
         return state, carry, logits, commit, state.gen_tokens != before
 
-    state, carry = start(jnp.asarray(tokens), jnp.asarray(mask), key)
+    state, carry = start(jnp.asarray(tokens), jnp.asarray(mask), key, template)
     index = 0
     while index < config.max_steps and not bool(jnp.all(state.done)):
         state, carry, logits, commit, committed = advance(params, state, carry)
