@@ -134,20 +134,20 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
     for name, index in by_task.items():  # score_many: code benchmarks run their sandboxes in parallel
         task = get_task(name, examples[index[0]].suite)
         scores = task.score_many([examples[i] for i in index], [rows[i]["output"] for i in index])
-        format_ok = getattr(task, "format_ok", lambda output: None)  # answer_pattern: a format to check
+        format_valid = getattr(task, "format_valid", lambda output: None)  # answer_pattern: a format to check
         for i, score in zip(index, scores):
             rows[i]["score"] = score
-            rows[i]["format_ok"] = format_ok(rows[i]["output"])
+            rows[i]["format_valid"] = format_valid(rows[i]["output"])
     per_task: dict[str, dict] = {}
     for example, row in zip(examples, rows):
         row["task"] = example.task
         row["answer"] = example.answer
-        entry = per_task.setdefault(example.task, {"n": 0, "correct": 0.0, "nfe": [], "format_ok": []})
+        entry = per_task.setdefault(example.task, {"n": 0, "correct": 0.0, "nfe": [], "format_valid": []})
         entry["n"] += 1
         entry["correct"] += row["score"]
         entry["nfe"].append(row["nfe"])
-        if row["format_ok"] is not None:
-            entry["format_ok"].append(row["format_ok"])
+        if row["format_valid"] is not None:
+            entry["format_valid"].append(row["format_valid"])
     nfe = np.array([r["nfe"] for r in rows])
     summary = {
         "n": len(rows),
@@ -159,7 +159,7 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
         **timing,
         "per_task": {
             name: {"n": e["n"], "accuracy": e["correct"] / e["n"], "mean_nfe": float(np.mean(e["nfe"])),
-                   **({"format_valid": float(np.mean(e["format_ok"]))} if e["format_ok"] else {})}
+                   **({"format_valid": float(np.mean(e["format_valid"]))} if e["format_valid"] else {})}
             for name, e in sorted(per_task.items())
         },
     }

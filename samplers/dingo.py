@@ -27,7 +27,14 @@ Deviations, named:
   (perturb-and-MAP), so with a pattern that accepts everything it commits the inner's own draws.
 - Logits of -inf (an EOS policy) are floored at -1e9: the constraint wins when only such a token
   is allowed.
-- Tokens whose text is empty (special tokens other than EOS/EOT) are never allowed.
+- Tokens whose text is empty (special tokens other than EOS/EOT) are never allowed; so are tokens
+  whose text alone is not valid text (a byte-level token holding part of a UTF-8 character decodes
+  to U+FFFD).
+- Infilling (`generate(template=)`): one pattern over the whole answer, fixed spans included (the
+  paper constrains each decoded block); a template no accepted answer fits is refused up front.
+
+Cost: the tables are [S, V] per pattern (built vectorised over states), and each step scans the G
+positions over S x V entries; for a 126k-token vocabulary and hundreds of states that is large.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpy as np
 from dllm.decoding.state import DecodeConfig, DecodeState
 from samplers import base
 
-FLOOR = -1e9  # what a -inf logit counts in the programme
+FLOOR = -1e9  # a chosen token scored below this (-inf: an EOS policy's) counts as floored
 
 
 def default_inner():
@@ -71,7 +78,7 @@ class TokenAutomaton:
         digest = hashlib.sha1(pattern.encode())
         for table in (self.first, self.after, self.ordinary, self.accepting):
             digest.update(table.tobytes())
-        digest.update(str(self.initial).encode())
+        digest.update(f"{self.initial} {self.first.shape}".encode())
         self.digest = digest.hexdigest()
 
     def __eq__(self, other):
@@ -138,13 +145,19 @@ def compile_pattern(pattern: str, tokenizer) -> TokenAutomaton:
     finals = np.zeros(size, bool)
     finals[[index[q] for q in fsm.finals]] = True
 
-    def run(q: int, text: str) -> int:
-        state = states[q]
+    # the character DFA as an array [states + 1, symbols] (the extra row: dead), run for all states at once
+    n_symbols = len(fsm.alphabet.by_transition)
+    step = np.full((len(states) + 1, n_symbols), len(states), np.int32)
+    for q, moves in fsm.map.items():
+        for symbol, q2 in moves.items():
+            step[index[q], symbol] = index[q2]
+    everyone = np.arange(len(states))
+
+    def run(text: str) -> np.ndarray:
+        now = everyone
         for char in text:
-            state = fsm.map.get(state, {}).get(fsm.alphabet[char])
-            if state is None:
-                return dead
-        return index[state]
+            now = step[now, fsm.alphabet[char]]
+        return np.where(now == len(states), dead, now)
 
     specials = tokenizer.special_ids
     stops = {specials["eos"], specials["eot"]}
@@ -161,8 +174,7 @@ def compile_pattern(pattern: str, tokenizer) -> TokenAutomaton:
             elif t in never or not text:
                 continue
             else:
-                for q in range(len(states)):
-                    table[q, t] = run(q, text)
+                table[:len(states), t] = run(text)
         tables.append(table)
     ordinary = np.array([t not in never for t in range(vocab)])
     accepting = finals.copy()
@@ -174,6 +186,8 @@ def best_accepted(scores, choose, wildcard, fixed_tokens, automaton: TokenAutoma
     """One row's dynamic programme (DINGO Algorithm 1). `scores` float [G, V]: the log-probabilities
     (or logits) of the positions that choose; `choose` / `wildcard` bool [G]: positions whose token
     the programme picks / that stay masked (the rest hold `fixed_tokens` int32 [G]).
+    A chosen token scored -inf (or below FLOOR: an EOS policy's) is allowed but ranks after every
+    path with fewer such tokens: paths compare by that count first, then by score.
     Returns (tokens int32 [G], the mask id at wildcards; feasible bool: some accepted string exists)."""
     size, vocab = automaton.first.shape
     dead = automaton.dead
@@ -187,22 +201,33 @@ def best_accepted(scores, choose, wildcard, fixed_tokens, automaton: TokenAutoma
     flat_index = jnp.arange(size * vocab, dtype=jnp.int32)
     big = jnp.int32(size * vocab)
 
-    def forward(best, j):
+    never = jnp.int32(g + 1)  # a floored count above any path's: unreachable
+
+    def forward(carry, j):
+        best, floored = carry  # per state: the best path's score and its count of floored tokens
         table = jnp.where(j == 0, first, after)
         fixed_row = jnp.where(token_ids == fixed_tokens[j], 0.0, -jnp.inf)
-        row = jnp.where(choose[j], jnp.maximum(scores[j], FLOOR), jnp.where(wildcard[j], any_ordinary, fixed_row))
-        by_token = (best[:, None] + row[None, :]).reshape(-1)  # [S * V], to state table[q, t]
+        low = choose[j] & (scores[j] < FLOOR)
+        row = jnp.where(choose[j], jnp.where(low, 0.0, scores[j]), jnp.where(wildcard[j], any_ordinary, fixed_row))
+        by_score = (best[:, None] + row[None, :]).reshape(-1)  # [S * V], to state table[q, t]
+        by_count = (floored[:, None] + low[None, :]).reshape(-1)
         target = table.reshape(-1)
-        new = jax.ops.segment_max(by_token, target, num_segments=size)
-        hit = (by_token == new[target]) & jnp.isfinite(by_token)
+        by_count = jnp.where(jnp.isfinite(by_score), by_count, never)
+        count = jax.ops.segment_min(by_count, target, num_segments=size)
+        fewest = (by_count == count[target]) & (by_count < never)
+        new = jax.ops.segment_max(jnp.where(fewest, by_score, -jnp.inf), target, num_segments=size)
+        hit = fewest & (by_score == new[target])
         arg = jax.ops.segment_min(jnp.where(hit, flat_index, big), target, num_segments=size)
         token = jnp.where(wildcard[j], mask_id, arg % vocab)  # a wildcard stays masked
-        return new.at[dead].set(-jnp.inf), (arg // vocab, token)
+        return (new.at[dead].set(-jnp.inf), count.at[dead].set(never)), (arg // vocab, token)
 
-    start = jnp.full((size,), -jnp.inf).at[automaton.initial].set(0.0)
-    final, (previous, tokens) = jax.lax.scan(forward, start, jnp.arange(g))
-    final = jnp.where(jnp.asarray(automaton.accepting), final, -jnp.inf)
-    feasible = jnp.isfinite(final.max())
+    start = (jnp.full((size,), -jnp.inf).at[automaton.initial].set(0.0),
+             jnp.full((size,), never, jnp.int32).at[automaton.initial].set(0))
+    (final, floored), (previous, tokens) = jax.lax.scan(forward, start, jnp.arange(g))
+    accepting = jnp.asarray(automaton.accepting) & (floored < never)
+    feasible = jnp.any(accepting)
+    fewest = accepting & (floored == jnp.min(jnp.where(accepting, floored, never)))
+    final = jnp.where(fewest, final, -jnp.inf)
 
     def backward(state, j):
         return previous[j, state], tokens[j, state]
@@ -242,6 +267,12 @@ class Dingo(base.Sampler):
 
     def validate(self, config: DecodeConfig) -> None:
         self.inner.validate(config)
+        rule = self.inner
+        while isinstance(rule, base.Sampler):
+            if rule.writes_end_of_text:
+                raise ValueError(f"Dingo with {type(rule).__name__} inside: its end-of-text truncation writes EOS the "
+                                 "constraint did not choose; allowed: an inner rule without truncation")
+            rule = getattr(rule, "inner", None)
         if self.automaton is None:
             raise ValueError("Dingo needs the tokenizer to compile its pattern: pass tokenizer= to generate "
                              "(or bind it: Dingo(...).bind(tokenizer))")
@@ -252,6 +283,18 @@ class Dingo(base.Sampler):
             raise ValueError(f"Dingo.pattern={self.pattern!r}: its shortest match takes {shortest} tokens, "
                              f"gen_length={config.gen_length}; allowed: gen_length >= {shortest}")
 
+    def check_template(self, template, special) -> None:
+        """An infilling template's fixed tokens must leave some accepted answer (engine `prepare`)."""
+        template = jnp.asarray(template, jnp.int32)
+        masked = template == special.mask
+        zeros = jnp.zeros((*template.shape, self.automaton.first.shape[1]), jnp.float32)
+        _, feasible = jax.vmap(lambda *row: best_accepted(*row, self.automaton, special.mask))(
+            zeros, jnp.zeros_like(masked), masked, template)
+        rows = np.flatnonzero(~np.asarray(feasible)).tolist()
+        if rows:
+            raise ValueError(f"Dingo.pattern={self.pattern!r}: no answer matches it with the fixed tokens of "
+                             f"template row(s) {rows}")
+
     def settings(self) -> dict:
         return {"name": self.name, "pattern": self.pattern, "inner": self.inner.settings()}
 
@@ -260,7 +303,7 @@ class Dingo(base.Sampler):
 
     def step(self, logits, state: DecodeState, carry):
         commit, carry = self.inner.step(logits, state, carry)
-        if commit.truncate_at is not None:
+        if commit.truncate_at is not None:  # refused by `validate`; a rule that truncates without saying so
             raise ValueError(f"Dingo with inner={type(self.inner).__name__}: its end-of-text truncation writes "
                              "EOS the constraint did not choose; allowed: an inner rule without truncation")
         scores = base.apply_eos_policy(logits, state).astype(base.noise_dtype(state))
@@ -271,8 +314,8 @@ class Dingo(base.Sampler):
         choose, wildcard = commit.commit & masked, masked & ~commit.commit
         tokens, feasible = jax.vmap(lambda *row: best_accepted(*row, self.automaton, state.special.mask))(
             scores, choose, wildcard, state.gen_tokens)
-        # no accepted string (cannot happen from a canvas the constraint wrote; shown, not hidden):
-        # the row commits nothing more and stops unfinished
+        # no accepted string: cannot happen from a canvas the constraint wrote (and a template's fixed
+        # tokens are checked before decoding); were it to, the row stops unfinished, flagged in the results
         stop = ~feasible if commit.stop is None else commit.stop | ~feasible
         commit = commit.replace(tokens=jnp.where(choose, tokens, commit.tokens), commit=choose & feasible[:, None],
                                 stop=stop)

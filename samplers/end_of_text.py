@@ -91,6 +91,7 @@ class EndOfText(base.Sampler):
     """
 
     inner: base.Sampler = dataclasses.field(default_factory=LowConfidence)
+    writes_end_of_text = True
     name = "end_of_text"  # registry name: configs/sampler/end_of_text.yaml
 
     def __post_init__(self):

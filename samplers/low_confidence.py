@@ -20,7 +20,8 @@ as implemented in ML-GSAI/LLaDA `generate.py`:
 LLaDA's fixed schedule (Dream's own schedule differs: it is not LLaDA's
 per-block split).
 
-NFE is exactly `steps` (unless DecodeConfig.max_steps cuts the decode short). Ties are broken by lower position first (torch.topk's
+NFE is exactly `steps` (unless DecodeConfig.max_steps cuts the decode short, or an infilling template
+leaves fewer masks in a block than its steps: a block then takes one step per mask). Ties are broken by lower position first (torch.topk's
 order is unspecified). We require steps_per_block <= block_length, so every
 step commits at least one token; LLaDA would allow idle steps.
 """

@@ -90,7 +90,8 @@ class SelfSpeculative(base.Sampler):
         batch, width, g, vocab = logits.shape
         canvases = self.draft_canvases(state, carry)
         logits = base.apply_eos_policy(logits, state).reshape(batch * width, g, vocab)
-        done_so_far = g - state.is_masked.sum(-1, dtype=jnp.int32)  # stepwise decoding's step at C_0
+        # stepwise decoding's step at C_0: the tokens this decode committed (a template's fixed ones not)
+        done_so_far = jnp.sum(state.commit_step >= 0, axis=-1, dtype=jnp.int32)
         keys = jax.vmap(lambda key, s: jax.vmap(lambda i: jax.random.fold_in(key, s + i))(jnp.arange(width)))(
             state.key, done_so_far).reshape(batch * width)
         proposed = base.sample_tokens(logits, state, step_keys=keys)

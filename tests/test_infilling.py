@@ -147,3 +147,44 @@ def test_a_mask_in_the_prompt_points_to_the_template():
                                          r"canvas as template="):
         dllm.generate(copy_left_neighbour, [[3, MASK]], samplers.LowConfidence(), gen_length=8, block_length=8,
                       special=SPECIAL)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_self_speculative_fills_with_the_stepwise_tokens(filled, temperature):
+    """Its sampled canvases draw the noise of the stepwise step that reaches them, counted in tokens
+    this decode committed (a template's fixed tokens not)."""
+    stepwise, _ = infill(filled, samplers.LowConfidence(), temperature=temperature, key=jax.random.key(4))
+    speculative, nfe = infill(filled, samplers.SelfSpeculative(), temperature=temperature, key=jax.random.key(4))
+    np.testing.assert_array_equal(speculative, stepwise)
+    _, tokenizer, *_, template = filled
+    assert nfe.mean() < (template == tokenizer.mask_id).sum(-1).mean()
+
+
+def test_a_block_causal_model_fills_uncached_and_refuses_the_block_cache():
+    model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints" / "tiny-block")
+    example = next(e for e in suite_examples("test", 2) if e.task == "reverse")
+    answer = (tokenizer.encode(example.answer) + [tokenizer.eos_id] * GEN)[:GEN]
+    template = [answer[:3] + [tokenizer.mask_id] * 3 + answer[6:]]
+    prompt = [tokenizer.encode(example.prompt)]
+    result = dllm.generate(model, prompt, samplers.LowConfidence(), gen_length=GEN, block_length=BLOCK,
+                           tokenizer=tokenizer, template=template, cache="none")
+    tokens = np.asarray(result.tokens)[0]
+    assert tokens[:3].tolist() == answer[:3] and tokens[6:].tolist() == answer[6:]
+    assert tokenizer.mask_id not in tokens.tolist() and int(result.nfe[0]) == 3
+    for cache in ("block", "auto"):  # auto: the block cache for this model
+        with pytest.raises(ValueError, match=r"template= with cache='block': a fully fixed block is skipped"):
+            dllm.generate(model, prompt, samplers.LowConfidence(), gen_length=GEN, block_length=BLOCK,
+                          tokenizer=tokenizer, template=template, cache=cache)
+
+
+def test_refused_pairs_with_a_template(filled):
+    model, tokenizer, _, prompts, mask, _, template = filled
+    run = lambda sampler, t=template: dllm.generate(model, prompts, sampler, gen_length=GEN, block_length=BLOCK,
+                                                    tokenizer=tokenizer, attention_mask=mask, template=t)
+    with pytest.raises(ValueError, match=r"template= with EndOfText: its end-of-text prediction writes EOS"):
+        run(samplers.get_sampler("end_of_text"))
+    with pytest.raises(ValueError, match=r"Dingo.pattern='\[5-9\]\+': no answer matches it with the fixed tokens "
+                                         r"of template row\(s\) \[0, 1, 2"):
+        run(samplers.Dingo(pattern="[5-9]+"))
+    with pytest.raises(ValueError, match=r"Dingo wraps SelfSpeculative, which verifies draft canvases"):
+        run(samplers.Dingo(pattern=".*", inner=samplers.SelfSpeculative()))

@@ -156,5 +156,26 @@ def test_every_reference_answer_matches_its_task_format():
         for example in suite_examples("test", 5, suite=suite):
             task = get_task(example.task, suite)
             if task.answer_pattern is not None:
-                assert task.format_ok(example.answer), (suite, example.task, example.answer)
-                assert not task.format_ok(example.answer + " =>"), (suite, example.task)  # "=>" ends prompts only
+                assert task.format_valid(example.answer), (suite, example.task, example.answer)
+                assert not task.format_valid(example.answer + " =>"), (suite, example.task)  # "=>" ends prompts only
+
+
+def test_a_floored_token_ranks_after_every_path_without_one():
+    """An EOS policy's -inf: pattern "a|b c" (space-joined) with position 1 allowing only EOS (a) or
+    c (b c), both at -inf; a scores -0.01 and b -5 at position 0. Both paths hold one floored token,
+    so the score decides: a EOS. Then with c alone floored and b scored far above a, a EOS still
+    wins: it holds fewer floored tokens."""
+    tokenizer = small_tokenizer(True)
+    automaton = compile_pattern(r"a|b c", tokenizer)
+    a, b, c = 3, 4, 6
+    scores = np.full((2, 7), -3.0, np.float32)
+    scores[0, a], scores[0, b] = -0.01, -5.0
+    scores[1, EOS], scores[1, c] = -np.inf, -np.inf
+    tokens, feasible = best_accepted(jnp.asarray(scores), jnp.array([True, True]), jnp.array([False, False]),
+                                     jnp.zeros(2, jnp.int32), automaton, MASK)
+    assert bool(feasible) and np.asarray(tokens).tolist() == [a, EOS]
+    scores[1, EOS] = -0.5  # now only b c holds a floored token: a EOS wins on count alone
+    scores[0, a], scores[0, b] = -9.0, -0.01
+    tokens, _ = best_accepted(jnp.asarray(scores), jnp.array([True, True]), jnp.array([False, False]),
+                              jnp.zeros(2, jnp.int32), automaton, MASK)
+    assert np.asarray(tokens).tolist() == [a, EOS]

@@ -1,6 +1,6 @@
 """The decoding engine: one jitted `lax.while_loop` over `DecodeState`.
 
-    canvas = [left-padded prompt | MASK * gen_length]
+    canvas = [left-padded prompt | MASK * gen_length]   (or an infilling template: fixed tokens and MASKs)
     while some row has a MASK and step < max_steps:
         logits = model(canvas)[generation region]        (one NFE; CFG doubles the batch; a
                                                           self-speculative sampler's drafted canvases
@@ -496,10 +496,35 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
     if np.any(real == special.mask):
         raise ValueError(f"a prompt contains the mask token id {special.mask}; prompts must be fully observed "
                          "(to fill positions, give the generation canvas as template=, [MASK] where to fill)")
+    wrapped = list(sampler_chain(sampler))
+    for outer, inner in zip(wrapped, wrapped[1:]):
+        if type(inner).draft_canvases is not Sampler.draft_canvases:
+            raise ValueError(f"{type(outer).__name__} wraps {type(inner).__name__}, which verifies draft canvases: "
+                             f"its forward is not the one the wrapper passes on; allowed: {type(inner).__name__} "
+                             "as the outermost sampler")
     if template is not None:
         template = check_template(template, tokens.shape[0], gen_length, vocab, special)
+        if config.cache == "block":
+            raise ValueError("template= with cache='block': a fully fixed block is skipped, and the exact block "
+                             "cache writes each block's K/V as the next one starts; allowed: cache='none' with "
+                             "a block-causal model")
+        for rule in wrapped:
+            if rule.writes_end_of_text:
+                raise ValueError(f"template= with {type(rule).__name__}: its end-of-text prediction writes EOS over "
+                                 "the masked tail, cutting off the template's fixed tokens after it; allowed: a "
+                                 "sampler without end-of-text truncation")
+            check = getattr(rule, "check_template", None)
+            if check is not None:
+                check(template, special)
     key = jax.random.key(0) if key is None else key
     return model, config, sampler, special, tokens, mask, row_keys(key, tokens.shape[0]), template
+
+
+def sampler_chain(sampler):
+    """The sampler, then each rule it wraps (`inner`), outermost first."""
+    while isinstance(sampler, Sampler):
+        yield sampler
+        sampler = getattr(sampler, "inner", None)
 
 
 def check_template(template, batch: int, gen_length: int, vocab: int, special: SpecialIds) -> np.ndarray:
@@ -524,7 +549,8 @@ class Step:
     index: the step (0-based); nfe after it = index + 1 for unfinished rows.
     tokens: int32 [B, G], the generation canvas after this step's commits.
     logits: float32 [B, G or block_length, V], what the sampler read (the
-      active blocks only for window-only samplers, `uses_window_logits`).
+      active blocks only for window-only samplers, `uses_window_logits`;
+      [B, n, G, V] for a sampler that verifies n draft canvases).
     commit: the sampler's `Commit` (tokens, commit mask, confidence, ...).
     committed: bool [B, G], the positions this step actually wrote.
     done: bool [B], rows finished after this step.

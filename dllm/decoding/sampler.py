@@ -69,6 +69,9 @@ class Sampler:
     # True for a rule that reads or fills positions outside the active block (Prophet's all-in fill):
     # a block-causal decode has logits for the active block only, so the engine refuses it there.
     needs_whole_canvas = False
+    # True for a rule whose Commit.truncate_at writes EOS over the masked tail (Learn2PD's EoTP): an
+    # infilling template's fixed tokens after the cut would be cut off, so the engine refuses the pair.
+    writes_end_of_text = False
     name = "sampler"  # the registry name (configs/sampler/<name>.yaml); each rule sets its own
 
     def validate(self, config: DecodeConfig) -> None:
@@ -83,7 +86,9 @@ class Sampler:
     def draft_canvases(self, state: DecodeState, carry: Any) -> jax.Array | None:
         """None (the step forwards the canvas), or int32 [B, n, G]: n generation canvases per row that
         this step's one forward runs instead (batched; self-speculative verification), and `step`
-        then receives their logits, float32 [B, n, G, V]. Such a sampler runs uncached."""
+        then receives their logits, float32 [B, n, G, V]: full forwards, every position's logits (also
+        for a block-causal model; `has_logits` is all True). Such a sampler runs uncached, as the
+        outermost sampler (the engine refuses one wrapped by another)."""
         return None
 
     def bind(self, tokenizer) -> "Sampler":

@@ -187,7 +187,7 @@ class Task:
             raise ValueError(f"task {self.name!r} of suite {self.suite!r}: {error}") from None
         return 1.0 if correct else 0.0
 
-    def format_ok(self, output: str) -> bool | None:
+    def format_valid(self, output: str) -> bool | None:
         """Whether `output` matches `answer_pattern` (whitespace normalised), None without a pattern."""
         if self.answer_pattern is None:
             return None
