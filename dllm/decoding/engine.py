@@ -412,8 +412,9 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         `COMPILER_OPTIONS`; {} for XLA's own defaults).
       template: infilling, int ids [B, gen_length] (a list of lists or an array): the generation
         canvas to start from, the mask id where tokens are to be filled and fixed tokens elsewhere
-        (`prefix [MASK]* middle [MASK]* suffix`, any number of spans). Every sampler and cache
-        policy decodes it; only masked positions are ever written. None: all masked.
+        (`prefix [MASK]* middle [MASK]* suffix`, any number of spans). Every sampler decodes it
+        uncached or over the prefix/dual caches (refused: cache='block', end-of-text truncation);
+        only masked positions are ever written. None: all masked.
       config_fields: the other `DecodeConfig` fields (temperature, cfg_scale,
         eos_policy, noise_dtype, max_steps, record_confidence).
 
