@@ -4,6 +4,7 @@
     python -m experiments.benchmark model=dream_7b batch_sizes=[1] caches=[dual]
     python -m experiments.benchmark mesh=data batch_sizes=[8]   # sharded over every GPU (configs/mesh/)
     python -m experiments.benchmark model=fast_dllm_v2_7b caches=[none,block] batch_sizes=[1,32,128]
+    python -m experiments.benchmark caches=[none,prefix,dual,dkv] timed_steps=256 cache_refresh_every=8
 
 Each configuration decodes a batch of random prompts with a fixed
 one-token-per-step schedule (LowConfidence, steps = gen_length, so NFE is
@@ -98,7 +99,8 @@ def timed_decode_args(cfg: DictConfig, config, cache: str) -> dict:
     (LowConfidence, steps = gen_length, so NFE is known) for `timed_steps` steps."""
     return dict(sampler=samplers.LowConfidence(steps=cfg.gen_length), gen_length=cfg.gen_length,
                 block_length=cfg.block_length, special=random_model_special_ids(config), cache=cache,
-                max_steps=cfg.timed_steps, key=jax.random.key(0), compiler_options=compiler_options(cfg))
+                max_steps=cfg.timed_steps, key=jax.random.key(0), compiler_options=compiler_options(cfg),
+                cache_refresh_every=cfg.get("cache_refresh_every", 0))
 
 
 def compiler_options(cfg: DictConfig) -> dict | None:
@@ -122,7 +124,9 @@ def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, 
     """(queries, keys executed, cached keys attended or None) of each of `nfe` one-token-per-step steps.
 
     none: full forwards. prefix / dual: a refresh (full forward) at each block's first step, then
-    window steps over the whole cache. block (a block-causal model): the prefill, then one block of
+    window steps over the whole cache. dkv: full forwards at the first two steps of each block (and
+    every `cache_refresh_every`-th), else the masked and just-decoded positions, rounded up to the
+    policy's query size, over the whole cache. block (a block-causal model): the prefill, then one block of
     queries per step and two at each later block's first step (the finished block's K/V are written
     then), plus the position before them with token shift; the attention runs over the whole cache
     (masked), while the floor counts the K/V of the prompt and the blocks up to the active one."""
@@ -134,6 +138,8 @@ def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, 
             plan.append((total, total, None))
         elif cache in ("prefix", "dual"):
             plan.append((cfg.gen_length if cache == "prefix" else block, total, total))
+        elif cache == "dkv":
+            plan.append(dkv_step(cfg, config, n))
         elif n == 0:
             plan.append((total + 1, total + 1, None))
         else:
@@ -141,6 +147,22 @@ def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, 
             queries = (2 if first else 1) * block + shift
             plan.append((queries, total + 1, cfg.prompt_length + (n // block + 1) * block))
     return plan
+
+
+def dkv_step(cfg: DictConfig, config, n: int) -> tuple[int, int, int | None]:
+    """(queries, keys, attended) of step n of a one-token-per-step dKV-Cache decode (`step_plan`)."""
+    from dllm.decoding.cache import DKVCache, dkv_query_sizes
+    from dllm.decoding.state import DecodeConfig
+
+    total, i, every = cfg.prompt_length + cfg.gen_length, n % cfg.block_length, cfg.cache_refresh_every
+    if i < 2 or (every and i % every == 0):
+        return total, total, None
+    shift = 1 if config.token_shift else 0
+    decode = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length)
+    sizes = dkv_query_sizes(decode, shift)
+    recomputed = cfg.gen_length - n + 1 + shift  # the masked, the one decoded last step, the predictor column
+    keys = DKVCache().length(total, decode)  # the attention runs over the whole cache, its hidden tail too
+    return min(size for size in sizes if size >= recomputed), keys, keys
 
 
 def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
@@ -267,7 +289,8 @@ def main(cfg: DictConfig) -> list[dict]:
                 "compile_s": round(compile_s, 1), "scan_layers": model.layout.scan_layers,
                 "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
                 "window_attention_impl": (None if cache == "none" else "pairs mask: layout.attention_impl"
-                                          if cache == "block" else window_attention_impl(
+                                          if cache == "block" else "gathered columns: layout.attention_impl"
+                                          if cache == "dkv" else window_attention_impl(
                                               c, model.layout, batch * (cfg.gen_length if cache == "prefix"
                                                                         else cfg.block_length))),
                 "pallas_block_k": window_kernel.BLOCK_K, "pallas_splits": window_kernel.SPLITS,  # None: default_splits
@@ -281,8 +304,9 @@ def main(cfg: DictConfig) -> list[dict]:
     ratios = {}
     for batch in cfg.batch_sizes:
         by_cache = {r["cache"]: r["ms_per_nfe"] for r in rows if r.get("batch") == batch}
-        for r in rows:  # window steps alone: the block's one refresh costs about a no-cache step
-            refreshes = 1 if r.get("cache") == "block" else -(-r.get("nfe_timed", 0) // cfg.block_length)
+        for r in rows:  # window steps alone: a refresh (full forward) costs about a no-cache step
+            plan = step_plan(cfg, model.config, r.get("cache", "none"), r.get("nfe_timed", 0))
+            refreshes = sum(attended is None for _, _, attended in plan)
             if r.get("batch") == batch and r["cache"] != "none" and "none" in by_cache and r["nfe_timed"] > refreshes:
                 r["window_step_ms"] = round((r["ms_per_nfe"] * r["nfe_timed"] - refreshes * by_cache["none"])
                                             / (r["nfe_timed"] - refreshes), 3)

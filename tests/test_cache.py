@@ -33,7 +33,7 @@ def all_samplers():
 
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "dkv"])
 def test_one_layer_cache_is_exact(arch, mode):
     """With one layer, K/V depend only on each position's own token, and tokens
     outside the window do not change between refreshes: the cache is exact, so
@@ -50,7 +50,7 @@ def test_one_layer_cache_is_exact(arch, mode):
         np.testing.assert_array_equal(got[1], expected[1])
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode", ["prefix", "dual", "dkv"])
 def test_refresh_every_step_equals_uncached(mode):
     model = make_model("llada", 2)
     expected = decode(model, samplers.LowConfidence())
@@ -74,6 +74,85 @@ def test_window_forward_matches_full_forward():
     np.testing.assert_allclose(logits[1], full[1, 6:9], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_columns_forward_matches_full_forward(arch):
+    """Any set of columns recomputed over a cache that holds this canvas's own K/V gives the full
+    forward's logits there (gather, RoPE positions, padding, the scattered writes); a column's
+    logits predict the next column under token shift."""
+    model = make_model(arch, 2)
+    tokens = jnp.array([[0, 0, 5, 6, 7, 39, 39, 39, 39, 39], [4, 5, 6, 7, 8, 9, 39, 39, 39, 39]], jnp.int32)
+    mask = jnp.array([[0, 0] + [1] * 8, [1] * 10], jnp.int32)
+    full = model(tokens, mask)  # [B, 10, V]: position i's logits (from hidden i - 1 under token shift)
+    _, cache = model.forward(tokens, mask, logits_start=0, logits_length=10, cache=model.empty_cache(2, 14))
+    positions = dllm.models.transformer.positions_from_mask(mask)
+    positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(4)[None, :]], axis=1)
+    columns = jnp.array([[3, 5, 8, 10], [0, 6, 7, 9]], jnp.int32)  # row 0's last slot: the hidden tail
+    logits, written = model.forward_columns(jnp.pad(tokens, ((0, 0), (0, 4)), constant_values=39), positions, cache,
+                                            jnp.pad(mask, ((0, 0), (0, 4))), columns=columns,
+                                            logits_at=jnp.array([[0, 1, 2], [1, 2, 3]], jnp.int32))
+    shift = int(model.config.token_shift)
+    for row, used in ((0, [3, 5, 8]), (1, [6, 7, 9])):
+        for slot, column in enumerate(used):
+            if column + shift < 10:
+                np.testing.assert_allclose(logits[row, slot], full[row, column + shift], rtol=1e-4, atol=1e-4)
+    for new, old in zip(jax.tree.leaves(written), jax.tree.leaves(cache)):  # rewritten with the same K/V
+        np.testing.assert_allclose(np.asarray(new)[..., :10, :, :], np.asarray(old)[..., :10, :, :], atol=1e-5)
+
+
+def dkv_state(commit_step, gen_tokens, step, step_in_block, refresh_every=0):
+    from dllm.decoding.engine import initial_state
+    from dllm.decoding.state import DecodeConfig
+
+    config = DecodeConfig(gen_length=6, block_length=3, cache="dkv", cache_refresh_every=refresh_every)
+    state = initial_state(jnp.array([[1, 2]] * len(gen_tokens), jnp.int32), jnp.ones((len(gen_tokens), 2), jnp.int32),
+                          jax.random.key(0), config, SPECIAL)
+    gen = jnp.array(gen_tokens, jnp.int32)
+    return state.replace(tokens=state.tokens.at[:, 2:].set(gen), commit_step=jnp.array(commit_step, jnp.int32),
+                         step=jnp.array(step, jnp.int32), step_in_block=jnp.array(step_in_block, jnp.int32))
+
+
+def test_dkv_recomputes_the_masked_and_the_just_decoded():
+    """Hand-worked (the authors' `~prv_transfer_idx`): at step 3, a token committed at step 2 is
+    recomputed once more, one committed at step 1 (or a fixed template token, step -1) is served
+    from the cache, every [MASK] is recomputed; under token shift also the column before each [MASK]."""
+    from dllm.decoding.cache import dkv_recomputed
+
+    m = SPECIAL.mask
+    state = dkv_state([[1, 2, -1, -1, -1, -1]], [[7, 8, m, 9, m, m]], step=3, step_in_block=[0])
+    np.testing.assert_array_equal(dkv_recomputed(state, 0)[0], [0, 0, 0, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(dkv_recomputed(state, 1)[0], [0, 0, 0, 1, 1, 1, 1, 1])
+    first = dkv_state([[-1] * 6], [[m] * 6], step=0, step_in_block=[0])  # step 0: nothing "just" decoded
+    np.testing.assert_array_equal(dkv_recomputed(first, 1)[0], [0, 1, 1, 1, 1, 1, 1, 1])
+
+
+def test_dkv_full_forwards_at_the_first_two_steps_of_a_block_and_every_reload():
+    from dllm.decoding.cache import CACHE_POLICIES, dkv_query_sizes
+    from dllm.decoding.state import DecodeConfig
+
+    policy, m = CACHE_POLICIES["dkv"], SPECIAL.mask
+    rows = [[m] * 6] * 6
+    never = dkv_state([[-1] * 6] * 6, rows, step=9, step_in_block=[0, 1, 2, 3, 4, 6])
+    np.testing.assert_array_equal(policy.rows_to_refresh(never), [1, 1, 0, 0, 0, 0])
+    every = dkv_state([[-1] * 6] * 6, rows, step=9, step_in_block=[0, 1, 2, 3, 4, 6], refresh_every=2)
+    np.testing.assert_array_equal(policy.rows_to_refresh(every), [1, 1, 1, 0, 1, 1])
+    assert dkv_query_sizes(DecodeConfig(gen_length=256, block_length=32), 1) == (257, 128, 64, 32)
+    assert dkv_query_sizes(DecodeConfig(gen_length=24, block_length=8), 0) == (24, 12)
+    assert dkv_query_sizes(DecodeConfig(gen_length=64, block_length=1), 0) == (64, 32, 16, 8)
+
+
+def test_dkv_rows_decode_as_they_do_alone():
+    """Rows at different progress take different query sizes (and full forwards): a row's tokens
+    are those it decodes alone."""
+    model = make_model("llada", 2)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    run = lambda rows: np.asarray(dllm.generate(model, [prompts[r] for r in rows], samplers.Threshold(tau=0.3),
+                                                gen_length=16, block_length=4, special=SPECIAL,
+                                                cache="dkv").tokens)
+    together = run([0, 1, 2])
+    for r in range(3):
+        np.testing.assert_array_equal(run([r])[0], together[r])
+
+
 def test_deeper_model_cache_is_approximate_but_terminates():
     model = make_model("llada", 2)
     tokens, nfe = decode(model, samplers.LowConfidence(), cache="dual")
@@ -82,7 +161,7 @@ def test_deeper_model_cache_is_approximate_but_terminates():
 
 def test_bad_cache_settings():
     model = make_model("llada", 1)
-    with pytest.raises(ValueError, match=r"cache='kv': allowed \('none', 'prefix', 'dual', 'block', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"cache='kv': allowed \('none', 'prefix', 'dual', 'block', 'dkv', 'auto'\)"):
         decode(model, samplers.LowConfidence(), cache="kv")
     with pytest.raises(ValueError, match="cache_window=32: allowed 1..gen_length=16"):
         decode(model, samplers.LowConfidence(), cache="dual", cache_window=32)

@@ -77,6 +77,12 @@ def test_block_cache_benchmark_row_and_step_plan(tmp_path):
     cfg = OmegaConf.create({"prompt_length": 16, "gen_length": 32, "block_length": 8})
     plan = step_plan(cfg, dllm.ModelConfig(token_shift=True), "block", 10)
     assert plan[0] == (49, 49, None) and plan[1] == (9, 49, 24) and plan[8] == (17, 49, 32) and plan[9] == (9, 49, 32)
+    # dKV-Cache by hand (sizes 32, 16, 8): full at each block's steps 0 and 1, else the masked + the one
+    # just decoded, rounded up, over the 48 canvas keys and the 33-column tail
+    cfg = OmegaConf.create({**cfg, "cache_refresh_every": 0})
+    plan = step_plan(cfg, dllm.ModelConfig(), "dkv", 32)
+    assert plan[0] == plan[1] == plan[8] == plan[9] == (48, 48, None)
+    assert plan[2] == plan[10] == (32, 81, 81) and plan[18] == (16, 81, 81) and plan[26] == (8, 81, 81)
 
 
 def test_profile_decode_writes_trace_and_summary(tmp_path):

@@ -75,7 +75,7 @@ def test_cached_threshold_on_trained_model(trained):
     key = jax.random.fold_in(jax.random.key(0), 0)  # decode_texts' key of its first batch
     uncached = dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=8, key=key,
                              tokenizer=tokenizer, attention_mask=mask).tokens
-    for mode in ("prefix", "dual"):
+    for mode in ("prefix", "dual", "dkv"):
         decode = DecodeConfig(gen_length=24, block_length=8, cache=mode)
         result = evaluation.evaluate_examples(model, tokenizer, Threshold(tau=0.9), examples, decode, batch_size=30,
                                               key=jax.random.key(0), prompt_width=24)
@@ -88,7 +88,7 @@ def test_cached_threshold_on_trained_model(trained):
         assert result["summary"]["mean_nfe"] < 12, (mode, result["summary"])
 
 
-@pytest.mark.parametrize("cache", ["none", "dual"])
+@pytest.mark.parametrize("cache", ["none", "dual", "dkv"])
 def test_window_only_logits_decode_the_same_tokens(trained, cache):
     """Samplers that read only the active block get the output head for the blocks alone
     (`Sampler.reads_only_window`); recording every position's confidence turns that off,

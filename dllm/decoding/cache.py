@@ -4,8 +4,7 @@ One policy object per `DecodeConfig.cache` mode (`CACHE_POLICIES`). A policy
 owns its buffer (`init`), its length, when a row refreshes, what a step
 recomputes, and how far a window may reach (`max_window`). The engine calls
 only `step_logits(model, state, ...) -> StepLogits` and `max_window`; a new
-cache (Elastic-Cache, dKV-Cache, an exact block-diffusion cache) is one more
-policy here.
+cache (Elastic-Cache, say) is one more policy here.
 
 * "none": every step is a full forward over the canvas (LLaDA's loop), with
   LLaDA's unsupervised classifier-free guidance when `cfg_scale` > 0.
@@ -28,6 +27,8 @@ policy here.
   (`StepLogits.has_logits`); the engine drops commits elsewhere and ignores
   `stop` until the next refresh. Every window (adaptive blocks included) must
   fit in the recomputed range (`max_window`).
+* "dkv": dKV-Cache-Decode (`DKVCache`): a decoded token's K/V are cached from the step after it is
+  decoded; every other step recomputes only the masked and the just-decoded positions.
 * "block": the exact cache of a block-causal model (`BlockCache`): prefill,
   then each step forwards the active block alone over the cached K/V of the
   blocks before it; a finished block's K/V are written by the forward that
@@ -37,6 +38,7 @@ policy here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -181,12 +183,7 @@ class FastDLLMCache:
         return refresh & ~state.done
 
     def refresh(self, model, state: DecodeState, window_only: bool, padded: bool) -> StepLogits:
-        """Full forward: logits of the whole generation (or of each row's block, see
-        `guided_logits`) and the canvas's K/V, written into the carried cache."""
-        length, offsets = head_request(state, window_only)
-        logits, cache = model.forward(state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
-                                      logits_length=length, logits_offsets=offsets, cache=state.cache)
-        return StepLogits(logits, cache, jnp.ones(state.gen_tokens.shape, bool))
+        return refresh_forward(model, state, window_only, padded)
 
     def window(self, model, state: DecodeState, window_only: bool, padded: bool) -> StepLogits:
         """Recomputes each row's window against the cache. Without prompt padding the only hidden keys
@@ -226,6 +223,15 @@ class FastDLLMCache:
         branch = jnp.where(jnp.all(refresh | state.done), 0, jnp.where(jnp.any(refresh), 2, 1))
         out = jax.lax.switch(branch, (full, window, mixed), state)
         return out.replace(logits=without_mask_token(out.logits, state))
+
+
+def refresh_forward(model, state: DecodeState, window_only: bool, padded: bool) -> StepLogits:
+    """Full forward: logits of the whole generation (or of each row's block, see
+    `guided_logits`) and the canvas's K/V, written into the carried cache from column 0."""
+    length, offsets = head_request(state, window_only)
+    logits, cache = model.forward(state.tokens, attention_mask_of(state, padded), logits_start=state.prompt_width,
+                                  logits_length=length, logits_offsets=offsets, cache=state.cache)
+    return StepLogits(logits, cache, jnp.ones(state.gen_tokens.shape, bool))
 
 
 def select_rows(refresh: jax.Array, fresh: StepLogits, windowed: StepLogits) -> StepLogits:
@@ -347,8 +353,137 @@ class BlockCache:
         return out.replace(logits=without_mask_token(out.logits, state))
 
 
+def dkv_query_sizes(config: DecodeConfig, shift: int) -> tuple[int, ...]:
+    """The static query counts of dKV-Cache's cached steps, largest first: every generation position
+    (plus the prompt's last column under token shift), then halvings down to max(block_length,
+    gen_length / 8), so at most four compiled forwards."""
+    smallest = max(config.block_length, -(-config.gen_length // 8))
+    sizes = [config.gen_length + shift]
+    size = config.gen_length
+    while (size := -(-size // 2)) >= smallest:
+        sizes.append(size)
+    return tuple(sizes)
+
+
+def dkv_recomputed(state: DecodeState, shift: int) -> jax.Array:
+    """bool [B, canvas]: the columns a dKV-Cache step recomputes. Every masked generation position,
+    and every position committed at the previous step: its K/V enter the cache one step late, from
+    the forward in which it is first seen decoded (dKV-Cache's delayed caching). Under token shift
+    also the column before each masked position, whose hidden state predicts it."""
+    gen = state.is_masked | ((state.commit_step == state.step - 1) & (state.step > 0))
+    columns = jnp.pad(gen, ((0, 0), (state.prompt_width, 0)))
+    if shift:  # masked generation position j is predicted from canvas column prompt_width + j - 1
+        columns = columns | jnp.pad(state.is_masked, ((0, 0), (state.prompt_width - 1, 1)))
+    return columns
+
+
+@dataclasses.dataclass(frozen=True)
+class DKVCache:
+    """dKV-Cache-Decode ("dkv"; Ma et al. 2025, "dKV-Cache: The Cache for Diffusion Language Models",
+    arXiv 2505.15781, its dKV-Cache-Decode variant; the rule as the authors' LLaDA loop runs it,
+    github.com/horseee/dKV-Cache `generation_utils/llada_dkv_cache_decode.py`).
+
+    Per row, at step i of its block (`step_in_block`):
+    * i = 0 and i = 1, and every i with i % `cache_refresh_every` == 0 (the authors'
+      `cache_reloading_step`; their LLaDA runs use 4 and 8; 0 here: the two block-start forwards
+      only): a full forward that decodes and writes every position's K/V;
+    * otherwise the step recomputes only the positions not yet decoded before the previous step
+      (`dkv_recomputed`: the masked positions, everywhere in the generation, and those the previous
+      step committed) against the cached K/V of the rest (the prompt, fixed template tokens, tokens
+      decoded two or more steps ago), writing the recomputed K/V in place. The masked positions
+      always have logits; positions served from the cache have none (`StepLogits.has_logits`).
+    The commit rule is the sampler's, unchanged (the authors run LLaDA's top-k and Dream's entropy).
+
+    Deviations: the authors gather the recomputed positions into a tensor of their exact count,
+    which needs every row to have the same count; here each row's count is rounded up to one of a
+    few static sizes (`dkv_query_sizes`), padded with hidden tail columns, and one forward runs per
+    size that some row needs, each row taking its own (so a row decodes as it does alone). With
+    token shift (Dream) the column predicting each masked position is recomputed too. Only the
+    logits of the positions a sampler reads are computed (the active block for window-only
+    samplers). dKV-Cache-Greedy (a local window) and -PD (Dream's prefill split) are not built.
+    """
+
+    name: str = "dkv"
+
+    def max_window(self, config: DecodeConfig) -> int:
+        """Every masked position is recomputed at every step, so any window fits."""
+        return config.gen_length
+
+    def length(self, canvas_width: int, config: DecodeConfig) -> int:
+        """The canvas plus a hidden tail that holds a step's padding slots (one per query at most)."""
+        return canvas_width + dkv_query_sizes(config, 1)[0]
+
+    def init(self, model, batch: int, canvas_width: int, config: DecodeConfig) -> KVCache:
+        return KVCache.zeros(model.config, model.layout, batch, self.length(canvas_width, config))
+
+    def rows_to_refresh(self, state: DecodeState) -> jax.Array:
+        """bool [B]: unfinished rows whose step is a full forward (the block's first two steps, and
+        every `cache_refresh_every`-th step of the block)."""
+        i = state.step_in_block
+        refresh = i < 2
+        if state.config.cache_refresh_every:
+            refresh = refresh | (i % state.config.cache_refresh_every == 0)
+        return refresh & ~state.done
+
+    def cached_step(self, model, state: DecodeState, window_only: bool, rows: jax.Array) -> StepLogits:
+        """The recomputed columns of `rows` (bool [B]) against the cache; other rows' logits are zeros
+        and their queries write only the hidden tail."""
+        config, width = state.config, state.prompt_width
+        shift = 1 if model.config.token_shift else 0
+        canvas = state.tokens.shape[1]
+        sizes = dkv_query_sizes(config, shift)
+        tail = self.length(canvas, config) - canvas
+        tokens = jnp.pad(state.tokens, ((0, 0), (0, tail)), constant_values=state.special.mask)
+        key_mask = jnp.pad(state.attention_mask, ((0, 0), (0, tail)))
+        positions = positions_from_mask(state.attention_mask)
+        positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(tail)[None, :]], axis=1)
+        fresh = dkv_recomputed(state, shift)
+        count = fresh.sum(-1)
+        order = jnp.argsort(~fresh, axis=1, stable=True)  # the recomputed columns first, ascending
+        size_index = (count[:, None] <= jnp.array(sizes)[None, :]).sum(-1) - 1  # the smallest size that fits
+        g, batch = config.gen_length, state.tokens.shape[0]
+        length, offsets = head_request(state, window_only)
+        wanted = jnp.arange(length)[None, :] + (0 if offsets is None else offsets[:, None])  # positions read
+        predictor = lambda j: width + j - shift  # the column whose hidden state gives j's logits
+        all_j = jnp.arange(g)[None, :]
+
+        def run(queries, rows_here, carry):
+            cache, logits, has = carry
+            slots = jnp.arange(queries)[None, :]
+            valid = rows_here[:, None] & (slots < count[:, None])
+            columns = jnp.where(valid, order[:, :queries], canvas + slots)
+            slot_of = jnp.full((batch, canvas + tail), -1, jnp.int32)
+            slot_of = slot_of.at[jnp.arange(batch)[:, None], columns].set(jnp.where(valid, slots, -1))
+            read = jnp.take_along_axis(slot_of, predictor(wanted), axis=1)
+            new, cache = model.forward_columns(tokens, positions, cache, key_mask, columns=columns,
+                                               logits_at=jnp.maximum(read, 0))
+            new = jnp.where((read >= 0)[..., None], new, 0.0)
+            logits = jnp.where(rows_here[:, None, None], new, logits)
+            has = jnp.where(rows_here[:, None], jnp.take_along_axis(slot_of, predictor(all_j), axis=1) >= 0, has)
+            return cache, logits, has
+
+        vocab = model.config.vocab_size
+        carry = (state.cache, jnp.zeros((batch, length, vocab), jnp.float32), jnp.zeros((batch, g), bool))
+        for k, queries in enumerate(sizes):
+            rows_here = rows & (size_index == k)
+            carry = jax.lax.cond(jnp.any(rows_here), functools.partial(run, queries, rows_here), lambda c: c, carry)
+        cache, logits, has = carry
+        return StepLogits(logits, cache, has)
+
+    def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
+        """Per row a full forward or a cached step (`rows_to_refresh`); both when the rows disagree,
+        each row taking its own."""
+        refresh = self.rows_to_refresh(state)
+        full = lambda s: refresh_forward(model, s, window_only, padded)
+        cached = lambda s: self.cached_step(model, s, window_only, ~refresh & ~s.done)
+        mixed = lambda s: select_rows(refresh, full(s), cached(s))
+        branch = jnp.where(jnp.all(refresh | state.done), 0, jnp.where(jnp.any(refresh), 2, 1))
+        out = jax.lax.switch(branch, (full, cached, mixed), state)
+        return out.replace(logits=without_mask_token(out.logits, state))
+
+
 CACHE_POLICIES = {"none": NoCache(), "prefix": FastDLLMCache("prefix", dual=False),
-                  "dual": FastDLLMCache("dual", dual=True), "block": BlockCache()}
+                  "dual": FastDLLMCache("dual", dual=True), "block": BlockCache(), "dkv": DKVCache()}
 CACHE_MODES = tuple(CACHE_POLICIES)
 
 

@@ -155,7 +155,7 @@ def check_block_alignment(model, config: DecodeConfig) -> None:
                          f"allowed block lengths are multiples of the model's block ({block}, {2 * block}, ...)")
     if config.cache not in ("none", "block"):
         raise ValueError(f"cache={config.cache!r} with a block-causal model (ModelConfig.attention="
-                         f"'block_causal'): Fast-dLLM's caches attend bidirectionally; allowed: cache='block' "
+                         f"'block_causal'): the prefix, dual and dKV caches attend bidirectionally; allowed: cache='block' "
                          "(exact) or 'none'")
 
 

@@ -45,12 +45,16 @@ class DecodeConfig:
         approximate: K/V outside the recomputed range are stale until the next
         refresh. "block": the exact cache of a block-causal model (each step
         forwards the active block over the finished blocks' K/V; the same
-        tokens as "none"). "auto": "block" for a block-causal model (without
+        tokens as "none"). "dkv": dKV-Cache-Decode (arXiv 2505.15781): a
+        decoded token's K/V are cached from the step after it is decoded,
+        and a step recomputes the masked and just-decoded positions only. "auto": "block" for a block-causal model (without
         classifier-free guidance), else "none"; `generate` resolves it from
         the model. One policy object per mode: `dllm/decoding/cache.py`.
       cache_refresh_every: besides the refresh at every block start, refresh
         every k-th step (0 = only at block starts; 1 = every step, which
-        makes cached decoding exact).
+        makes cached decoding exact). Counted in decode steps for "prefix"
+        and "dual", in steps of the block for "dkv" (its reload period,
+        the authors' `cache_reloading_step`).
       cache_window: queries recomputed per cached step in "dual" mode
         (default block_length); every window (adaptive blocks included) must
         fit in it.

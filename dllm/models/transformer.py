@@ -417,6 +417,14 @@ def write_rows(cache_layer, update, start):
         update, mode="promise_in_bounds", indices_are_sorted=True, unique_indices=True)
 
 
+def write_columns(cache_layer, update, columns):
+    """Writes update [B, Q, ...] into cache_layer [B, S, ...] at per-row columns [B, Q]: ascending
+    and distinct within a row, and in bounds (`Transformer.forward_columns`'s contract)."""
+    rows = jnp.arange(update.shape[0])[:, None]
+    return cache_layer.at[rows, columns].set(update, mode="promise_in_bounds", indices_are_sorted=True,
+                                             unique_indices=True)
+
+
 class Transformer(nnx.Module):
     """Bidirectional LLaDA/Dream transformer: `model(tokens) -> logits`.
 
@@ -600,6 +608,45 @@ class Transformer(nnx.Module):
         hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), self.layout,
                                 cache.per_layer(self.layout))
         return self.hidden_to_logits(hidden[:, :logits_count]), KVCache.from_layers(kv, self.layout)
+
+
+    def forward_columns(self, tokens, positions, cache: KVCache, key_mask, *, columns, logits_at=None):
+        """Recomputes any set of canvas columns against cached K/V (dKV-Cache's step: the masked and
+        the just-decoded positions, `dllm.decoding.cache.DKVCache`).
+
+        Args:
+          tokens, positions: [B, S] the canvas (padded to the cache's length S) and its RoPE positions.
+          cache: K/V of every column; the recomputed columns' fresh K/V are written into it before
+            the attention, so the recomputed queries see one another's fresh K/V and the cache elsewhere.
+          key_mask: [B, S] 1 for keys that may be attended (real, non-padding; 0 on the tail).
+          columns: int32 [B, Q], ascending and distinct within each row and < S; a slot with nothing
+            to recompute points at a distinct tail column (hidden by `key_mask`).
+          logits_at: int32 [B, L], the slots (indices into `columns`) whose logits are computed;
+            default all Q (the output head dominates at large vocabularies).
+
+        Returns (logits [B, L, V] of the hidden state at those slots (with `token_shift` a column's
+        hidden state predicts the next column), updated cache). Bidirectional models only (XLA or cuDNN attention, never the
+        fused Pallas window kernel, which writes one contiguous window)."""
+        c = self.config
+        refuse_window_steps(c)
+        if c.attention != "bidirectional":
+            raise ValueError(f"ModelConfig.attention={c.attention!r}: a gathered-columns step attends "
+                             "bidirectionally; decode a block-causal model with cache='block' or 'none'")
+        take = lambda a: jnp.take_along_axis(a, columns, axis=1)
+        query_positions = take(positions)
+        cos, sin = rope_tables(query_positions, c.head_dim, c.rope_theta)
+
+        def block(x, p, layer_cache):
+            q, k, v = attention_qkv(x, p, c, cos, sin)
+            cache_k, cache_v = write_columns(layer_cache[0], k, columns), write_columns(layer_cache[1], v, columns)
+            x = attention_out_and_mlp(x, attend(q, cache_k, cache_v, key_mask, c, self.layout), p, c)
+            return written_before_next_layer(x, cache_k, cache_v)
+
+        hidden, kv = run_layers(block, self.embed_tokens(take(tokens)), self.layer_params(), self.layout,
+                                cache.per_layer(self.layout))
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
+        return self.hidden_to_logits(hidden), KVCache.from_layers(kv, self.layout)
 
 
 def canonical_params(model: Transformer) -> dict[str, jax.Array]:
