@@ -5,6 +5,7 @@
     python -m experiments.benchmark mesh=data batch_sizes=[8]   # sharded over every GPU (configs/mesh/)
     python -m experiments.benchmark model=fast_dllm_v2_7b caches=[none,block] batch_sizes=[1,32,128]
     python -m experiments.benchmark caches=[none,prefix,dual,dkv] timed_steps=256 cache_refresh_every=8
+    python -m experiments.benchmark caches=[none,dual,elastic] timed_steps=256 elastic_gamma=-1   # never refreshes
 
 Each configuration decodes a batch of random prompts with a fixed
 one-token-per-step schedule (LowConfidence, steps = gen_length, so NFE is
@@ -96,11 +97,17 @@ def random_prompts(cfg: DictConfig, config, batch: int) -> np.ndarray:
 
 def timed_decode_args(cfg: DictConfig, config, cache: str) -> dict:
     """`dllm.generate` arguments of the fixed schedule: one token per step
-    (LowConfidence, steps = gen_length, so NFE is known) for `timed_steps` steps."""
-    return dict(sampler=samplers.LowConfidence(steps=cfg.gen_length), gen_length=cfg.gen_length,
+    (LowConfidence, steps = gen_length, so NFE is known) for `timed_steps` steps. Elastic-Cache
+    decodes a sliding window (`sliding_window`), which LowConfidence's per-block schedule refuses:
+    Threshold(tau=1), whose forced best token is one token per step on a random model."""
+    args = dict(sampler=samplers.LowConfidence(steps=cfg.gen_length), gen_length=cfg.gen_length,
                 block_length=cfg.block_length, special=random_model_special_ids(config), cache=cache,
                 max_steps=cfg.timed_steps, key=jax.random.key(0), compiler_options=compiler_options(cfg),
                 cache_refresh_every=cfg.get("cache_refresh_every", 0))
+    if cache == "elastic":
+        args.update(sampler=samplers.Threshold(tau=1.0), sliding_window=cfg.get("sliding_window", 16),
+                    elastic_gamma=cfg.get("elastic_gamma", 0.9))
+    return args
 
 
 def compiler_options(cfg: DictConfig) -> dict | None:
@@ -129,7 +136,10 @@ def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, 
     policy's query size, over the whole cache. block (a block-causal model): the prefill, then one block of
     queries per step and two at each later block's first step (the finished block's K/V are written
     then), plus the position before them with token shift; the attention runs over the whole cache
-    (masked), while the floor counts the K/V of the prompt and the blocks up to the active one."""
+    (masked), while the floor counts the K/V of the prompt and the blocks up to the active one.
+    elastic: a full forward first, then the usual gathered query count (`elastic_query_sizes`) over
+    the whole buffer; a drift refresh also runs every position through the layers after it, which
+    the plan does not count (bound it with elastic_gamma=-1: never, 2: from layer 1 at every step)."""
     total, block = cfg.prompt_length + cfg.gen_length, cfg.block_length
     plan = []
     for n in range(nfe):
@@ -140,6 +150,8 @@ def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, 
             plan.append((cfg.gen_length if cache == "prefix" else block, total, total))
         elif cache == "dkv":
             plan.append(dkv_step(cfg, config, n))
+        elif cache == "elastic":
+            plan.append(elastic_step(cfg, config, n))
         elif n == 0:
             plan.append((total + 1, total + 1, None))
         else:
@@ -147,6 +159,20 @@ def step_plan(cfg: DictConfig, config, cache: str, nfe: int) -> list[tuple[int, 
             queries = (2 if first else 1) * block + shift
             plan.append((queries, total + 1, cfg.prompt_length + (n // block + 1) * block))
     return plan
+
+
+def elastic_step(cfg: DictConfig, config, n: int) -> tuple[int, int, int | None]:
+    """(queries, keys, attended) of step n of an Elastic-Cache decode (`step_plan`)."""
+    from dllm.decoding.cache import ElasticCache, elastic_query_sizes
+    from dllm.decoding.state import DecodeConfig
+
+    total = cfg.prompt_length + cfg.gen_length
+    if n == 0:
+        return total, total, None
+    decode = DecodeConfig(gen_length=cfg.gen_length, block_length=cfg.block_length, cache="elastic",
+                          sliding_window=cfg.get("sliding_window", 16))
+    keys = ElasticCache().length(total, decode, config.n_layers)  # the attention runs over the whole buffer
+    return elastic_query_sizes(decode, config.n_layers)[-1], keys, keys
 
 
 def dkv_step(cfg: DictConfig, config, n: int) -> tuple[int, int, int | None]:
@@ -290,7 +316,8 @@ def main(cfg: DictConfig) -> list[dict]:
                 "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
                 "window_attention_impl": (None if cache == "none" else "pairs mask: layout.attention_impl"
                                           if cache == "block" else "gathered columns: layout.attention_impl"
-                                          if cache == "dkv" else window_attention_impl(
+                                          if cache == "dkv" else "gathered columns: explicit softmax"
+                                          if cache == "elastic" else window_attention_impl(
                                               c, model.layout, batch * (cfg.gen_length if cache == "prefix"
                                                                         else cfg.block_length))),
                 "pallas_block_k": window_kernel.BLOCK_K, "pallas_splits": window_kernel.SPLITS,  # None: default_splits

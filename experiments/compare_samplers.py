@@ -93,6 +93,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache", default="none")
     parser.add_argument("--cache-refresh-every", type=int, default=0,
                         help="DecodeConfig.cache_refresh_every (dkv: its reload period in steps of the block)")
+    parser.add_argument("--sliding-window", type=int, default=0,
+                        help="DecodeConfig.sliding_window: decode the first W masked positions of the block "
+                             "(Elastic-Cache's window; needed by --cache elastic)")
+    parser.add_argument("--elastic-gamma", type=float, default=0.9, help="DecodeConfig.elastic_gamma")
+    parser.add_argument("--elastic-track", type=int, default=1, help="DecodeConfig.elastic_track")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--samplers", nargs="*", default=None)
     parser.add_argument("--out", default=None, help="write all figures to this JSON file")
@@ -106,7 +111,8 @@ def main(argv=None) -> dict:
     model, tokenizer = dllm.from_pretrained(resolve_path(args.checkpoint))
     examples = suite_examples("test", args.n_per_task, suite=args.suite)
     decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
-                          cache_refresh_every=args.cache_refresh_every)
+                          cache_refresh_every=args.cache_refresh_every, sliding_window=args.sliding_window,
+                          elastic_gamma=args.elastic_gamma, elastic_track=args.elastic_track)
     runs = {name: instantiate(spec, _convert_="all")
             for name, spec in sampler_specs(args.samplers, args.suite, args.gen_length).items()}
     for name, sampler in list(runs.items()):  # e.g. self_speculative runs uncached only: said, not hidden

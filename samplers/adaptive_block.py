@@ -134,6 +134,9 @@ class AdaptiveBlock(base.Sampler):
         if not self.delimiter_ids:
             raise ValueError(f"AdaptiveBlock(delimiters={self.delimiters!r}) is not bound to a tokenizer: "
                              "call sampler.bind(tokenizer) or set delimiter_ids")
+        if config.sliding_window:
+            raise ValueError(f"AdaptiveBlock with sliding_window={config.sliding_window}: the sliding window sets "
+                             "where its window ends; allowed: sliding_window=0")
         if config.pipeline_blocks > 1:
             raise ValueError(f"AdaptiveBlock with pipeline_blocks={config.pipeline_blocks}: it sizes one window "
                              "at a time; allowed: pipeline_blocks=1")

@@ -167,7 +167,8 @@ class Credit(base.Sampler):
             fresh = (state.step_in_block == 0)[:, None, None]
             history = history.replace(values=jnp.where(fresh, 0.0, history.values))
         probs = base.probabilities(logits, state)
-        history = update_credit(history, probs, state.is_masked, state.step, beta, gamma)
+        # a cached step computes some positions only (`state.has_logits`): the others keep their credit
+        history = update_credit(history, probs, state.is_masked & state.has_logits, state.step, beta, gamma)
         return credit_fused_logits(logits, history, alpha), history
 
     def step(self, logits, state: DecodeState, history: CreditHistory):

@@ -194,6 +194,10 @@ class EarlyCommit(base.Sampler):
 
     def validate(self, config: DecodeConfig) -> None:
         self.inner.validate(config)
+        if config.cache == "elastic":
+            raise ValueError("EarlyCommit with cache='elastic': its all-in fill reads every position's logits, and "
+                             "an Elastic-Cache step computes the window's only (its one full forward is the "
+                             "first); allowed: cache 'none', 'prefix', 'dual' or 'dkv'")
         if self.answer_delimiter_id is None:
             raise ValueError(f"EarlyCommit(answer_delimiter={self.answer_delimiter!r}) is not bound to a "
                              "tokenizer: call sampler.bind(tokenizer) or set answer_delimiter_id")

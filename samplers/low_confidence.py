@@ -69,6 +69,10 @@ class LowConfidence(base.Sampler):
         return steps // config.num_blocks
 
     def validate(self, config: DecodeConfig) -> None:
+        if config.sliding_window:
+            raise ValueError(f"{type(self).__name__} with sliding_window={config.sliding_window}: its schedule "
+                             "plans a number of commits per block, which a window that slides each step breaks; "
+                             "allowed: sliding_window=0, or a threshold-style rule (threshold, factor, ...)")
         if config.pipeline_blocks > 1:
             raise ValueError(f"{type(self).__name__} with pipeline_blocks={config.pipeline_blocks}: its schedule "
                              "plans a number of commits per block, which a window of several blocks breaks; "

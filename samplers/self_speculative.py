@@ -65,6 +65,9 @@ class SelfSpeculative(base.Sampler):
             raise ValueError(f"SelfSpeculative with cache={config.cache!r}: its forward verifies several canvases, "
                              "which this engine runs uncached only; allowed: cache='none' (or 'auto' with a "
                              "full-attention model)")
+        if config.sliding_window:
+            raise ValueError(f"SelfSpeculative with sliding_window={config.sliding_window}: it verifies against "
+                             "block-wise stepwise decoding; allowed: sliding_window=0")
         if config.pipeline_blocks > 1:
             raise ValueError(f"SelfSpeculative with pipeline_blocks={config.pipeline_blocks}: it verifies against "
                              "one-block-at-a-time stepwise decoding; allowed: pipeline_blocks=1")

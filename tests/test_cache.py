@@ -161,7 +161,7 @@ def test_deeper_model_cache_is_approximate_but_terminates():
 
 def test_bad_cache_settings():
     model = make_model("llada", 1)
-    with pytest.raises(ValueError, match=r"cache='kv': allowed \('none', 'prefix', 'dual', 'block', 'dkv', 'auto'\)"):
+    with pytest.raises(ValueError, match=r"cache='kv': allowed \('none', 'prefix', 'dual', 'block', 'dkv', 'elastic', 'auto'\)"):
         decode(model, samplers.LowConfidence(), cache="kv")
     with pytest.raises(ValueError, match="cache_window=32: allowed 1..gen_length=16"):
         decode(model, samplers.LowConfidence(), cache="dual", cache_window=32)

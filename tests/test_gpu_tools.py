@@ -85,6 +85,21 @@ def test_block_cache_benchmark_row_and_step_plan(tmp_path):
     assert plan[2] == plan[10] == (32, 81, 81) and plan[18] == (16, 81, 81) and plan[26] == (8, 81, 81)
 
 
+def test_elastic_cache_benchmark_rows_and_step_plan(tmp_path):
+    """Elastic-Cache's rows at the two ends of its drift bar (never / every step from layer 1) run, and
+    its steps by hand: the full first forward, then 2 tracked + 2 windows of 4 = 10 gathered queries
+    over the 48 canvas keys and the 2 + 4 + 32 = 38-column tail."""
+    for gamma in ("-1", "2"):
+        out = tmp_path / f"elastic{gamma}.json"
+        run("experiments.benchmark", "batch_sizes=[1]", "caches=[elastic]", "sliding_window=4",
+            f"elastic_gamma={gamma}", f"out={out}", f"hydra.run.dir={tmp_path / gamma}")
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["cache"] for r in rows] == ["elastic"] and rows[0]["nfe_timed"] == 6 and rows[0]["floor_ms"] > 0
+    cfg = OmegaConf.create({"prompt_length": 16, "gen_length": 32, "block_length": 8, "sliding_window": 4})
+    plan = step_plan(cfg, dllm.ModelConfig(n_layers=2), "elastic", 9)
+    assert plan[0] == (48, 48, None) and plan[1] == plan[8] == (10, 86, 86)
+
+
 def test_profile_decode_writes_trace_and_summary(tmp_path):
     stdout = run("experiments.profile_decode", "batch_sizes=[1]", "caches=[dual]", f"hydra.run.dir={tmp_path}")
     summary = json.loads((tmp_path / "profile_1_dual.json").read_text())

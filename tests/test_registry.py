@@ -55,10 +55,11 @@ def test_build_sampler_overrides_and_errors():
 
 
 def test_every_cache_mode_has_one_policy():
-    assert set(cache.CACHE_POLICIES) == set(cache.CACHE_MODES) == {"none", "prefix", "dual", "block", "dkv"}
+    assert set(cache.CACHE_POLICIES) == set(cache.CACHE_MODES) == {"none", "prefix", "dual", "block", "dkv",
+                                                                          "elastic"}
     config = DecodeConfig(gen_length=16, block_length=4, cache_window=8)
     assert {name: policy.max_window(config) for name, policy in cache.CACHE_POLICIES.items()} == {
-        "none": 16, "prefix": 16, "dual": 8, "block": 4, "dkv": 16}
+        "none": 16, "prefix": 16, "dual": 8, "block": 4, "dkv": 16, "elastic": 16}
     for name, policy in cache.CACHE_POLICIES.items():
         assert policy.name == name and dataclasses.is_dataclass(policy)
 

@@ -119,3 +119,30 @@ def test_attention_variants_decode(name, attention, block_size, block_length):
                                            DecodeConfig(gen_length=24, block_length=block_length), batch_size=20,
                                            prompt_width=24)["summary"]
     assert summary["accuracy"] >= 0.9 and summary["mean_nfe"] == 24, summary
+
+
+def test_elastic_cache_on_trained_model(trained):
+    """Elastic-Cache over its sliding window (the authors' settings: threshold 0.9, window 16 here 8,
+    gamma 0.9, one tracked token per layer, the whole generation as one block) decodes held-out
+    prompts: the evaluation path carries its settings (the same tokens as `generate`), it decodes in
+    parallel and keeps accuracy, and a bar that never refreshes decodes other tokens than one that
+    refreshes every step from layer 1."""
+    import numpy as np
+
+    from samplers import Threshold
+
+    model, tokenizer, examples = trained
+    decode = DecodeConfig(gen_length=24, block_length=24, cache="elastic", sliding_window=8)
+    result = evaluation.evaluate_examples(model, tokenizer, Threshold(tau=0.9), examples, decode, batch_size=30,
+                                          key=jax.random.key(0), prompt_width=24)
+    tokens, mask = pad_prompts([tokenizer.encode(e.prompt) for e in examples], tokenizer.pad_id, 24)
+    key = jax.random.fold_in(jax.random.key(0), 0)  # decode_texts' key of its first batch
+    direct = dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=24, key=key,
+                           tokenizer=tokenizer, attention_mask=mask, cache="elastic", sliding_window=8)
+    np.testing.assert_array_equal([row["tokens"] for row in result["rows"]], direct.tokens)
+    summary = result["summary"]
+    assert summary["accuracy"] >= 0.8 and summary["mean_nfe"] < 12, summary
+    never, always = (dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=24, key=key,
+                                   tokenizer=tokenizer, attention_mask=mask, cache="elastic", sliding_window=8,
+                                   elastic_gamma=gamma).tokens for gamma in (-1.0, 2.0))
+    assert np.any(np.asarray(never) != np.asarray(always))  # the drift bar decides what the steps recompute

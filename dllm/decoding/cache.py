@@ -29,6 +29,9 @@ cache (Elastic-Cache, say) is one more policy here.
   fit in the recomputed range (`max_window`).
 * "dkv": dKV-Cache-Decode (`DKVCache`): a decoded token's K/V are cached from the step after it is
   decoded; every other step recomputes only the masked and the just-decoded positions.
+* "elastic": Elastic-Cache (`ElasticCache`): over a sliding window, a step recomputes the window,
+  the tokens decoded at the previous step and the most-attended tokens; when the latter's attention
+  drifts at a layer, every position is recomputed from the next layer on.
 * "block": the exact cache of a block-causal model (`BlockCache`): prefill,
   then each step forwards the active block alone over the cached K/V of the
   blocks before it; a finished block's K/V are written by the forward that
@@ -45,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from dllm.models.transformer import CACHE_AXES, KVCache, positions_from_mask
+from dllm.models.transformer import CACHE_AXES, ElasticBuffer, KVCache, positions_from_mask
 
 if TYPE_CHECKING:  # the state module imports this one
     from dllm.decoding.state import DecodeConfig, DecodeState
@@ -377,6 +380,58 @@ def dkv_recomputed(state: DecodeState, shift: int) -> jax.Array:
     return columns
 
 
+def gathered_step(state: DecodeState, window_only: bool, rows: jax.Array, fresh: jax.Array, sizes: tuple[int, ...],
+                  length_of, shift: int, forward, vocab: int) -> StepLogits:
+    """A step that recomputes, per row of `rows` (bool [B]), the canvas columns `fresh` (bool [B, canvas])
+    against the policy's buffer (`DKVCache`, `ElasticCache`).
+
+    Each row's columns are gathered in ascending order into the smallest of the static query counts
+    `sizes` that holds them, padded with distinct hidden tail columns (the buffer is `length_of(canvas,
+    config)` columns long); one forward runs per size that some row needs, each row taking its own, so
+    a row decodes as it does alone. `forward(tokens, positions, buffer, key_mask, columns, logits_at,
+    rows_here)` -> (logits at the slots `logits_at`, buffer); rows outside `rows_here` must keep their
+    buffer (their slots point at the hidden tail). Logits: those of the positions a sampler
+    reads (the active block for window-only samplers) whose predicting column (j - `shift`) was
+    recomputed; zeros elsewhere, where `has_logits` is False."""
+    config, width = state.config, state.prompt_width
+    canvas = state.tokens.shape[1]
+    tail = length_of(canvas, config) - canvas
+    tokens = jnp.pad(state.tokens, ((0, 0), (0, tail)), constant_values=state.special.mask)
+    key_mask = jnp.pad(state.attention_mask, ((0, 0), (0, tail)))
+    positions = positions_from_mask(state.attention_mask)
+    positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(tail)[None, :]], axis=1)
+    count = fresh.sum(-1)
+    order = jnp.argsort(~fresh, axis=1, stable=True)  # the recomputed columns first, ascending
+    order = jnp.pad(order, ((0, 0), (0, max(0, max(sizes) - canvas))))  # a size may exceed the canvas
+    size_index = (count[:, None] <= jnp.array(sizes)[None, :]).sum(-1) - 1  # the smallest size that fits
+    g, batch = config.gen_length, state.tokens.shape[0]
+    length, offsets = head_request(state, window_only)
+    wanted = jnp.arange(length)[None, :] + (0 if offsets is None else offsets[:, None])  # positions read
+    predictor = lambda j: width + j - shift  # the column whose hidden state gives j's logits
+    all_j = jnp.arange(g)[None, :]
+
+    def run(queries, rows_here, carry):
+        buffer, logits, has = carry
+        slots = jnp.arange(queries)[None, :]
+        valid = rows_here[:, None] & (slots < count[:, None])
+        columns = jnp.where(valid, order[:, :queries], canvas + slots)
+        slot_of = jnp.full((batch, canvas + tail), -1, jnp.int32)
+        slot_of = slot_of.at[jnp.arange(batch)[:, None], columns].set(jnp.where(valid, slots, -1))
+        read = jnp.take_along_axis(slot_of, predictor(wanted), axis=1)
+        new, buffer = forward(tokens, positions, buffer, key_mask, columns, jnp.maximum(read, 0), rows_here)
+        new = jnp.where((read >= 0)[..., None], new, 0.0)
+        logits = jnp.where(rows_here[:, None, None], new, logits)
+        has = jnp.where(rows_here[:, None], jnp.take_along_axis(slot_of, predictor(all_j), axis=1) >= 0, has)
+        return buffer, logits, has
+
+    carry = (state.cache, jnp.zeros((batch, length, vocab), jnp.float32), jnp.zeros((batch, g), bool))
+    for k, queries in enumerate(sizes):
+        rows_here = rows & (size_index == k)
+        carry = jax.lax.cond(jnp.any(rows_here), functools.partial(run, queries, rows_here), lambda c: c, carry)
+    buffer, logits, has = carry
+    return StepLogits(logits, buffer, has)
+
+
 @dataclasses.dataclass(frozen=True)
 class DKVCache:
     """dKV-Cache-Decode ("dkv"; Ma et al. 2025, "dKV-Cache: The Cache for Diffusion Language Models",
@@ -428,47 +483,12 @@ class DKVCache:
     def cached_step(self, model, state: DecodeState, window_only: bool, rows: jax.Array) -> StepLogits:
         """The recomputed columns of `rows` (bool [B]) against the cache; other rows' logits are zeros
         and their queries write only the hidden tail."""
-        config, width = state.config, state.prompt_width
         shift = 1 if model.config.token_shift else 0
-        canvas = state.tokens.shape[1]
-        sizes = dkv_query_sizes(config, shift)
-        tail = self.length(canvas, config) - canvas
-        tokens = jnp.pad(state.tokens, ((0, 0), (0, tail)), constant_values=state.special.mask)
-        key_mask = jnp.pad(state.attention_mask, ((0, 0), (0, tail)))
-        positions = positions_from_mask(state.attention_mask)
-        positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(tail)[None, :]], axis=1)
-        fresh = dkv_recomputed(state, shift)
-        count = fresh.sum(-1)
-        order = jnp.argsort(~fresh, axis=1, stable=True)  # the recomputed columns first, ascending
-        size_index = (count[:, None] <= jnp.array(sizes)[None, :]).sum(-1) - 1  # the smallest size that fits
-        g, batch = config.gen_length, state.tokens.shape[0]
-        length, offsets = head_request(state, window_only)
-        wanted = jnp.arange(length)[None, :] + (0 if offsets is None else offsets[:, None])  # positions read
-        predictor = lambda j: width + j - shift  # the column whose hidden state gives j's logits
-        all_j = jnp.arange(g)[None, :]
-
-        def run(queries, rows_here, carry):
-            cache, logits, has = carry
-            slots = jnp.arange(queries)[None, :]
-            valid = rows_here[:, None] & (slots < count[:, None])
-            columns = jnp.where(valid, order[:, :queries], canvas + slots)
-            slot_of = jnp.full((batch, canvas + tail), -1, jnp.int32)
-            slot_of = slot_of.at[jnp.arange(batch)[:, None], columns].set(jnp.where(valid, slots, -1))
-            read = jnp.take_along_axis(slot_of, predictor(wanted), axis=1)
-            new, cache = model.forward_columns(tokens, positions, cache, key_mask, columns=columns,
-                                               logits_at=jnp.maximum(read, 0))
-            new = jnp.where((read >= 0)[..., None], new, 0.0)
-            logits = jnp.where(rows_here[:, None, None], new, logits)
-            has = jnp.where(rows_here[:, None], jnp.take_along_axis(slot_of, predictor(all_j), axis=1) >= 0, has)
-            return cache, logits, has
-
-        vocab = model.config.vocab_size
-        carry = (state.cache, jnp.zeros((batch, length, vocab), jnp.float32), jnp.zeros((batch, g), bool))
-        for k, queries in enumerate(sizes):
-            rows_here = rows & (size_index == k)
-            carry = jax.lax.cond(jnp.any(rows_here), functools.partial(run, queries, rows_here), lambda c: c, carry)
-        cache, logits, has = carry
-        return StepLogits(logits, cache, has)
+        forward = lambda tokens, positions, cache, key_mask, columns, logits_at, rows_here: model.forward_columns(
+            tokens, positions, cache, key_mask, columns=columns, logits_at=logits_at)
+        return gathered_step(state, window_only, rows, dkv_recomputed(state, shift),
+                             dkv_query_sizes(state.config, shift), self.length, shift, forward,
+                             model.config.vocab_size)
 
     def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
         """Per row a full forward or a cached step (`rows_to_refresh`); both when the rows disagree,
@@ -482,8 +502,84 @@ class DKVCache:
         return out.replace(logits=without_mask_token(out.logits, state))
 
 
+def elastic_query_sizes(config: DecodeConfig, n_layers: int) -> tuple[int, ...]:
+    """The static query counts of an Elastic-Cache step, largest first: the tracked tokens (at most
+    `elastic_track` per layer), the window and every generation position (an end-of-text
+    truncation may decode the whole tail in one step); then the tracked tokens and two windows (the
+    window and the tokens it decoded at the previous step), the usual case."""
+    tracked = n_layers * config.elastic_track
+    largest = tracked + config.sliding_window + config.gen_length
+    usual = tracked + 2 * config.sliding_window
+    return (largest, usual) if usual < largest else (largest,)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticCache:
+    """Elastic-Cache ("elastic"; Nguyen-Tri et al. 2025, "Attention Is All You Need for KV Cache in
+    Diffusion LLMs", arXiv 2510.14973; the rule as the authors' LLaDA code runs it,
+    github.com/VILA-Lab/Elastic-Cache `llada/generate.py` `generate_with_elastic_cache` and
+    `modeling_llada.py` `LLaDABlock.attention`, read from the copy yxu-dev/Elastic-Cache @ 46c0bc3).
+
+    The window slides (`DecodeConfig.sliding_window`: the first W masked positions, the engine's
+    `sliding_window`); masked positions beyond it are served from the cache. Per row:
+    * its first step: a full forward that decodes and writes every column's K/V, queries and layer
+      inputs (the authors' only full forward);
+    * every later step recomputes the columns of the window, of the tokens decoded at the previous
+      step and of the tracked tokens (the most-attended ones) against the cache, layer by layer;
+      when the tracked tokens' attention drifts at layer l (cosine similarity below
+      `elastic_gamma`), layers l + 1 ... recompute every column (`Transformer.forward_elastic`).
+    Only the window's positions have logits. The commit rule is the sampler's: the authors' is
+    threshold 0.9 with at least the most confident token (`samplers.Threshold`), window 16,
+    gamma 0.9, one tracked token per layer, over the whole generation (block_length = gen_length).
+
+    Deviations: no EOS cut of the masked tail (the authors drop masked positions after the first
+    decoded EOS of id 126081; the engine's `eos_policy` and end-of-text samplers are the levers);
+    semi-AR blocks are allowed (the window stays in its block); the query count is one of two static
+    sizes (`elastic_query_sizes`), each row its own; per-row decisions (see `forward_elastic`).
+    """
+
+    name: str = "elastic"
+
+    def max_window(self, config: DecodeConfig) -> int:
+        """The window is at most W masked positions of one block, recomputed at every step."""
+        return config.gen_length
+
+    def length(self, canvas_width: int, config: DecodeConfig, n_layers: int = 0) -> int:
+        """The canvas plus a hidden tail that holds a step's padding slots (one per query at most)."""
+        return canvas_width + elastic_query_sizes(config, n_layers)[0]
+
+    def init(self, model, batch: int, canvas_width: int, config: DecodeConfig) -> ElasticBuffer:
+        return ElasticBuffer.zeros(model.config, model.layout, batch,
+                                   self.length(canvas_width, config, model.config.n_layers))
+
+    def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
+        config, width = state.config, state.prompt_width
+        n_layers = model.config.n_layers
+        first = (state.nfe == 0) & ~state.done
+        window = jnp.pad(state.is_masked & state.in_window, ((0, 0), (width, 0)))
+        decoded_last = (state.commit_step == state.step - 1) & (state.step > 0)
+        canvas = state.tokens.shape[1]
+        tracked = state.cache.tracked[:, :canvas] & ~first[:, None]
+        fresh = window | jnp.pad(decoded_last, ((0, 0), (width, 0))) | tracked
+        masked = jnp.pad(state.is_masked, ((0, 0), (width, 0)))
+
+        def forward(tokens, positions, buffer, key_mask, columns, logits_at, rows_here):
+            pad = lambda a: jnp.pad(a, ((0, 0), (0, tokens.shape[1] - canvas)))
+            at = lambda a: jnp.take_along_axis(pad(a), columns, axis=1) & rows_here[:, None]
+            logits, new = model.forward_elastic(
+                tokens, positions, buffer, key_mask, columns=columns, tracked_slots=at(tracked),
+                window_slots=at(window), full_rows=first & rows_here, masked_columns=pad(masked),
+                gamma=config.elastic_gamma, track=config.elastic_track, logits_at=logits_at)
+            return logits, new.replace(tracked=jnp.where(rows_here[:, None], new.tracked, buffer.tracked))
+
+        out = gathered_step(state, window_only, ~state.done, fresh, elastic_query_sizes(config, n_layers),
+                            functools.partial(self.length, n_layers=n_layers), 0, forward, model.config.vocab_size)
+        return out.replace(logits=without_mask_token(out.logits, state))
+
+
 CACHE_POLICIES = {"none": NoCache(), "prefix": FastDLLMCache("prefix", dual=False),
-                  "dual": FastDLLMCache("dual", dual=True), "block": BlockCache(), "dkv": DKVCache()}
+                  "dual": FastDLLMCache("dual", dual=True), "block": BlockCache(), "dkv": DKVCache(),
+                  "elastic": ElasticCache()}
 CACHE_MODES = tuple(CACHE_POLICIES)
 
 

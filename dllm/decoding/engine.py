@@ -153,6 +153,9 @@ def check_block_alignment(model, config: DecodeConfig) -> None:
     if config.block_length % block:
         raise ValueError(f"block_length={config.block_length} with a block-causal model of block_size={block}: "
                          f"allowed block lengths are multiples of the model's block ({block}, {2 * block}, ...)")
+    if config.sliding_window:
+        raise ValueError(f"sliding_window={config.sliding_window} with a block-causal model: its windows are its "
+                         "model blocks; allowed sliding_window=0")
     if config.cache not in ("none", "block"):
         raise ValueError(f"cache={config.cache!r} with a block-causal model (ModelConfig.attention="
                          f"'block_causal'): the prefix, dual and dKV caches attend bidirectionally; allowed: cache='block' "
@@ -199,7 +202,11 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         key=key, cache=None, has_logits=jnp.ones((batch, g), bool), config=config, special=special,
         prompt_width=width,
     )
-    if template is not None:  # infilling: the first window is the first block that holds a mask
+    if config.sliding_window:  # the first W masked positions (after the template's fixed tokens)
+        block_start, block_end = sliding_window(config, gen == special.mask)
+        state = state.replace(block_start=block_start, block_end=block_end,
+                              done=~jnp.any(gen == special.mask, axis=-1))
+    elif template is not None:  # infilling: the first window is the first block that holds a mask
         block_start, block_end, _ = next_window(state, gen, first_end)
         state = state.replace(block_start=block_start, block_end=block_end,
                               done=~jnp.any(gen == special.mask, axis=-1))
@@ -232,6 +239,10 @@ def next_window(state: DecodeState, gen_tokens, block_end):
     block is `pipeline_fraction` committed (`pipeline_window`)."""
     config, g = state.config, state.config.gen_length
     masked = gen_tokens == state.special.mask
+    if config.sliding_window:
+        start, end = sliding_window(config, masked)
+        same_block = start // config.block_length == state.block_start // config.block_length
+        return start, end, jnp.where(same_block, state.step_in_block + 1, 0).astype(jnp.int32)
     j = jnp.arange(g)
     start = state.block_start
     if config.pipeline_blocks > 1:
@@ -245,6 +256,22 @@ def next_window(state: DecodeState, gen_tokens, block_end):
     new_end = jnp.where(window_done, jnp.minimum(new_start + config.block_length, g), block_end)
     step_in_block = jnp.where(window_done | (new_start != state.block_start), 0, state.step_in_block + 1)
     return new_start, new_end, step_in_block
+
+
+def sliding_window(config: DecodeConfig, masked):
+    """Elastic-Cache's sliding window (Nguyen-Tri et al. 2025, arXiv 2510.14973, §3; the authors'
+    `query_masked_position = masked_position[:window_length]`): per row, [first masked position,
+    W-th masked position + 1), cut at the end of the first masked position's block, so the window
+    holds the first W = `sliding_window` masked positions of that block (with block_length =
+    gen_length, of the whole generation). A row without a mask gets the empty window [G, G)."""
+    g, block, width = config.gen_length, config.block_length, config.sliding_window
+    j = jnp.arange(g)[None, :]
+    first = jnp.where(jnp.any(masked, -1), jnp.argmax(masked, axis=-1), g).astype(jnp.int32)
+    block_end = jnp.minimum((first // block + 1) * block, g)
+    rank = jnp.cumsum(masked, axis=-1)  # masked positions up to and including j
+    kept = masked & (rank <= width) & (j < block_end[:, None])
+    end = jnp.max(jnp.where(kept, j + 1, first[:, None]), axis=-1).astype(jnp.int32)
+    return first, end
 
 
 def pipeline_window(config: DecodeConfig, masked, start, end, phase):
@@ -291,6 +318,9 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
         gen = jnp.where(beyond, special.eos, gen)
         commit_step = jnp.where(beyond, state.step, commit_step)
         chosen = chosen | beyond
+    if commit.block_end is not None and state.config.sliding_window:
+        raise ValueError(f"sliding_window={state.config.sliding_window} with a sampler that sets its window's end "
+                         "(adaptive_block): the sliding window sets it; allowed: a rule that commits inside the window")
     block_end = state.block_end if commit.block_end is None else jnp.where(active, commit.block_end, state.block_end)
     block_end = clip_window(state, block_end)  # a window must fit in what its steps recompute
     block_start, block_end, step_in_block = next_window(state, gen, block_end)
@@ -360,7 +390,11 @@ def _decode(graphdef, params, tokens, attention_mask, key, template=None, *, sam
     cache heads over `kv_heads`); the rest follows by XLA's propagation."""
     constrain = (lambda x, axes: x) if placement is None else placement.constrain
     # Stacked caches use every CACHE_AXES name; per-layer (unrolled) ones drop "layers".
-    constrain_cache = lambda cache: jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
+    # A policy's buffer with other leaves names their axes (`logical_axes`, Elastic-Cache's).
+    def constrain_cache(cache):
+        if hasattr(cache, "logical_axes"):
+            return jax.tree.map(constrain, cache, cache.logical_axes())
+        return jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
     model = nnx.merge(graphdef, params)
     state = initial_state(tokens, attention_mask, key, config, special, model, template)
     state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
@@ -474,6 +508,12 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
             raise ValueError("a function model has no config: pass tokenizer= or special=SpecialIds(...)")
         width = pad_prompts(prompt_tokens, (special or resolve_special_ids(None, tokenizer)).pad)[0].shape[1]
         model = LogitsFunction.of(model, jnp.zeros((1, width + gen_length), jnp.int32))
+    model_config = getattr(model, "config", None)
+    if config.cache == "elastic" and model_config is not None and (
+            model_config.attention != "bidirectional" or model_config.token_shift):
+        raise ValueError(f"cache='elastic' with ModelConfig.attention={model_config.attention!r}, token_shift="
+                         f"{model_config.token_shift}: Elastic-Cache is built for bidirectional models without token "
+                         "shift (LLaDA); allowed here: cache 'none', 'prefix', 'dual' or 'dkv'")
     if isinstance(model, LogitsFunction) and config.cache != "none":
         raise ValueError(f"cache={config.cache!r} with a function model: it has no K/V to cache; allowed: cache='none'")
     special = resolve_special_ids(model, tokenizer, special)

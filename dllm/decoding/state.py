@@ -65,6 +65,15 @@ class DecodeConfig:
         block when that one is complete; cache "none" or "block" only.
       pipeline_fraction: in (0, 1]; the share of the window's last block that
         must be committed before the next block joins.
+      sliding_window: 0 (the active window is the block), or W > 0: Elastic-Cache's sliding
+        window (arXiv 2510.14973, its `window_length`, 16 in the authors' runs): the active
+        window runs from a row's first masked position to its W-th, inside that position's
+        block; with block_length = gen_length (the authors' setting) the window is the first
+        W masked positions of the whole generation. Cache "none" or "elastic" only.
+      elastic_gamma: Elastic-Cache's drift bar (`gamma`, 0.9): a layer whose tracked tokens'
+        attention has cosine similarity below it (old vs new, over heads, averaged) triggers
+        the recompute of every position from the next layer on.
+      elastic_track: most-attended tokens tracked per layer (`track_num`, 1).
     """
 
     gen_length: int = 128
@@ -80,6 +89,9 @@ class DecodeConfig:
     cache_window: int | None = None
     pipeline_blocks: int = 1
     pipeline_fraction: float = 1.0
+    sliding_window: int = 0
+    elastic_gamma: float = 0.9
+    elastic_track: int = 1
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or self.gen_length <= 0:
@@ -120,6 +132,23 @@ class DecodeConfig:
         if self.pipeline_blocks > 1 and self.cache not in ("none", "block", "auto"):
             raise ValueError(f"pipeline_blocks={self.pipeline_blocks} with cache={self.cache!r}: pipelined blocks "
                              "decode uncached or over the exact block cache; allowed cache 'none', 'block' or 'auto'")
+        if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) \
+                or self.sliding_window < 0:
+            raise ValueError(f"sliding_window={self.sliding_window!r}: must be an int >= 0 (0: the window is the block)")
+        if self.sliding_window and self.cache not in ("none", "elastic", "auto"):
+            raise ValueError(f"sliding_window={self.sliding_window} with cache={self.cache!r}: a sliding window decodes "
+                             "uncached or over Elastic-Cache; allowed cache 'none' or 'elastic'")
+        if self.sliding_window and self.pipeline_blocks > 1:
+            raise ValueError(f"sliding_window={self.sliding_window} with pipeline_blocks={self.pipeline_blocks}: "
+                             "a sliding window is one window; allowed pipeline_blocks=1")
+        if self.cache == "elastic" and not self.sliding_window:
+            raise ValueError("cache='elastic' needs sliding_window > 0 (Elastic-Cache decodes the first W masked "
+                             "positions; the authors use 16)")
+        if isinstance(self.elastic_track, bool) or not isinstance(self.elastic_track, int) or self.elastic_track < 1:
+            raise ValueError(f"elastic_track={self.elastic_track!r}: must be an int >= 1 (tracked tokens per layer)")
+        if not -1.0 <= self.elastic_gamma <= 2.0:
+            raise ValueError(f"elastic_gamma={self.elastic_gamma!r}: allowed [-1, 2] (a cosine similarity bar; "
+                             "-1 never refreshes, above 1 always does)")
         if self.max_steps is None:
             object.__setattr__(self, "max_steps", self.gen_length)
         if self.max_steps <= 0:

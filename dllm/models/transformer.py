@@ -41,6 +41,9 @@ deviate on purpose.)
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -425,6 +428,81 @@ def write_columns(cache_layer, update, columns):
                                              unique_indices=True)
 
 
+def attention_weights(q, k, key_mask) -> jax.Array:
+    """float32 [B, H, Q, S]: softmax(q k^T / sqrt(head_dim)) of queries q [B, Q, H, D] over keys
+    k [B, S, KV, D] where key_mask [B, S] is 1 (grouped-query heads read their KV head)."""
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    scores = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k.astype(jnp.float32)) / q.shape[-1] ** 0.5
+    return jax.nn.softmax(jnp.where(key_mask[:, None, None, :] > 0, scores, -jnp.inf), axis=-1)
+
+
+def attend_with(weights, v, config: ModelConfig) -> jax.Array:
+    """[B, Q, H, D]: the attention output of `attention_weights` over values v [B, S, KV, D]."""
+    v = jnp.repeat(v, weights.shape[1] // v.shape[2], axis=2)
+    return jnp.einsum("bhqs,bshd->bqhd", weights, v.astype(jnp.float32)).astype(config.compute_dtype)
+
+
+def attention_similarity(old, new, tracked, key_mask, eps: float = 1e-8) -> jax.Array:
+    """float32 [B]: Elastic-Cache's drift statistic (arXiv 2510.14973; the authors'
+    `F.cosine_similarity(past, att_weight, dim=1).mean()`): for each tracked query t and real key
+    s, the cosine between the head vectors old[:, h, t, s] and new[:, h, t, s] (norms floored at
+    eps, as torch does), averaged over the tracked queries (`tracked` bool [B, Q]) and the keys
+    where key_mask [B, S] is 1. 1.0 for a row that tracks nothing."""
+    dot = jnp.sum(old * new, axis=1)
+    norms = (jnp.maximum(jnp.sqrt(jnp.sum(old * old, axis=1)), eps)
+             * jnp.maximum(jnp.sqrt(jnp.sum(new * new, axis=1)), eps))
+    where = tracked[:, :, None] & (key_mask[:, None, :] > 0)
+    total = jnp.sum(jnp.where(where, dot / norms, 0.0), axis=(1, 2))
+    return jnp.where(jnp.any(tracked, -1), total / jnp.maximum(jnp.sum(where, axis=(1, 2)), 1), 1.0)
+
+
+@struct.dataclass
+class ElasticBuffer:
+    """Elastic-Cache's buffer: per layer the K/V (after RoPE), queries (after RoPE) and layer inputs
+    of every column, in `KVCache`'s layout (stacked [layers, B, S, ...] when scanned, else one array
+    per layer), and `tracked` bool [B, S], the columns to re-forward and test at the next step."""
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+    q: jax.Array | tuple[jax.Array, ...]
+    x: jax.Array | tuple[jax.Array, ...]
+    tracked: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, layout: Layout, batch: int, length: int) -> "ElasticBuffer":
+        kv = KVCache.zeros(config, layout, batch, length)
+        queries = KVCache.zeros(dataclasses.replace(config, n_kv_heads=config.n_heads), layout, batch, length).k
+        shape = (batch, length, config.d_model)
+        if layout.scan_layers:
+            inputs = jnp.zeros((config.n_layers, *shape), config.compute_dtype)
+        else:
+            inputs = tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(config.n_layers))
+        return cls(kv.k, kv.v, queries, inputs, jnp.zeros((batch, length), bool))
+
+    @classmethod
+    def from_layers(cls, outputs, layout: Layout) -> "ElasticBuffer":
+        """From `run_layers` outputs of (k, v, q, x, tracked) per layer; tracked is their union."""
+        if layout.scan_layers:
+            k, v, q, x, tracked = outputs
+            return cls(k, v, q, x, jnp.any(tracked, axis=0))
+        k, v, q, x, tracked = (tuple(parts) for parts in zip(*outputs))
+        return cls(k, v, q, x, functools.reduce(jnp.logical_or, tracked))
+
+    def per_layer(self, layout: Layout):
+        """The `per_layer` argument of `run_layers`: (k, v, q, x) of every layer."""
+        if layout.scan_layers:
+            return (self.k, self.v, self.q, self.x)
+        return list(zip(self.k, self.v, self.q, self.x))
+
+    def logical_axes(self):
+        """Logical axis names of every leaf (the engine's sharding constraint): K/V and queries as
+        `CACHE_AXES`, layer inputs (layers, batch, length, -) (the model width unsplit: "embed" may share
+        the batch's mesh axis), tracked (batch, length)."""
+        heads = lambda a: jax.tree.map(lambda leaf: CACHE_AXES[-leaf.ndim:], a)
+        inputs = jax.tree.map(lambda leaf: ("layers", "batch", "length", None)[-leaf.ndim:], self.x)
+        return ElasticBuffer(heads(self.k), heads(self.v), heads(self.q), inputs, ("batch", "length"))
+
+
 class Transformer(nnx.Module):
     """Bidirectional LLaDA/Dream transformer: `model(tokens) -> logits`.
 
@@ -647,6 +725,97 @@ class Transformer(nnx.Module):
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
         return self.hidden_to_logits(hidden), KVCache.from_layers(kv, self.layout)
+
+
+    def forward_elastic(self, tokens, positions, buffer: "ElasticBuffer", key_mask, *, columns, tracked_slots,
+                        window_slots, full_rows, masked_columns, gamma: float, track: int, logits_at):
+        """Elastic-Cache's step (Nguyen-Tri et al. 2025, "Attention Is All You Need for KV Cache in Diffusion
+        LLMs", arXiv 2510.14973, §3; the rule as the authors' LLaDA code runs it, `LLaDABlock.attention`):
+        the gathered `columns` are recomputed layer by layer against the cached K/V; at each layer the
+        tracked tokens' attention (their fresh query over the fresh keys) is compared with the one their
+        cached query gave over the cached keys, and where the cosine similarity drops below `gamma` the
+        row recomputes every position from the next layer on (depth-aware refresh).
+
+        Args:
+          tokens, positions: [B, S] the canvas (padded to the buffer's length S) and its RoPE positions.
+          buffer: per layer, K/V, post-RoPE queries and layer inputs of every column, and the tracked
+            columns (`ElasticBuffer`); the recomputed columns are written into it.
+          key_mask: [B, S] 1 for keys that may be attended (real, non-padding; 0 on the tail).
+          columns: int32 [B, Q], ascending and distinct within each row; padding slots point at
+            distinct tail columns (`dllm.decoding.cache.gathered_step`).
+          tracked_slots, window_slots: bool [B, Q], slots of the tracked tokens (their drift is
+            tested) and of the window's masked positions (their attention picks the next tracked tokens).
+          full_rows: bool [B], rows that recompute every position from layer 0 (their first step).
+          masked_columns: bool [B, S], columns still masked (never tracked).
+          gamma: the drift bar; track: most-attended tokens tracked per layer.
+          logits_at: int32 [B, L], the slots whose logits are computed.
+
+        Per row and layer l (not yet refreshing): similarity = mean over the tracked tokens and the
+        real keys s of cos_h(a_old[h, t, s], a_new[h, t, s]), the cosine taken over the head axis
+        (the authors' `F.cosine_similarity(past, att_weight, dim=1).mean()`); below `gamma`, layers
+        l + 1 ... L - 1 recompute every column, their input the cached layer input with the gathered
+        columns' fresh values written in (the authors' `x_cache[:, query_position] = x`). Each layer
+        tracks the `track` columns, not masked, that the window's queries attend most (summed over
+        heads and queries); the union over layers is tracked at the next step.
+
+        Deviations: attention weights in float32 (the authors': bf16); the decision is per row and the
+        mean runs over the row's real keys (theirs: over the batch and every key, the same at batch 1
+        without padding); the gathered columns are deduplicated. Bidirectional models without token
+        shift only.
+
+        Returns (logits [B, L, V], buffer with the new tracked columns).
+        """
+        c = self.config
+        refuse_window_steps(c)
+        if c.attention != "bidirectional" or c.token_shift:
+            raise ValueError(f"ModelConfig.attention={c.attention!r}, token_shift={c.token_shift}: Elastic-Cache is "
+                             "built for bidirectional models without token shift (LLaDA); allowed: another cache")
+        take = lambda a: jnp.take_along_axis(a, columns.reshape(columns.shape + (1,) * (a.ndim - 2)), axis=1)
+        cos_c, sin_c = rope_tables(take(positions), c.head_dim, c.rope_theta)
+        cos_f, sin_f = rope_tables(positions, c.head_dim, c.rope_theta)
+        embedded = self.embed_tokens(tokens)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+
+        def select(chosen, a, b):
+            return jnp.where(chosen.reshape(chosen.shape + (1,) * (a.ndim - 1)), a, b)
+
+        def block(carry, p, layer):
+            h_cols, h_full, full_valid, refreshing = carry
+            k_c, v_c, q_c, x_c = layer
+            x_cols = write_columns(x_c, h_cols, columns)  # this layer's inputs with the fresh columns
+            q, k, v = attention_qkv(h_cols, p, c, cos_c, sin_c)
+            k_new, v_new, q_new = (write_columns(k_c, k, columns), write_columns(v_c, v, columns),
+                                   write_columns(q_c, q, columns))
+            weights = attention_weights(q, k_new, key_mask)
+            out_cols = attention_out_and_mlp(h_cols, attend_with(weights, v_new, c), p, c)
+            similarity = attention_similarity(attention_weights(take(q_c), k_c, key_mask), weights,
+                                              tracked_slots, key_mask)
+
+            def full(_):
+                x_in = select(full_valid, h_full, x_cols)
+                qf, kf, vf = attention_qkv(x_in, p, c, cos_f, sin_f)
+                out = attention_out_and_mlp(x_in, attend(qf, kf, vf, key_mask, c, self.layout), p, c)
+                pick = functools.partial(select, refreshing)
+                return (pick(kf, k_new), pick(vf, v_new), pick(qf, q_new), pick(x_in, x_cols),
+                        pick(take(out), out_cols), pick(out, h_full),
+                        pick(attention_weights(take(qf), kf, key_mask), weights))
+
+            def cached(_):
+                return k_new, v_new, q_new, x_cols, out_cols, h_full, weights
+
+            k_o, v_o, q_o, x_o, h_cols, h_full, weights = jax.lax.cond(jnp.any(refreshing), full, cached, None)
+            score = jnp.einsum("bhqs,bq->bs", weights, window_slots.astype(weights.dtype))
+            score = jnp.where(masked_columns | (key_mask == 0), -1.0, score)
+            tracked = jnp.zeros(score.shape, bool).at[rows, jax.lax.top_k(score, track)[1]].set(True)
+            drifted = ~refreshing & jnp.any(tracked_slots, -1) & (similarity < gamma)
+            h_cols, (k_o, v_o) = written_before_next_layer(h_cols, k_o, v_o)
+            return (h_cols, h_full, refreshing, refreshing | drifted), (k_o, v_o, q_o, x_o, tracked)
+
+        start = (take(embedded), embedded, full_rows, full_rows)
+        (hidden, *_), outputs = run_layers(block, start, self.layer_params(), self.layout,
+                                           buffer.per_layer(self.layout))
+        hidden = jnp.take_along_axis(hidden, logits_at[:, :, None], axis=1)
+        return self.hidden_to_logits(hidden), ElasticBuffer.from_layers(outputs, self.layout)
 
 
 def canonical_params(model: Transformer) -> dict[str, jax.Array]:
