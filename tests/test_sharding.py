@@ -69,6 +69,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21]
            [26, 27, 28, 29, 30, 31], [32], [33, 34, 35, 36, 37]]
 CACHE_MODES = ("none", "prefix", "dual")
 BLOCK_CAUSAL_MODES = ("none", "block")
+ELASTIC_LAYOUTS = {"scanned": dllm.Layout(), "unrolled": dllm.Layout(scan_layers=False)}
 DECODE = dict(gen_length=16, block_length=8)  # two blocks; 8 is the block the bundled learned filter needs
 
 
@@ -165,6 +166,15 @@ def run_worker(name: str) -> dict:
     for mode in BLOCK_CAUSAL_MODES:
         out["decode"][f"threshold/{mode}/block-causal"] = reference_and_sharded(
             block_model, sharded_block, mesh, samplers.Threshold(), cache=mode)
+    # The same weights without token shift over Elastic-Cache (its buffer: queries and layer inputs too),
+    # scanned and unrolled.
+    plain_config = dataclasses.replace(model.config, token_shift=False)
+    plain = model_from_params(plain_config, canonical_params(model))
+    for layout_name, layout in ELASTIC_LAYOUTS.items():
+        sharded_plain = sharding.shard_model(model_from_params(plain_config, canonical_params(model), layout), mesh,
+                                             DEFAULT_RULES)
+        out["decode"][f"threshold/elastic/{layout_name}"] = reference_and_sharded(
+            plain, sharded_plain, mesh, samplers.Threshold(), cache="elastic", sliding_window=4)
     out["seconds"]["decode"] = time.perf_counter() - start
 
     start = time.perf_counter()  # the first two updates of `train` on the mesh (and on one device, once)
@@ -380,7 +390,8 @@ def test_sharded_generate_gives_the_tokens_of_one_device(workers, mesh):
     decoded = workers[mesh]["decode"]
     unrolled = {f"threshold/{mode}/unrolled-layers" for mode in ("none", "dual")}
     block_causal = {f"threshold/{mode}/block-causal" for mode in BLOCK_CAUSAL_MODES}
-    assert set(decoded) == {case for case, _, _ in grid_cases(mesh, full_grid())} | unrolled | block_causal
+    elastic = {f"threshold/elastic/{layout}" for layout in ELASTIC_LAYOUTS}
+    assert set(decoded) == {case for case, _, _ in grid_cases(mesh, full_grid())} | unrolled | block_causal | elastic
     # the exact block cache, sharded or not, gives the uncached block-causal tokens
     assert decoded["threshold/block/block-causal"]["reference"] == decoded["threshold/none/block-causal"]["reference"]
     for case, runs in decoded.items():
