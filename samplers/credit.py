@@ -27,11 +27,15 @@ Ambiguities and what we chose:
 * Credit kept per block or per sequence: both, by `reset`. "block" zeroes a
   row's credit at the first step of each of its blocks (state.step_in_block
   == 0); "sequence" keeps it for the whole decode.
-* Which positions gain credit: every still-masked generation position, also
-  those outside the active window (the model predicts them each step). With
-  reset="block" their credit is discarded when the row's next block starts;
-  with reset="sequence" a position reaches its block with credit gathered
-  while earlier blocks were decoded.
+* Which positions gain credit: every still-masked generation position whose
+  logits this step computed (`state.has_logits`), also those outside the
+  active window (the model predicts them each step). With reset="block"
+  their credit is discarded when the row's next block starts; with
+  reset="sequence" a position reaches its block with credit gathered while
+  earlier blocks were decoded. A cached step that computes only some
+  positions (a dual window narrower than the block, Elastic-Cache's window,
+  a block-causal model's active block) leaves the others' credit as it was:
+  neither decayed nor fed from logits that were not computed.
 * Committed positions keep their (now unused) credit; it no longer changes.
 
 Representation (exact, independent of the vocabulary): the carry is the

@@ -197,7 +197,7 @@ class EarlyCommit(base.Sampler):
         if config.cache == "elastic":
             raise ValueError("EarlyCommit with cache='elastic': its all-in fill reads every position's logits, and "
                              "an Elastic-Cache step computes the window's only (its one full forward is the "
-                             "first); allowed: cache 'none', 'prefix', 'dual' or 'dkv'")
+                             "first); allowed: cache='none' over the same sliding window")
         if self.answer_delimiter_id is None:
             raise ValueError(f"EarlyCommit(answer_delimiter={self.answer_delimiter!r}) is not bound to a "
                              "tokenizer: call sampler.bind(tokenizer) or set answer_delimiter_id")

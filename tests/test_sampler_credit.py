@@ -148,6 +148,21 @@ def test_masked_positions_outside_the_window_gain_credit_but_never_commit():
     np.testing.assert_allclose(credit[1], [gain(.6), gain(.7), 0, gain(.99), gain(.3)], rtol=1e-6)
 
 
+def test_positions_without_logits_keep_their_credit():
+    """A cached step computes some positions only (`state.has_logits`): the others are neither decayed
+    nor fed from the zeros in their place."""
+    sampler = Credit(reset="sequence")
+    state = make_state([[M, M, M, M, M]], 0, 5, block_length=5, step=0)
+    logits = logits_of([[top(.6), top(.7), top(.8), top(.9), top(.5)]])
+    _, history = sampler.step(logits, state, sampler.init(state))
+    later = make_state([[M, M, M, M, M]], 0, 5, block_length=5, step=1, step_in_block=1)
+    later = later.replace(has_logits=jnp.array([[True, True, False, False, True]]))
+    _, history = sampler.step(logits_of([[top(.6), top(.7), top(.25), top(.25), top(.5)]]), later, history)
+    credit = np.asarray(history.dense(V))[0, :, 0]
+    np.testing.assert_allclose(credit[2:4], [gain(.8), gain(.9)], rtol=1e-6)  # as after step 0
+    np.testing.assert_allclose(credit[[0, 1, 4]], [gain(p) * (1 + BETA) for p in (.6, .7, .5)], rtol=1e-6)
+
+
 def test_fused_logits_dense_and_history_agree():
     logits = jnp.log(jnp.array([[[.5, .25, .25, 0, 0, 0]]], jnp.float32))
     history = CreditHistory(tokens=jnp.array([[[0, 1, 0]]], jnp.int32),

@@ -125,8 +125,8 @@ def test_elastic_cache_on_trained_model(trained):
     """Elastic-Cache over its sliding window (the authors' settings: threshold 0.9, window 16 here 8,
     gamma 0.9, one tracked token per layer, the whole generation as one block) decodes held-out
     prompts: the evaluation path carries its settings (the same tokens as `generate`), it decodes in
-    parallel and keeps accuracy, and a bar that never refreshes decodes other tokens than one that
-    refreshes every step from layer 1."""
+    parallel and keeps accuracy; gamma 0.9 decodes other tokens than a bar that never refreshes and one
+    that refreshes from layer 1 at every step; a row decodes alone as in the batch."""
     import numpy as np
 
     from samplers import Threshold
@@ -142,7 +142,16 @@ def test_elastic_cache_on_trained_model(trained):
     np.testing.assert_array_equal([row["tokens"] for row in result["rows"]], direct.tokens)
     summary = result["summary"]
     assert summary["accuracy"] >= 0.8 and summary["mean_nfe"] < 12, summary
-    never, always = (dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=24, key=key,
-                                   tokenizer=tokenizer, attention_mask=mask, cache="elastic", sliding_window=8,
-                                   elastic_gamma=gamma).tokens for gamma in (-1.0, 2.0))
-    assert np.any(np.asarray(never) != np.asarray(always))  # the drift bar decides what the steps recompute
+    runs = {gamma: dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=24, key=key,
+                                 tokenizer=tokenizer, attention_mask=mask, cache="elastic", sliding_window=8,
+                                 elastic_gamma=gamma).tokens for gamma in (-1.0, 2.0)}
+    for gamma, other in runs.items():  # the bar decides what the steps recompute: never, sometimes, always
+        assert np.any(np.asarray(other) != np.asarray(direct.tokens)), gamma
+    keys = jax.random.split(key, len(tokens))  # batch invariance with the drift test deciding per row
+    batch = dllm.generate(model, tokens, Threshold(tau=0.9), gen_length=24, block_length=24, key=keys,
+                          tokenizer=tokenizer, attention_mask=mask, cache="elastic", sliding_window=8)
+    for row in (0, 7, 18):  # three tasks, three prompt lengths
+        alone = dllm.generate(model, [tokenizer.encode(examples[row].prompt)], Threshold(tau=0.9), gen_length=24,
+                              block_length=24, key=keys[row:row + 1], tokenizer=tokenizer, cache="elastic",
+                              sliding_window=8)
+        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])

@@ -528,7 +528,7 @@ class ElasticCache:
       step and of the tracked tokens (the most-attended ones) against the cache, layer by layer;
       when the tracked tokens' attention drifts at layer l (cosine similarity below
       `elastic_gamma`), layers l + 1 ... recompute every column (`Transformer.forward_elastic`).
-    Only the window's positions have logits. The commit rule is the sampler's: the authors' is
+    Only the recomputed positions have logits (`has_logits`; the window's are the masked ones). The commit rule is the sampler's: the authors' is
     threshold 0.9 with at least the most confident token (`samplers.Threshold`), window 16,
     gamma 0.9, one tracked token per layer, over the whole generation (block_length = gen_length).
 
@@ -544,7 +544,7 @@ class ElasticCache:
         """The window is at most W masked positions of one block, recomputed at every step."""
         return config.gen_length
 
-    def length(self, canvas_width: int, config: DecodeConfig, n_layers: int = 0) -> int:
+    def length(self, canvas_width: int, config: DecodeConfig, n_layers: int) -> int:
         """The canvas plus a hidden tail that holds a step's padding slots (one per query at most)."""
         return canvas_width + elastic_query_sizes(config, n_layers)[0]
 
@@ -569,7 +569,7 @@ class ElasticCache:
             logits, new = model.forward_elastic(
                 tokens, positions, buffer, key_mask, columns=columns, tracked_slots=at(tracked),
                 window_slots=at(window), full_rows=first & rows_here, masked_columns=pad(masked),
-                gamma=config.elastic_gamma, track=config.elastic_track, logits_at=logits_at)
+                gamma=config.elastic_gamma, track=config.elastic_track, logits_at=logits_at, canvas=canvas)
             return logits, new.replace(tracked=jnp.where(rows_here[:, None], new.tracked, buffer.tracked))
 
         out = gathered_step(state, window_only, ~state.done, fresh, elastic_query_sizes(config, n_layers),

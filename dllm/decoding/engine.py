@@ -513,7 +513,7 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
             model_config.attention != "bidirectional" or model_config.token_shift):
         raise ValueError(f"cache='elastic' with ModelConfig.attention={model_config.attention!r}, token_shift="
                          f"{model_config.token_shift}: Elastic-Cache is built for bidirectional models without token "
-                         "shift (LLaDA); allowed here: cache 'none', 'prefix', 'dual' or 'dkv'")
+                         "shift (LLaDA); allowed here: cache='none' over the same sliding window")
     if isinstance(model, LogitsFunction) and config.cache != "none":
         raise ValueError(f"cache={config.cache!r} with a function model: it has no K/V to cache; allowed: cache='none'")
     special = resolve_special_ids(model, tokenizer, special)

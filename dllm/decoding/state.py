@@ -146,7 +146,8 @@ class DecodeConfig:
                              "positions; the authors use 16)")
         if isinstance(self.elastic_track, bool) or not isinstance(self.elastic_track, int) or self.elastic_track < 1:
             raise ValueError(f"elastic_track={self.elastic_track!r}: must be an int >= 1 (tracked tokens per layer)")
-        if not -1.0 <= self.elastic_gamma <= 2.0:
+        if isinstance(self.elastic_gamma, bool) or not isinstance(self.elastic_gamma, (int, float)) \
+                or not -1.0 <= self.elastic_gamma <= 2.0:
             raise ValueError(f"elastic_gamma={self.elastic_gamma!r}: allowed [-1, 2] (a cosine similarity bar; "
                              "-1 never refreshes, above 1 always does)")
         if self.max_steps is None:

@@ -728,7 +728,8 @@ class Transformer(nnx.Module):
 
 
     def forward_elastic(self, tokens, positions, buffer: "ElasticBuffer", key_mask, *, columns, tracked_slots,
-                        window_slots, full_rows, masked_columns, gamma: float, track: int, logits_at):
+                        window_slots, full_rows, masked_columns, gamma: float, track: int, logits_at,
+                        canvas: int | None = None):
         """Elastic-Cache's step (Nguyen-Tri et al. 2025, "Attention Is All You Need for KV Cache in Diffusion
         LLMs", arXiv 2510.14973, §3; the rule as the authors' LLaDA code runs it, `LLaDABlock.attention`):
         the gathered `columns` are recomputed layer by layer against the cached K/V; at each layer the
@@ -749,6 +750,8 @@ class Transformer(nnx.Module):
           masked_columns: bool [B, S], columns still masked (never tracked).
           gamma: the drift bar; track: most-attended tokens tracked per layer.
           logits_at: int32 [B, L], the slots whose logits are computed.
+          canvas: static, the columns [0, canvas) that a refreshing layer recomputes (the hidden tail
+            after them keeps what the gathered steps wrote there); default all S.
 
         Per row and layer l (not yet refreshing): similarity = mean over the tracked tokens and the
         real keys s of cos_h(a_old[h, t, s], a_new[h, t, s]), the cosine taken over the head axis
@@ -771,8 +774,10 @@ class Transformer(nnx.Module):
             raise ValueError(f"ModelConfig.attention={c.attention!r}, token_shift={c.token_shift}: Elastic-Cache is "
                              "built for bidirectional models without token shift (LLaDA); allowed: another cache")
         take = lambda a: jnp.take_along_axis(a, columns.reshape(columns.shape + (1,) * (a.ndim - 2)), axis=1)
+        canvas = tokens.shape[1] if canvas is None else canvas
         cos_c, sin_c = rope_tables(take(positions), c.head_dim, c.rope_theta)
-        cos_f, sin_f = rope_tables(positions, c.head_dim, c.rope_theta)
+        cos_f, sin_f = rope_tables(positions[:, :canvas], c.head_dim, c.rope_theta)
+        put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part.astype(whole.dtype), 0, axis=1)
         embedded = self.embed_tokens(tokens)
         rows = jnp.arange(tokens.shape[0])[:, None]
 
@@ -791,10 +796,13 @@ class Transformer(nnx.Module):
             similarity = attention_similarity(attention_weights(take(q_c), k_c, key_mask), weights,
                                               tracked_slots, key_mask)
 
-            def full(_):
+            def full(_):  # every canvas column; the tail keeps its gathered values
                 x_in = select(full_valid, h_full, x_cols)
-                qf, kf, vf = attention_qkv(x_in, p, c, cos_f, sin_f)
-                out = attention_out_and_mlp(x_in, attend(qf, kf, vf, key_mask, c, self.layout), p, c)
+                x_canvas = x_in[:, :canvas]
+                qf, kf, vf = attention_qkv(x_canvas, p, c, cos_f, sin_f)
+                attended = attend(qf, kf, vf, key_mask[:, :canvas], c, self.layout)
+                out = attention_out_and_mlp(x_canvas, attended, p, c)
+                qf, kf, vf, out = put(q_new, qf), put(k_new, kf), put(v_new, vf), put(x_in, out)
                 pick = functools.partial(select, refreshing)
                 return (pick(kf, k_new), pick(vf, v_new), pick(qf, q_new), pick(x_in, x_cols),
                         pick(take(out), out_cols), pick(out, h_full),
@@ -806,7 +814,8 @@ class Transformer(nnx.Module):
             k_o, v_o, q_o, x_o, h_cols, h_full, weights = jax.lax.cond(jnp.any(refreshing), full, cached, None)
             score = jnp.einsum("bhqs,bq->bs", weights, window_slots.astype(weights.dtype))
             score = jnp.where(masked_columns | (key_mask == 0), -1.0, score)
-            tracked = jnp.zeros(score.shape, bool).at[rows, jax.lax.top_k(score, track)[1]].set(True)
+            top_score, top = jax.lax.top_k(score, track)  # a row with fewer eligible keys tracks fewer
+            tracked = jnp.zeros(score.shape, bool).at[rows, top].set(top_score >= 0)
             drifted = ~refreshing & jnp.any(tracked_slots, -1) & (similarity < gamma)
             h_cols, (k_o, v_o) = written_before_next_layer(h_cols, k_o, v_o)
             return (h_cols, h_full, refreshing, refreshing | drifted), (k_o, v_o, q_o, x_o, tracked)

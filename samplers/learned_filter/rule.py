@@ -90,6 +90,9 @@ class LearnedFilter(base.Sampler):
                 "filter_features": list(self.weights.features)}
 
     def validate(self, config: DecodeConfig) -> None:
+        if config.sliding_window:
+            raise ValueError(f"LearnedFilter with sliding_window={config.sliding_window}: its features are read "
+                             "over block-aligned windows, as it was trained; allowed: sliding_window=0")
         trained = self.weights.block_length
         if trained != config.block_length:
             raise ValueError(
