@@ -528,9 +528,10 @@ class ElasticCache:
       step and of the tracked tokens (the most-attended ones) against the cache, layer by layer;
       when the tracked tokens' attention drifts at layer l (cosine similarity below
       `elastic_gamma`), layers l + 1 ... recompute every column (`Transformer.forward_elastic`).
-    Only the recomputed positions have logits (`has_logits`; the window's are the masked ones). The commit rule is the sampler's: the authors' is
-    threshold 0.9 with at least the most confident token (`samplers.Threshold`), window 16,
-    gamma 0.9, one tracked token per layer, over the whole generation (block_length = gen_length).
+    Only the recomputed positions have logits (`has_logits`; the window's are the masked ones). The
+    commit rule is the sampler's: the authors' is threshold 0.9 with at least the most confident
+    token (`samplers.Threshold`), window 16, gamma 0.9, one tracked token per layer, over the whole
+    generation (block_length = gen_length).
 
     Deviations: no EOS cut of the masked tail (the authors drop masked positions after the first
     decoded EOS of id 126081; the engine's `eos_policy` and end-of-text samplers are the levers);
