@@ -534,7 +534,7 @@ class ElasticCache:
     generation (block_length = gen_length).
 
     Deviations: no EOS cut of the masked tail (the authors drop masked positions after the first
-    decoded EOS of id 126081; the engine's `eos_policy` and end-of-text samplers are the levers);
+    decoded EOS; the engine's `eos_policy` and end-of-text samplers are the levers);
     semi-AR blocks are allowed (the window stays in its block); the query count is one of two static
     sizes (`elastic_query_sizes`), each row its own; per-row decisions (see `forward_elastic`).
     """

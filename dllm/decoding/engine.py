@@ -202,12 +202,12 @@ def initial_state(tokens, attention_mask, key, config: DecodeConfig, special: Sp
         key=key, cache=None, has_logits=jnp.ones((batch, g), bool), config=config, special=special,
         prompt_width=width,
     )
-    if config.sliding_window:  # the first W masked positions (after the template's fixed tokens)
-        block_start, block_end = sliding_window(config, gen == special.mask)
-        state = state.replace(block_start=block_start, block_end=block_end,
-                              done=~jnp.any(gen == special.mask, axis=-1))
-    elif template is not None:  # infilling: the first window is the first block that holds a mask
-        block_start, block_end, _ = next_window(state, gen, first_end)
+    if config.sliding_window or template is not None:
+        # the first W masked positions, or (infilling) the first block that holds a mask
+        if config.sliding_window:
+            block_start, block_end = sliding_window(config, gen == special.mask)
+        else:
+            block_start, block_end, _ = next_window(state, gen, first_end)
         state = state.replace(block_start=block_start, block_end=block_end,
                               done=~jnp.any(gen == special.mask, axis=-1))
     if model is not None:
@@ -318,9 +318,6 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
         gen = jnp.where(beyond, special.eos, gen)
         commit_step = jnp.where(beyond, state.step, commit_step)
         chosen = chosen | beyond
-    if commit.block_end is not None and state.config.sliding_window:
-        raise ValueError(f"sliding_window={state.config.sliding_window} with a sampler that sets its window's end "
-                         "(adaptive_block): the sliding window sets it; allowed: a rule that commits inside the window")
     block_end = state.block_end if commit.block_end is None else jnp.where(active, commit.block_end, state.block_end)
     block_end = clip_window(state, block_end)  # a window must fit in what its steps recompute
     block_start, block_end, step_in_block = next_window(state, gen, block_end)

@@ -15,6 +15,12 @@ EOS_POLICIES = ("none", "logits_eos_inf", "confidence_eos_eot_inf")
 NOISE_DTYPES = ("float32", "float64")
 
 
+def check_count(name: str, value, low: int, meaning: str) -> None:
+    """ValueError unless `value` is an int (not a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}: must be an int >= {low} ({meaning})")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """Engine settings, independent of the sampler (hashable: a jit static).
@@ -124,17 +130,13 @@ class DecodeConfig:
             object.__setattr__(self, "cache_window", self.block_length)
         if not 0 < self.cache_window <= self.gen_length:
             raise ValueError(f"cache_window={self.cache_window}: allowed 1..gen_length={self.gen_length}")
-        if isinstance(self.pipeline_blocks, bool) or not isinstance(self.pipeline_blocks, int) \
-                or self.pipeline_blocks < 1:
-            raise ValueError(f"pipeline_blocks={self.pipeline_blocks!r}: must be an int >= 1 (1: no pipelining)")
+        check_count("pipeline_blocks", self.pipeline_blocks, 1, "1: no pipelining")
         if not 0 < self.pipeline_fraction <= 1:
             raise ValueError(f"pipeline_fraction={self.pipeline_fraction!r}: allowed (0, 1]")
         if self.pipeline_blocks > 1 and self.cache not in ("none", "block", "auto"):
             raise ValueError(f"pipeline_blocks={self.pipeline_blocks} with cache={self.cache!r}: pipelined blocks "
                              "decode uncached or over the exact block cache; allowed cache 'none', 'block' or 'auto'")
-        if isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) \
-                or self.sliding_window < 0:
-            raise ValueError(f"sliding_window={self.sliding_window!r}: must be an int >= 0 (0: the window is the block)")
+        check_count("sliding_window", self.sliding_window, 0, "0: the window is the block")
         if self.sliding_window and self.cache not in ("none", "elastic", "auto"):
             raise ValueError(f"sliding_window={self.sliding_window} with cache={self.cache!r}: a sliding window decodes "
                              "uncached or over Elastic-Cache; allowed cache 'none' or 'elastic'")
@@ -144,8 +146,7 @@ class DecodeConfig:
         if self.cache == "elastic" and not self.sliding_window:
             raise ValueError("cache='elastic' needs sliding_window > 0 (Elastic-Cache decodes the first W masked "
                              "positions; the authors use 16)")
-        if isinstance(self.elastic_track, bool) or not isinstance(self.elastic_track, int) or self.elastic_track < 1:
-            raise ValueError(f"elastic_track={self.elastic_track!r}: must be an int >= 1 (tracked tokens per layer)")
+        check_count("elastic_track", self.elastic_track, 1, "tracked tokens per layer")
         if isinstance(self.elastic_gamma, bool) or not isinstance(self.elastic_gamma, (int, float)) \
                 or not -1.0 <= self.elastic_gamma <= 2.0:
             raise ValueError(f"elastic_gamma={self.elastic_gamma!r}: allowed [-1, 2] (a cosine similarity bar; "

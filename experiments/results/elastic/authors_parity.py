@@ -48,35 +48,19 @@ def build_checkpoint(folder: Path, *, seed: int, head_scale: float, qk_scale: fl
                      n_heads=4, mlp_hidden=160, rope_theta=500000.0) -> dict:
     """A random LLaDA checkpoint (LLaMA weights under LLaDA's names, tests/hf_fixtures.py), with the
     real LLaDA-8B config.json fields (rope, no flash attention, no dropout) at tiny sizes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from safetensors.torch import save_file
-    from tests.hf_fixtures import LLAMA_LAYER_TO_LLADA, LLAMA_TO_LLADA, write_tokenizer
+    from safetensors.torch import load_file, save_file
+    from tests.hf_fixtures import make_llada, write_tokenizer
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=d_model, intermediate_size=mlp_hidden,
-                      num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
-                      rope_theta=rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      attention_bias=False, attn_implementation="eager")
-    ref = LlamaForCausalLM(cfg).eval()
-    tensors = {}
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if "norm" in name:  # non-trivial norm weights
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-        for name, value in ref.state_dict().items():
-            value = value.clone().float()
-            if name in LLAMA_TO_LLADA:
-                tensors[LLAMA_TO_LLADA[name]] = value
-                continue
-            _, _, i, rest = name.split(".", 3)
-            if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-                value = value * qk_scale  # sharper attention: positions (RoPE) matter more
-            tensors[f"model.transformer.blocks.{i}.{LLAMA_LAYER_TO_LLADA[rest]}"] = value
-        head = tensors["model.transformer.ff_out.weight"] * head_scale
-        head[MASK_ID] = 0.0  # logit exactly 0: never the argmax (other maxima are large and positive)
-        head[EOS_ID] = 0.0
-        tensors["model.transformer.ff_out.weight"] = head
-    folder.mkdir(parents=True, exist_ok=True)
+    make_llada(folder, vocab=VOCAB, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+               mlp_hidden=mlp_hidden, rope_theta=rope_theta, n_shards=1, seed=seed)
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in tensors:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensors[name] = tensors[name] * qk_scale  # sharper attention: positions (RoPE) matter more
+    head = tensors["model.transformer.ff_out.weight"] * head_scale
+    head[MASK_ID] = 0.0  # logit exactly 0: never the argmax (other maxima are large and positive)
+    head[EOS_ID] = 0.0
+    tensors["model.transformer.ff_out.weight"] = head
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     config = {  # LLaDA-8B-Instruct's config.json fields, tiny sizes
         "architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu", "alibi": False,
