@@ -46,11 +46,17 @@ def answer_text(tokenizer, tokens) -> str:
 
 def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeConfig, *, batch_size: int = 64,
                  key=None, prompt_width: int | None = None, mesh=None, rules=None,
-                 progress: bool = True, compiler_options: dict | None = None) -> tuple[list[dict], dict]:
+                 progress: bool = True, compiler_options: dict | None = None,
+                 continuous: bool = False, queue_length: int | None = None) -> tuple[list[dict], dict]:
     """Decodes every prompt; returns per-prompt rows and timing figures.
 
     `progress`: a tqdm bar over the prompts (prompts/s) on a terminal; never in a log file.
     `compiler_options`: XLA options of the decoding loop, as `dllm.generate`'s.
+    `continuous`: continuous batching (`dllm.generate(slots=batch_size)`): the prompts go through
+    `batch_size` slots in queues of `queue_length` prompts (default 16 x batch_size; the last queue
+    is padded to the same length and its padding never decoded, so one compile), and a finished row's
+    slot takes the next prompt inside the compiled loop. The same tokens as static batches (each row
+    decodes as it does alone); the bar moves once per queue.
 
     `mesh`, `rules`: decode sharded (see `dllm.generate`); `batch_size` must
     then divide over the mesh's batch axes.
@@ -78,19 +84,35 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
                         key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules,
                         compiler_options=compiler_options, **fields)
 
-    keys_of = lambda start: prompt_keys(key, np.arange(start, start + batch_size))
-    jax.block_until_ready(run(encoded[:batch_size] + [encoded[0]] * (batch_size - len(encoded[:batch_size])),
-                              keys_of(0)).tokens)  # compile
+    chunk_length = batch_size
+    if continuous:
+        chunk_length = 16 * batch_size if queue_length is None else queue_length
+        if isinstance(chunk_length, bool) or not isinstance(chunk_length, int) or chunk_length < 1:
+            raise ValueError(f"queue_length={queue_length!r}: must be an int >= 1 (prompts per compiled queue)")
+        chunk_length = min(chunk_length, len(encoded))
+
+        def run(batch_prompts, batch_key, count):  # noqa: F811 (continuous batching)
+            tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
+            return generate(model, tokens, sampler, gen_length=decode.gen_length,
+                            block_length=decode.block_length, key=batch_key, tokenizer=tokenizer,
+                            attention_mask=mask, mesh=mesh, rules=rules, compiler_options=compiler_options,
+                            slots=batch_size, count=count, **fields)
+    else:
+        run = (lambda single: lambda batch_prompts, batch_key, count: single(batch_prompts, batch_key))(run)
+
+    keys_of = lambda start: prompt_keys(key, np.arange(start, start + chunk_length))
+    jax.block_until_ready(run(encoded[:chunk_length] + [encoded[0]] * (chunk_length - len(encoded[:chunk_length])),
+                              keys_of(0), 1).tokens)  # compile
     rows, seconds = [], 0.0
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(encoded), unit="prompt", desc="decoding", disable=None if progress else True,
                dynamic_ncols=True)  # prompts/s; None: shown on a terminal, silent in logs
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        filled = chunk + [chunk[0]] * (batch_size - len(chunk))
+    for start in range(0, len(encoded), chunk_length):
+        chunk = encoded[start:start + chunk_length]
+        filled = chunk + [chunk[0]] * (chunk_length - len(chunk))
         began = time.perf_counter()
-        result = run(filled, keys_of(start))  # prompt i has key fold_in(key, i), whatever the batch
+        result = run(filled, keys_of(start), len(chunk))  # prompt i has key fold_in(key, i), whatever the batch
         tokens = np.asarray(jax.block_until_ready(result.tokens))
         seconds += time.perf_counter() - began
         bar.update(len(chunk))
@@ -105,9 +127,10 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
                 "finished": left_masked == 0, "left_masked": left_masked,
             })
     bar.close()
-    n_batches = -(-len(encoded) // batch_size)
+    n_batches = -(-len(encoded) // chunk_length)
     timing = {
-        "seconds": seconds, "batches": n_batches, "batch_size": batch_size,
+        "seconds": seconds, "batches": n_batches, "batch_size": batch_size, "continuous": continuous,
+        "prompts_per_s": len(encoded) / seconds if seconds else float("nan"),
         "latency_per_sample_s": seconds / len(encoded),
         "latency_per_batch_s": seconds / n_batches,
         "tokens_per_s": len(encoded) * decode.gen_length / seconds if seconds else float("nan"),
@@ -116,8 +139,9 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
 
 
 def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig, *, batch_size: int = 64,
-                      key=None, prompt_width: int | None = None, mesh=None, rules=None) -> dict:
-    """Scores a list of `dllm.tasks.Example` (any mix of tasks); `mesh`/`rules` as `decode_texts`.
+                      key=None, prompt_width: int | None = None, mesh=None, rules=None,
+                      continuous: bool = False) -> dict:
+    """Scores a list of `dllm.tasks.Example` (any mix of tasks); `mesh`/`rules`/`continuous` as `decode_texts`.
 
     Raises ValueError naming the task when a suite task's reference answer is
     longer than `decode.gen_length` (such a decode could only score 0).
@@ -127,7 +151,8 @@ def evaluate_examples(model, tokenizer, sampler, examples, decode: DecodeConfig,
     check_fits([e for e in examples if e.task in SUITES.get(e.suite, {})], decode.gen_length, tokenizer)
 
     rows, timing = decode_texts(model, tokenizer, sampler, [e.prompt for e in examples], decode,
-                                batch_size=batch_size, key=key, prompt_width=prompt_width, mesh=mesh, rules=rules)
+                                batch_size=batch_size, key=key, prompt_width=prompt_width, mesh=mesh, rules=rules,
+                                continuous=continuous)
     by_task: dict[str, list[int]] = {}
     for i, example in enumerate(examples):
         by_task.setdefault(example.task, []).append(i)
@@ -238,18 +263,18 @@ def results_line(summary: dict, *, task: str, split: str, model: str, sampler, d
 
 
 def compare_samplers(model, tokenizer, runs: dict, examples, decode: DecodeConfig, *, batch_size: int = 64,
-                     key=None, prompt_width: int | None = None, after_each=None) -> dict:
+                     key=None, prompt_width: int | None = None, after_each=None, continuous: bool = False) -> dict:
     """Each sampler of `runs` ({label: Sampler}) on the same examples, batches and keys:
     {label: {"settings", the summary fields, "wall_s"}}; prints one line per run.
 
     `after_each(label, sampler, summary)`, if given, runs after every sampler (the drivers write their
-    files there, so a comparison cut short keeps what it measured)."""
+    files there, so a comparison cut short keeps what it measured). `continuous`: as `decode_texts`."""
     key = jax.random.key(0) if key is None else key
     results = {}
     for label, sampler in runs.items():
         began = time.perf_counter()
         out = evaluate_examples(model, tokenizer, sampler, examples, decode, batch_size=batch_size, key=key,
-                                prompt_width=prompt_width)
+                                prompt_width=prompt_width, continuous=continuous)
         s = out["summary"]
         results[label] = {"settings": sampler.settings(), **s, "wall_s": time.perf_counter() - began}
         print(f"{label:34s} acc {s['accuracy']:.4f}  NFE {s['mean_nfe']:5.2f}  tok/fwd {s['tokens_per_forward']:.2f}",

@@ -85,6 +85,9 @@ class DllmLM(LM):
         `sampler.<field>=<value>` keyword arguments override its fields.
       gen_length, block_length, temperature, cache, ...: `DecodeConfig` fields.
       batch_size: prompts decoded together by `generate_until` (on the CLI: --batch_size).
+      continuous: continuous batching in `generate_until` (`dllm.generate(slots=batch_size)`): a
+        finished row's slot takes the next request inside the compiled loop, in queues of
+        16 x batch_size requests of similar width; the same answers as static batches.
       mc_num: Monte Carlo samples per loglikelihood request (LLaDA: 128), a
         multiple of `mc_batch`, the samples scored in one forward pass.
       greedy_check: compute `is_greedy` (one extra decode per request).
@@ -96,7 +99,8 @@ class DllmLM(LM):
     def __init__(self, checkpoint: str | None = "checkpoints/tiny-tasks", *, model=None, tokenizer=None,
                  sampler="low_confidence", batch_size: int | str = 16, mc_num: int = 128, mc_batch: int = 32,
                  greedy_check: bool = True, max_length: int | None = None, seed: int = 0, dtype: str | None = None,
-                 device: str | None = None, max_batch_size: int | None = None, **kwargs):
+                 device: str | None = None, max_batch_size: int | None = None, continuous: bool | str = False,
+                 **kwargs):
         super().__init__()
         del device, max_batch_size  # jax picks the platform; lm_eval's CLI passes both
         sampler_overrides = {k.removeprefix("sampler."): v for k, v in kwargs.items() if k.startswith("sampler.")}
@@ -104,7 +108,7 @@ class DllmLM(LM):
         unknown = sorted(set(kwargs) - set(decode_fields) - {f"sampler.{k}" for k in sampler_overrides})
         if unknown:
             raise ValueError(f"unknown argument(s) {unknown}; allowed: checkpoint, sampler, sampler.<field>, "
-                             f"batch_size, mc_num, mc_batch, greedy_check, max_length, seed, dtype, "
+                             f"batch_size, continuous, mc_num, mc_batch, greedy_check, max_length, seed, dtype, "
                              f"{', '.join(sorted(DECODE_FIELDS))}")
         if model is None:
             path = Path(checkpoint)
@@ -126,6 +130,9 @@ class DllmLM(LM):
         if self.mc_num < 1 or self.mc_batch < 1 or self.mc_num % self.mc_batch:
             raise ValueError(f"mc_num={mc_num}, mc_batch={mc_batch}: mc_num must be a positive multiple of mc_batch")
         self.greedy_check = str(greedy_check).lower() not in ("false", "0", "no")
+        self.continuous = str(continuous).lower() in ("true", "1", "yes")
+        if not self.continuous and str(continuous).lower() not in ("false", "0", "no"):
+            raise ValueError(f"continuous={continuous!r}: allowed true or false")
         self.max_length = int(max_length or model.config.max_seq_len)
         self.key = jax.random.key(int(seed))
         self._graphdef, self._params = nnx.split(model)
@@ -155,15 +162,19 @@ class DllmLM(LM):
         encoded = [self.tokenizer.encode(c)[-keep:] for c in contexts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar widths batch together
         outputs: list[str] = [""] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
+        chunk = self.batch_size * (16 if self.continuous else 1)  # a queue of prompts, or a batch
+        queue = {"slots": self.batch_size} if self.continuous else {}
+        for start in range(0, len(order), chunk):
+            index = order[start:start + chunk]
             width = max(len(encoded[i]) for i in index)
             batch = [encoded[i] for i in index]
-            batch += [batch[0]] * (self.batch_size - len(batch))  # one shape for every batch of this width
+            batch += [batch[0]] * (chunk - len(batch))  # one shape for every batch of this width
             tokens, mask = pad_prompts(batch, self.tokenizer.pad_id, width)
+            if self.continuous:
+                queue["count"] = len(index)  # the filler rows are never decoded
             result = generate(self.model, tokens, self.sampler, gen_length=self.decode.gen_length,
-                              block_length=self.decode.block_length, key=self._row_keys(index),
-                              tokenizer=self.tokenizer, attention_mask=mask,
+                              block_length=self.decode.block_length, key=self._row_keys(index, chunk),
+                              tokenizer=self.tokenizer, attention_mask=mask, **queue,
                               **{k: getattr(self.decode, k) for k in DECODE_FIELDS - {"gen_length", "block_length"}})
             generated = np.asarray(result.tokens)
             for row, i in enumerate(index):
@@ -227,10 +238,10 @@ class DllmLM(LM):
         prompt = self.tokenizer.encode(context)
         return prompt, whole[len(prompt):]
 
-    def _row_keys(self, index: list[int]) -> jax.Array:
-        """One key per row of a batch: request i draws from fold_in(key, i) in any batch (filler rows
-        repeat the first), so a request's answer does not depend on its batch."""
-        return prompt_keys(self.key, index + [index[0]] * (self.batch_size - len(index)))
+    def _row_keys(self, index: list[int], rows: int) -> jax.Array:
+        """One key per row of a batch of `rows`: request i draws from fold_in(key, i) in any batch (filler
+        rows repeat the first), so a request's answer does not depend on its batch."""
+        return prompt_keys(self.key, index + [index[0]] * (rows - len(index)))
 
     def _decode_until_eos(self, tokens) -> str:
         ids = []

@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--elastic-gamma", type=float, default=0.9, help="DecodeConfig.elastic_gamma")
     parser.add_argument("--elastic-track", type=int, default=1, help="DecodeConfig.elastic_track")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--continuous", action="store_true",
+                        help="continuous batching: --batch-size slots, a finished row's slot takes the next prompt")
     parser.add_argument("--samplers", nargs="*", default=None)
     parser.add_argument("--out", default=None, help="write all figures to this JSON file")
     parser.add_argument("--results-jsonl", default=None,
@@ -138,7 +140,8 @@ def main(argv=None) -> dict:
             evaluation.write_json_atomic(args.results_jsonl, line, lines=True, append=True)
 
     results = evaluation.compare_samplers(model, tokenizer, runs, examples, decode, batch_size=args.batch_size,
-                                          key=jax.random.key(0), prompt_width=args.prompt_width, after_each=write)
+                                          key=jax.random.key(0), prompt_width=args.prompt_width, after_each=write,
+                                          continuous=args.continuous)
     if args.out:  # with each run's wall time
         payload = {"checkpoint": str(args.checkpoint), "suite": args.suite, "n_per_task": args.n_per_task,
                    "decode": vars(args), "environment": evaluation.environment(), "results": results}

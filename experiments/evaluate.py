@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> dict:
     model, tokenizer, source, sampler, decode, mesh, rules = decode_setup(cfg)
     examples = task_examples(cfg, tokenizer)
     result = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode,
-                                          batch_size=cfg.batch_size, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules)
+                                          batch_size=cfg.batch_size, key=jax.random.key(cfg.seed), mesh=mesh, rules=rules,
+                                          continuous=cfg.continuous_batching)
     summary = result["summary"]
     line = evaluation.results_line(summary, task=cfg.task.name, split=cfg.task.split, model=source, sampler=sampler,
                                    decode=OmegaConf.to_container(cfg.decode),

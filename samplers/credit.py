@@ -39,7 +39,7 @@ Ambiguities and what we chose:
 * Committed positions keep their (now unused) credit; it no longer changes.
 
 Representation (exact, independent of the vocabulary): the carry is the
-history of top-1 predictions, one slot per engine step (slot = state.step):
+history of top-1 predictions, one slot per step of the row (slot = state.row_step):
 the token v*_s and its decayed gain beta^(t-s) p_s^gamma. Summing the slots
 by token gives exactly the dense C [B, G, V] of the recursion (up to float
 rounding order). Memory: B * G * max_steps * 8 bytes, against
@@ -92,15 +92,18 @@ def _per_row(value, ndim: int = 3):
 def update_credit(history: CreditHistory, probs: jax.Array, update: jax.Array, slot, beta, gamma) -> CreditHistory:
     """C <- beta * C + onehot(v*) * p[v*]^gamma at the positions where `update`.
 
-    probs: [B, G, V] raw softmax; update: bool [B, G]; slot: this step's
-    history slot (unused so far); beta: scalar or [B]; gamma: scalar or [B].
+    probs: [B, G, V] raw softmax; update: bool [B, G]; slot: int32 [B], each
+    row's history slot for this step (its `row_step`, unused so far; a slot past
+    the history writes nothing); beta: scalar or [B]; gamma: scalar or [B].
     """
     top = jnp.argmax(probs, axis=-1).astype(jnp.int32)
     gain = (jnp.max(probs, axis=-1) ** _per_row(gamma, 2)).astype(jnp.float32)
     decayed = history.values * _per_row(beta).astype(jnp.float32)
     values = jnp.where(update[..., None], decayed, history.values)
-    values = values.at[:, :, slot].set(jnp.where(update, gain, 0.0))
-    tokens = history.tokens.at[:, :, slot].set(jnp.where(update, top, 0))
+    rows = jnp.arange(top.shape[0])
+    slot = jnp.broadcast_to(jnp.asarray(slot, jnp.int32), rows.shape)
+    values = values.at[rows, :, slot].set(jnp.where(update, gain, 0.0), mode="drop")
+    tokens = history.tokens.at[rows, :, slot].set(jnp.where(update, top, 0), mode="drop")
     return CreditHistory(tokens=tokens, values=values)
 
 
@@ -172,7 +175,8 @@ class Credit(base.Sampler):
             history = history.replace(values=jnp.where(fresh, 0.0, history.values))
         probs = base.probabilities(logits, state)
         # a cached step computes some positions only (`state.has_logits`): the others keep their credit
-        history = update_credit(history, probs, state.is_masked & state.has_logits, state.step, beta, gamma)
+        history = update_credit(history, probs, state.is_masked & state.has_logits, state.row_step, beta,
+                                gamma)
         return credit_fused_logits(logits, history, alpha), history
 
     def step(self, logits, state: DecodeState, history: CreditHistory):

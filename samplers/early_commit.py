@@ -15,7 +15,7 @@ commit:
 
 How we define each piece in our engine:
 
-* progress = (state.step + 1) / gen_length. Prophet's global_step is the
+* progress = (state.row_step + 1) / gen_length. Prophet's global_step is the
   1-based forward count over all blocks and `steps` is LLaDA's step budget;
   its evaluation runs steps = gen_length (one token per step), so
   gen_length is the planned number of steps whatever the inner sampler is.
@@ -208,10 +208,11 @@ class EarlyCommit(base.Sampler):
         return self.inner.init(state)
 
     def threshold(self, state: DecodeState) -> jax.Array:
-        """The bar of the current phase: phase k while progress = (step + 1) /
-        gen_length < progress_bounds[k] (a scalar: the step is global)."""
+        """float32 [B]: each row's bar in its current phase: phase k while progress = (row step + 1) /
+        gen_length < progress_bounds[k] (Prophet's global step, counted per row: the same in a
+        batch that starts together, and what a row that takes a slot mid-loop sees alone)."""
         starts = jnp.asarray(phase_starts(self.progress_bounds, state.config.gen_length), jnp.int32)
-        phase = jnp.sum(state.step + 1 >= starts)
+        phase = jnp.sum(state.row_step[:, None] + 1 >= starts, axis=-1)
         return jnp.asarray(self.thresholds, jnp.float32)[phase]
 
     def gaps(self, logits: jax.Array, state: DecodeState) -> jax.Array:

@@ -175,6 +175,16 @@ def run_worker(name: str) -> dict:
                                              DEFAULT_RULES)
         out["decode"][f"threshold/elastic/{layout_name}"] = reference_and_sharded(
             plain, sharded_plain, mesh, samplers.Threshold(), cache="elastic", sliding_window=4)
+    # Continuous batching: 16 prompts through 8 slots split over the mesh, against one static batch on one device.
+    queue = PROMPTS + PROMPTS[::-1]
+    out["continuous"] = {}
+    for mode in ("none", "dual"):
+        runs = {}
+        for run, (m, on, slots) in {"reference": (model, None, None), "sharded": (sharded_model, mesh, 8)}.items():
+            result = dllm.generate(m, queue, samplers.Threshold(), **DECODE, special=SPECIAL, key=jax.random.key(7),
+                                   mesh=on, slots=slots, cache=mode)
+            runs[run] = {"tokens": np.asarray(result.tokens).tolist(), "nfe": np.asarray(result.nfe).tolist()}
+        out["continuous"][mode] = runs
     out["seconds"]["decode"] = time.perf_counter() - start
 
     start = time.perf_counter()  # the first two updates of `train` on the mesh (and on one device, once)
@@ -400,6 +410,16 @@ def test_sharded_generate_gives_the_tokens_of_one_device(workers, mesh):
         np.testing.assert_array_equal(sharded["nfe"], reference["nfe"], err_msg=f"{mesh} {case}")
         assert sharded["token_spec"] == ("P('data',)" if mesh == "data8" else "P('fsdp',)")
         assert not np.any(np.asarray(reference["tokens"]) == SPECIAL.mask), case
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_continuous_batching_over_a_mesh_gives_the_tokens_of_one_static_batch(workers, mesh):
+    """16 prompts through 8 slots on the mesh (rows refilled mid-loop) equal one static batch of 16 on one
+    device, uncached and over the dual cache."""
+    for mode, runs in workers[mesh]["continuous"].items():
+        np.testing.assert_array_equal(runs["sharded"]["tokens"], runs["reference"]["tokens"], err_msg=f"{mesh} {mode}")
+        np.testing.assert_array_equal(runs["sharded"]["nfe"], runs["reference"]["nfe"], err_msg=f"{mesh} {mode}")
+        assert len(runs["reference"]["nfe"]) == 16 and not np.any(np.asarray(runs["reference"]["tokens"]) == SPECIAL.mask)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

@@ -182,7 +182,7 @@ class FastDLLMCache:
         `cache_refresh_every` steps)."""
         refresh = state.step_in_block == 0
         if state.config.cache_refresh_every:
-            refresh = refresh | (state.step % state.config.cache_refresh_every == 0)
+            refresh = refresh | (state.row_step % state.config.cache_refresh_every == 0)
         return refresh & ~state.done
 
     def refresh(self, model, state: DecodeState, window_only: bool, padded: bool) -> StepLogits:
@@ -373,7 +373,7 @@ def dkv_recomputed(state: DecodeState, shift: int) -> jax.Array:
     and every position committed at the previous step: its K/V enter the cache one step late, from
     the forward in which it is first seen decoded (dKV-Cache's delayed caching). Under token shift
     also the column before each masked position, whose hidden state predicts it."""
-    gen = state.is_masked | ((state.commit_step == state.step - 1) & (state.step > 0))
+    gen = state.is_masked | ((state.commit_step == state.row_step[:, None] - 1) & (state.row_step[:, None] > 0))
     columns = jnp.pad(gen, ((0, 0), (state.prompt_width, 0)))
     if shift:  # masked generation position j is predicted from canvas column prompt_width + j - 1
         columns = columns | jnp.pad(state.is_masked, ((0, 0), (state.prompt_width - 1, 1)))
@@ -558,7 +558,7 @@ class ElasticCache:
         n_layers = model.config.n_layers
         first = (state.nfe == 0) & ~state.done
         window = jnp.pad(state.is_masked & state.in_window, ((0, 0), (width, 0)))
-        decoded_last = (state.commit_step == state.step - 1) & (state.step > 0)
+        decoded_last = (state.commit_step == state.row_step[:, None] - 1) & (state.row_step[:, None] > 0)
         canvas = state.tokens.shape[1]
         tracked = state.cache.tracked[:, :canvas] & ~first[:, None]
         fresh = window | jnp.pad(decoded_last, ((0, 0), (width, 0))) | tracked

@@ -312,11 +312,12 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
     masked = gen == special.mask
     chosen = commit.commit & masked & active[:, None] & state.has_logits
     gen = jnp.where(chosen, commit.tokens, gen)
-    commit_step = jnp.where(chosen, state.step, state.commit_step)
+    row_step = state.row_step
+    commit_step = jnp.where(chosen, row_step[:, None], state.commit_step)
     if commit.truncate_at is not None:  # end-of-text prediction
         beyond = (jnp.arange(g)[None, :] > commit.truncate_at[:, None]) & (gen == special.mask) & active[:, None]
         gen = jnp.where(beyond, special.eos, gen)
-        commit_step = jnp.where(beyond, state.step, commit_step)
+        commit_step = jnp.where(beyond, row_step[:, None], commit_step)
         chosen = chosen | beyond
     block_end = state.block_end if commit.block_end is None else jnp.where(active, commit.block_end, state.block_end)
     block_end = clip_window(state, block_end)  # a window must fit in what its steps recompute
@@ -324,9 +325,11 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
     finished = ~jnp.any(gen == special.mask, axis=-1)
     if commit.stop is not None:
         finished = finished | (commit.stop & jnp.all(state.has_logits, axis=-1))
+    rows = jnp.arange(row_step.shape[0])
+    at_row_step = jnp.where(active, row_step, state.config.max_steps)  # finished rows record nothing
     history = state.confidence_history
     if history is not None and commit.confidence is not None:
-        history = history.at[state.step].set(commit.confidence.astype(jnp.float32))
+        history = history.at[at_row_step, rows].set(commit.confidence.astype(jnp.float32), mode="drop")
     return state.replace(
         tokens=state.tokens.at[:, state.prompt_width:].set(gen),
         block_start=block_start, block_end=block_end, step_in_block=step_in_block,
@@ -334,7 +337,8 @@ def apply_commit(state: DecodeState, commit) -> DecodeState:
         nfe=state.nfe + active.astype(jnp.int32),
         done=state.done | finished,
         commit_step=commit_step,
-        committed_per_step=state.committed_per_step.at[:, state.step].set(chosen.sum(-1).astype(jnp.int32)),
+        committed_per_step=state.committed_per_step.at[rows, at_row_step].set(chosen.sum(-1).astype(jnp.int32),
+                                                                             mode="drop"),
         confidence_history=history,
     )
 
@@ -379,24 +383,38 @@ def decode_step(model, state: DecodeState, carry, *, sampler, padded: bool = Tru
     return state.replace(tokens=constrain(state.tokens, ("batch", "length"))), carry, out.logits, commit
 
 
-def _decode(graphdef, params, tokens, attention_mask, key, template=None, *, sampler, config, special, placement=None,
-            padded=True):
-    """`padded`: whether some prompt has left padding (else full forwards run
-    unmasked attention). `placement` (a `dllm.sharding.Placement`, or None on one device): the canvas
-    and the KV cache are constrained to it (batch rows over the data axes,
-    cache heads over `kv_heads`); the rest follows by XLA's propagation."""
+def constraints(placement):
+    """(constrain(x, logical axes), constrain_cache(cache)) for a `dllm.sharding.Placement`, or
+    identities on one device (placement None)."""
     constrain = (lambda x, axes: x) if placement is None else placement.constrain
+
     # Stacked caches use every CACHE_AXES name; per-layer (unrolled) ones drop "layers".
     # A policy's buffer with other leaves names their axes (`logical_axes`, Elastic-Cache's).
     def constrain_cache(cache):
         if hasattr(cache, "logical_axes"):
             return jax.tree.map(constrain, cache, cache.logical_axes())
         return jax.tree.map(lambda a: constrain(a, CACHE_AXES[-a.ndim:]), cache)
-    model = nnx.merge(graphdef, params)
+    return constrain, constrain_cache
+
+
+def start_state(model, tokens, attention_mask, key, template, config, special, placement):
+    """`initial_state`, its canvas and cache constrained to the placement."""
+    constrain, constrain_cache = constraints(placement)
     state = initial_state(tokens, attention_mask, key, config, special, model, template)
-    state = state.replace(tokens=constrain(state.tokens, ("batch", "length")),
-                          attention_mask=constrain(state.attention_mask, ("batch", "length")),
-                          cache=None if state.cache is None else constrain_cache(state.cache))
+    return state.replace(tokens=constrain(state.tokens, ("batch", "length")),
+                         attention_mask=constrain(state.attention_mask, ("batch", "length")),
+                         cache=None if state.cache is None else constrain_cache(state.cache))
+
+
+def _decode(graphdef, params, tokens, attention_mask, key, template=None, *, sampler, config, special, placement=None,
+            padded=True):
+    """`padded`: whether some prompt has left padding (else full forwards run
+    unmasked attention). `placement` (a `dllm.sharding.Placement`, or None on one device): the canvas
+    and the KV cache are constrained to it (batch rows over the data axes,
+    cache heads over `kv_heads`); the rest follows by XLA's propagation."""
+    constrain, constrain_cache = constraints(placement)
+    model = nnx.merge(graphdef, params)
+    state = start_state(model, tokens, attention_mask, key, template, config, special, placement)
     carry = sampler.init(state)
 
     def cond(loop):
@@ -413,10 +431,104 @@ def _decode(graphdef, params, tokens, attention_mask, key, template=None, *, sam
     return DecodeResult(tokens=constrain(state.gen_tokens, ("batch", "length")), nfe=state.nfe, trace=trace)
 
 
+# The per-row fields a prompt entering a slot takes from its own `initial_state` (continuous batching).
+# The loop's `step` and the cache stay: a row's first step is a full forward (every cache policy that
+# continuous batching allows refreshes a row at its first step), which rewrites all of its cache row.
+ROW_FIELDS = ("tokens", "attention_mask", "block_start", "block_end", "step_in_block", "block_phase", "nfe", "done",
+              "commit_step", "committed_per_step", "key", "has_logits")
+
+
+def select_slots(take: jax.Array, new, old):
+    """Per slot (bool [B]): `new`'s rows where `take`, else `old`'s; every leaf has the batch axis first."""
+    pick = lambda a, b: jnp.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    return jax.tree.map(pick, new, old)
+
+
+def _decode_queue(graphdef, params, tokens, attention_mask, keys, template, count, *, slots, sampler, config,
+                  special, placement=None, padded=True):
+    """Continuous batching: the first `count` of the N prompts in `tokens` [N, P] decode through `slots`
+    batch rows inside one `while_loop`. When a row finishes (no mask left, stopped, or max_steps of its
+    own), its results are written to the prompt's output row and the next prompt of the queue takes the
+    slot: its canvas, its key, its windows and the sampler's carry from its own `initial_state` and
+    `sampler.init`, counting its steps from 0 (`DecodeState.row_step`), so it decodes as it does alone.
+    Returns the `DecodeResult` of all N rows (rows from `count` on are never decoded: all masks, nfe 0)."""
+    constrain, constrain_cache = constraints(placement)
+    model = nnx.merge(graphdef, params)
+    n, g = tokens.shape[0], config.gen_length
+    count = jnp.asarray(count, jnp.int32)
+    gather = lambda index: (tokens[index], attention_mask[index], keys[index],
+                            None if template is None else template[index])
+    first = jnp.minimum(jnp.arange(slots), n - 1)
+    state = start_state(model, *gather(first), config, special, placement)
+    live = jnp.arange(slots) < count  # the slot holds a prompt whose results are not yet written
+    state = state.replace(done=state.done | ~live)
+    carry = sampler.init(state)
+    start = initial_state(tokens[:1], attention_mask[:1], keys[:1], config, special, None,
+                          None if template is None else template[:1])
+    results = DecodeResult(
+        tokens=jnp.full((n, g), special.mask, jnp.int32), nfe=jnp.zeros((n,), jnp.int32),
+        trace=Trace(jnp.full((n, g), -1, jnp.int32), jnp.zeros((n, config.max_steps), jnp.int32),
+                    None if start.confidence_history is None else jnp.zeros((config.max_steps, n, g), jnp.float32)))
+    if template is not None:  # a prompt never decoded keeps its template
+        results = results.replace(tokens=jnp.asarray(template, jnp.int32))
+
+    def harvest(results, state, rows, finished):
+        at = jnp.where(finished, rows, n)  # rows of other slots write nothing
+        history = results.trace.confidence
+        if history is not None:
+            history = history.at[:, at].set(state.confidence_history, mode="drop")
+        trace = Trace(results.trace.commit_step.at[at].set(state.commit_step, mode="drop"),
+                      results.trace.committed_per_step.at[at].set(state.committed_per_step, mode="drop"), history)
+        return DecodeResult(tokens=results.tokens.at[at].set(state.gen_tokens, mode="drop"),
+                            nfe=results.nfe.at[at].set(state.nfe, mode="drop"), trace=trace)
+
+    def refill(state, carry, rows, take):
+        tokens_in, mask_in, keys_in, template_in = gather(rows)
+        fresh = initial_state(tokens_in, mask_in, keys_in, config, special, model, template_in)  # cache unread
+        fresh_carry = sampler.init(fresh.replace(cache=state.cache))
+        picked = {name: select_slots(take, getattr(fresh, name), getattr(state, name)) for name in ROW_FIELDS}
+        if state.confidence_history is not None:  # [max_steps, B, G]: slots on the second axis
+            picked["confidence_history"] = jnp.swapaxes(select_slots(
+                take, jnp.swapaxes(fresh.confidence_history, 0, 1), jnp.swapaxes(state.confidence_history, 0, 1)), 0, 1)
+        state = state.replace(**picked)
+        return state.replace(tokens=constrain(state.tokens, ("batch", "length")),
+                             attention_mask=constrain(state.attention_mask, ("batch", "length"))), \
+            select_slots(take, fresh_carry, carry)
+
+    def cond(loop):
+        return jnp.any(loop[3])
+
+    def body(loop):
+        state, carry, results, live, rows, next_prompt = loop
+        state, carry, _, _ = decode_step(model, state, carry, sampler=sampler, padded=padded, constrain=constrain,
+                                         constrain_cache=constrain_cache)
+        finished = live & (state.done | (state.row_step >= config.max_steps))
+        results = harvest(results, state, rows, finished)
+        incoming = next_prompt + jnp.cumsum(finished) - 1  # finished slots take the next prompts in order
+        take = finished & (incoming < count)
+        rows = jnp.where(take, incoming, rows).astype(jnp.int32)
+        state = state.replace(done=state.done | finished)  # a slot stopped at max_steps is idle too
+        state, carry = jax.lax.cond(jnp.any(take), lambda: refill(state, carry, jnp.minimum(rows, n - 1), take),
+                                    lambda: (state, carry))
+        live = (live & ~finished) | take
+        return state, carry, results, live, rows, next_prompt + jnp.sum(take).astype(jnp.int32)
+
+    loop = (state, carry, results, live, first.astype(jnp.int32), jnp.minimum(count, slots))
+    _, _, results, _, _, _ = jax.lax.while_loop(cond, body, loop)
+    return results
+
+
+@functools.cache
+def _decode_queue_with(compiler_options: tuple):
+    """`_decode_queue` jitted with these XLA options."""
+    return jax.jit(_decode_queue, static_argnames=("graphdef", "slots", "sampler", "config", "special", "placement",
+                                                   "padded"), compiler_options=dict(compiler_options) or None)
+
+
 def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler, *, gen_length: int,
              block_length: int, key: jax.Array | None = None, tokenizer=None, attention_mask=None,
              special: SpecialIds | None = None, mesh=None, rules=None, compiler_options: dict | None = None,
-             template=None, **config_fields) -> DecodeResult:
+             template=None, slots: int | None = None, count: int | None = None, **config_fields) -> DecodeResult:
     """Decodes a batch of prompts with `sampler`.
 
     Args:
@@ -446,6 +558,16 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
         (`prefix [MASK]* middle [MASK]* suffix`, any number of spans). Every sampler decodes it
         uncached or over the prefix/dual caches (refused: cache='block', end-of-text truncation);
         only masked positions are ever written. None: all masked.
+      slots: continuous batching: the prompts decode through this many batch rows in one compiled
+        loop; when a row finishes (no mask left, stopped, or after max_steps of its own steps) the
+        next prompt takes its slot, with its own first step (a full forward that refreshes its
+        cache row), key and sampler carry, so every row's tokens, nfe and trace equal its decode
+        alone (tested). Fewer slots than prompts keeps the batch full under samplers whose rows
+        finish at different steps (a static batch waits for its slowest row). None: one static
+        batch of all prompts. With a mesh, `slots` must divide over the batch axes. Not with
+        cache='block' (it prefills the whole batch at the loop's first step).
+      count: with `slots`, decode only the first `count` prompts; the rest pad a queue of fixed length
+        (one compile for every queue of an evaluation) and come back undecoded (nfe 0).
       config_fields: the other `DecodeConfig` fields (temperature, cfg_scale,
         eos_policy, noise_dtype, max_steps, record_confidence).
 
@@ -458,15 +580,22 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     graphdef, params = nnx.split(model)
     padded = bool(np.any(np.asarray(mask) == 0))
     options = COMPILER_OPTIONS if compiler_options is None else compiler_options
+    if count is not None and slots is None:
+        raise ValueError(f"count={count!r} without slots: count is the number of real prompts of a continuous-"
+                         "batching queue; allowed: count=None, or slots= as well")
+    if slots is not None:
+        check_slots(slots, config)
+        count = tokens.shape[0] if count is None else count
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count <= tokens.shape[0]:
+            raise ValueError(f"count={count!r}: allowed an int in 1..{tokens.shape[0]} (the prompts given)")
+        return decode_queue(model, graphdef, params, tokens, mask, key, template, slots=slots, sampler=sampler,
+                            config=config, special=special, padded=padded, mesh=mesh, rules=rules, options=options,
+                            count=count)
     decode = _decode_with(tuple(sorted(options.items())))
     if mesh is None:
         return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key, template,
                        sampler=sampler, config=config, special=special, padded=padded)
-    if isinstance(model, LogitsFunction):
-        raise ValueError("a function model decodes on one device: it has no parameters to place; pass mesh=None")
-    if model.layout.window_attention_impl == "pallas":
-        raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
-                         "with a mesh use 'xla', 'cudnn' or None")
+    check_mesh_model(model)
     from dllm import sharding
 
     placement = sharding.Placement.of(mesh, rules)
@@ -483,6 +612,47 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     key = jax.device_put(key, placement.replicated())
     return decode(graphdef, params, tokens, mask, key, template, sampler=sampler, config=config, special=special,
                    placement=placement, padded=padded)
+
+
+def check_mesh_model(model) -> None:
+    """ValueError for a model that cannot decode over a mesh."""
+    if isinstance(model, LogitsFunction):
+        raise ValueError("a function model decodes on one device: it has no parameters to place; pass mesh=None")
+    if model.layout.window_attention_impl == "pallas":
+        raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
+                         "with a mesh use 'xla', 'cudnn' or None")
+
+
+def check_slots(slots, config: DecodeConfig) -> None:
+    """ValueError unless `slots` (continuous batching) is a positive int and the cache allows it."""
+    if isinstance(slots, bool) or not isinstance(slots, (int, np.integer)) or slots < 1:
+        raise ValueError(f"slots={slots!r}: must be an int >= 1 (batch rows of continuous batching), or None "
+                         "for one static batch")
+    if config.cache == "block":
+        raise ValueError("slots= with cache='block': the exact block cache prefills the whole batch at the loop's "
+                         "first step, so a prompt cannot enter a slot later; allowed: cache='none' (or slots=None)")
+
+
+def decode_queue(model, graphdef, params, tokens, mask, key, template, *, slots, sampler, config, special, padded,
+                 mesh, rules, options, count=None) -> DecodeResult:
+    """`generate`'s continuous batching (`_decode_queue`) on one device or over a mesh: the queue of
+    prompts is replicated, the `slots` rows are split over the batch axes. `count`: decode only the
+    first `count` prompts (a queue padded to a fixed length, so it compiles once)."""
+    decode = _decode_queue_with(tuple(sorted(options.items())))
+    count = tokens.shape[0] if count is None else count
+    arguments = (jnp.asarray(tokens), jnp.asarray(mask), key, None if template is None else jnp.asarray(template),
+                 jnp.asarray(count, jnp.int32))
+    static = dict(slots=int(slots), sampler=sampler, config=config, special=special, padded=padded)
+    if mesh is None:
+        return decode(graphdef, params, *arguments, **static)
+    check_mesh_model(model)
+    from dllm import sharding
+
+    placement = sharding.Placement.of(mesh, rules)
+    placement.check_batch(int(slots), "slots")
+    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), placement.param_shardings(model)))
+    arguments = jax.device_put(arguments, placement.replicated())
+    return decode(graphdef, params, *arguments, placement=placement, **static)
 
 
 def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokenizer, attention_mask, special,

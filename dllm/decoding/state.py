@@ -183,12 +183,17 @@ class DecodeState:
     block_phase:     int32 [B], where blocks end: the positions p with p % block_length == block_phase
                      (0, or block_length - prompt_length % block_size for a block-causal model).
     step:            int32 [], loop iteration (= forward passes so far).
-    nfe:             int32 [B], forward passes while the row was unfinished.
+    nfe:             int32 [B], forward passes while the row was unfinished: also the row's own step
+                     (`row_step`), which is `step` for a row that started with the batch.
     done:            bool [B], the row is finished (no mask left, or stopped).
-    commit_step:     int32 [B, gen_length], step that committed each position (-1: never).
-    committed_per_step: int32 [B, max_steps].
-    confidence_history: float32 [max_steps, B, gen_length] or None.
+    commit_step:     int32 [B, gen_length], the row step that committed each position (-1: never).
+    committed_per_step: int32 [B, max_steps], tokens committed at each row step.
+    confidence_history: float32 [max_steps, B, gen_length] or None, indexed by row step.
     key:             [B] PRNG keys, one per row; row r's step s draws from fold_in(key[r], s).
+
+    Everything a row reads or records is counted in its own steps (`row_step`), never in the loop's
+    `step`: under continuous batching (`generate(slots=...)`) a prompt enters a slot mid-loop and
+    decodes as it does alone.
     cache:           the cache policy's buffer (`dllm.decoding.cache`): a `KVCache`, or None without one.
     has_logits:      bool [B, gen_length], positions whose logits this step's forward computed (all of
                      them, except in a cached window step); the sampler reads it, the engine commits
@@ -238,9 +243,16 @@ class DecodeState:
         return jnp.minimum(self.block_start, g - w).astype(jnp.int32)
 
     @property
+    def row_step(self) -> jax.Array:
+        """int32 [B]: each row's own step, the forwards it has run so far (`nfe`). For a row that
+        started with the batch and is unfinished it equals `step`; a row that took a slot mid-loop
+        (continuous batching) counts from 0 when it entered."""
+        return self.nfe
+
+    @property
     def step_key(self) -> jax.Array:
-        """[B] keys: fold_in(row's key, step), the source of every random draw of this step."""
-        return jax.vmap(lambda key: jax.random.fold_in(key, self.step))(self.key)
+        """[B] keys: fold_in(row's key, row_step), the source of every random draw of this step."""
+        return jax.vmap(jax.random.fold_in)(self.key, self.row_step)
 
     @property
     def progress(self) -> jax.Array:

@@ -97,7 +97,7 @@ def feature_values(probs: jax.Array, tokens: jax.Array, state: DecodeState, bloc
     window = lambda values: jnp.take_along_axis(values, positions, axis=1)
     confidence = jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=-1)
-    step_fraction = state.step / state.config.gen_length
+    step_fraction = state.row_step / state.config.gen_length
     return {
         "confidence": window(confidence).astype(jnp.float32),
         "entropy": window(entropy).astype(jnp.float32),
