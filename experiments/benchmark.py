@@ -15,8 +15,8 @@ times (ms per NFE is the median; every run is in the row). Prints one
 JSON line per configuration: ms per NFE, tokens/s, achieved TFLOP/s (the
 matmul FLOPs the engine executes) and weight-read bandwidth, against the
 floors of this device measured in the same run (`measure_floors`: bf16
-matmul TFLOP/s, and the fastest of a memory read, a copy and a weight-streaming
-GEMM; `peak_tflops`
+matmul TFLOP/s, and the fastest of a memory read, a copy, a weight-streaming
+GEMM and the model's own GEMM shapes chained over its layers at 32 rows; `peak_tflops`
 / `peak_tb_s` fix them instead). Each row's `floor_ms` is the roofline of
 the work it executes (`roofline_ms` per step: executed FLOPs at peak, or
 weights plus attended K/V at the memory floor, whichever is slower,
@@ -191,7 +191,40 @@ def dkv_step(cfg: DictConfig, config, n: int) -> tuple[int, int, int | None]:
     return min(size for size in sizes if size >= recomputed), keys, keys
 
 
-def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
+def chained_gemm_tb_s(config, rows: int = 32, repeats: int = 10) -> tuple[float, float]:
+    """(TB/s, GB) of the model's own GEMMs at `rows` rows, chained over every layer as a window step
+    runs them (fused q/k/v, attention output, fused gate/up, down; then the output head), with bf16
+    weights of the model's shapes read once each: the memory floor of a cached step measured on the
+    work it is made of (the speed issue's chained floor). Weights are stacked over layers and scanned,
+    so one compiled layer serves every depth."""
+    d, h, kv, hd, f = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.mlp_hidden
+    shapes = {"qkv": (d, (h + 2 * kv) * hd), "out": (h * hd, d), "gate_up": (d, 2 * f), "down": (f, d)}
+    fill = lambda shape: jnp.full(shape, 1e-3, jnp.bfloat16)
+    layers = {name: jax.jit(fill, static_argnums=0)((config.n_layers, *shape)) for name, shape in shapes.items()}
+    head = jax.jit(fill, static_argnums=0)((d, config.vocab_size))
+
+    def step(x, layers, head):
+        def layer(x, w):
+            qkv = x @ w["qkv"]
+            x = x + qkv[:, :h * hd] @ w["out"]
+            gate, up = jnp.split(x @ w["gate_up"], 2, axis=-1)
+            return x + (jax.nn.silu(gate) * up) @ w["down"], None
+        x, _ = jax.lax.scan(layer, x, layers)
+        return x @ head
+
+    run = jax.jit(step)
+    x = jnp.ones((rows, d), jnp.bfloat16)
+    jax.block_until_ready(run(x, layers, head))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(x, layers, head))
+        best = min(best, time.perf_counter() - t0)
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((layers, head)))
+    return nbytes / best / 1e12, nbytes / 1e9
+
+
+def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10, config=None) -> dict:
     """This device's floors, each the best of `repeats` timed jitted runs:
     bf16 matmul TFLOP/s (the best over chains of eight [n, n] x [n, n]
     matmuls, n in `matmul_sizes`), and memory bandwidth over `copy_mib` MiB
@@ -200,7 +233,9 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
     kind of work). `peak_tb_s` is the fastest: a step that streams its
     weights only reads them, and on the H200 the output head's GEMM read
     faster than the sum (4.3 vs 3.96 TB/s). On the H100 the copy gave
-    the ~3.0 TB/s the H100 copy floor measured."""
+    the ~3.0 TB/s the H100 copy floor measured. With a model `config`, also the
+    model's own GEMM shapes chained over its layers at 32 rows (`chained_gemm_tb_s`,
+    chained TB/s), which joins the best-of."""
 
     def best_seconds(fn, *args):
         jax.block_until_ready(fn(*args))
@@ -226,9 +261,13 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10) -> dict:
     # the operation a window step is made of: 32 rows against a weight matrix read once
     rows, weight = jnp.ones((32, 4096), jnp.bfloat16), x.reshape(4096, -1)
     stream_tb_s = nbytes / best_seconds(jax.jit(lambda a, w: a @ w), rows, weight) / 1e12
-    return {"peak_tflops": max(matmul_tflops.values()), "peak_tb_s": float(f"{max(read_tb_s, copy_tb_s, stream_tb_s):.3g}"),
+    del x, rows, weight
+    chained_tb_s, chained_gb = chained_gemm_tb_s(config, repeats=repeats) if config is not None else (0.0, 0.0)
+    best = max(read_tb_s, copy_tb_s, stream_tb_s, chained_tb_s)
+    return {"peak_tflops": max(matmul_tflops.values()), "peak_tb_s": float(f"{best:.3g}"),
             "matmul_tflops": matmul_tflops, "read_tb_s": round(read_tb_s, 3), "copy_tb_s": round(copy_tb_s, 3),
-            "stream_tb_s": round(stream_tb_s, 3), "copy_mib": copy_mib}
+            "stream_tb_s": round(stream_tb_s, 3), "chained_gemm_tb_s": round(chained_tb_s, 3),
+            "chained_gemm_gb": round(chained_gb, 3), "copy_mib": copy_mib}
 
 
 def roofline_ms(flops: float, bytes_read: float, peak_tflops: float, peak_tb_s: float) -> float:
@@ -250,7 +289,8 @@ def weight_bytes(model) -> int:
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> list[dict]:
     fixed = cfg.peak_tflops and cfg.peak_tb_s  # (one device's floors, also for mesh rows)
-    floors = None if fixed else measure_floors(cfg.floor_matmul_sizes, cfg.floor_copy_mib)
+    floors = None if fixed else measure_floors(cfg.floor_matmul_sizes, cfg.floor_copy_mib,
+                                               config=model_config(cfg) if cfg.floor_chained_gemm else None)
     peak_tflops = cfg.peak_tflops or floors["peak_tflops"]
     peak_tb_s = cfg.peak_tb_s or floors["peak_tb_s"]
     print(json.dumps({"measured_floors": floors, "peak_tflops_used": peak_tflops, "peak_tb_s_used": peak_tb_s}),
@@ -312,6 +352,10 @@ def main(cfg: DictConfig) -> list[dict]:
                 # the yardsticks: a 512-token forward with the head everywhere, and the weight read
                 "floor_ms_full_forward": round(step_flops(c, batch, total_len, total_len) / peak_tflops / 1e9, 3),
                 "floor_ms_weights": round(weights / peak_tb_s / 1e9, 3),
+                # the weights read at the rate of the model's own chained GEMMs (the speed issue's floor)
+                **({"floor_ms_chained_weights": round(weights / floors["chained_gemm_tb_s"] / 1e9, 3),
+                    "over_chained_weights": round(ms / (weights / floors["chained_gemm_tb_s"] / 1e9), 3)}
+                   if floors and floors.get("chained_gemm_tb_s") else {}),
                 "compile_s": round(compile_s, 1), "scan_layers": model.layout.scan_layers,
                 "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
                 "window_attention_impl": (None if cache == "none" else "pairs mask: layout.attention_impl"
