@@ -116,3 +116,43 @@ def test_window_attention_benchmark_runs_every_variant_against_xla(tmp_path):
     assert [r["variant"] for r in rows] == ["xla", "pallas splits=1 block_k=16 warps=4 stages=2",
                                             "pallas splits=2 block_k=16 warps=4 stages=2", "pallas with key mask"]
     assert all(r["us_per_layer"] > 0 and r["max_abs_diff_vs_xla"] < 1e-5 for r in rows), rows
+
+
+def test_chained_gemm_floor_reads_the_models_weights_once():
+    """The chained floor's bytes are the model's GEMM weights (q/k/v, out, gate/up, down per layer, the head)
+    in bf16, counted by hand."""
+    from experiments.benchmark import chained_gemm_tb_s
+
+    c = dllm.ModelConfig(vocab_size=100, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden=48)
+    per_layer = 32 * (4 + 2 * 2) * 8 + 4 * 8 * 32 + 32 * 2 * 48 + 48 * 32
+    tb_s, gb = chained_gemm_tb_s(c, repeats=2)
+    assert gb == 2 * (3 * per_layer + 32 * 100) / 1e9 and tb_s > 0
+
+
+def test_training_benchmark_prints_tokens_per_second_and_mfu(tmp_path):
+    out = tmp_path / "train.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmark_train", "run=[m90]", "seq_len=32",
+                           "geometries.m90={d_model:32,n_layers:2,n_heads:2,n_kv_heads:2,mlp_hidden:64,batch_size:2}",
+                           "vocab_size=64", "warmup_steps=1", "timed_steps=2", "floor_matmul_sizes=[64]",
+                           f"out={out}", f"hydra.run.dir={tmp_path}"], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = json.loads(out.read_text())
+    row = written["rows"][0]
+    # parameters by hand: embedding and head (64 x 32 each), per layer q/k/v/o (4 x 32 x 32), SwiGLU (3 x 32 x 64),
+    # two RMSNorm scales; the final norm
+    assert row["parameters"] == 2 * 64 * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32, row
+    expected_mfu = 6 * row["parameters"] * row["tokens_per_s"] / 1e12 / written["peak_tflops_used"]
+    assert abs(row["mfu"] - expected_mfu) < 2e-3 and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
+
+
+def test_continuous_batching_benchmark_checks_identical_rows(tmp_path):
+    out = tmp_path / "cb.json"
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmark_continuous", "--preset", "tiny-tasks", "--n",
+                           "12", "--batch-size", "4", "--out", str(out)], cwd=REPO_ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = json.loads(out.read_text())
+    assert written["identical_rows"] and written["n"] == 12 and written["speedup"] > 0
+    assert written["static"]["batches"] == 3 and written["continuous"]["batches"] == 1
