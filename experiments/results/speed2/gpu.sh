@@ -1,0 +1,25 @@
+#!/bin/bash
+# Speed round 2 (issue 25) on the GPU, one call:   OUT=<results folder> bash experiments/results/speed2/gpu.sh
+# 1. continuous batching: tasks-base, 1000 held-out prompts (tasks mixed), gen 128 / block 32, batch 64,
+#    threshold 0.9, uncached and dual cache (experiments/results/continuous/gpu.sh runs tau 0.7 as well);
+# 2. training throughput at the 90M and 300M geometries (experiments.benchmark_train);
+# 3. LLaDA-8B decode steps at batch 1 (none, dual) against the floors, the chained-GEMM floor included.
+set -u
+SECONDS=0
+OUT=${OUT:-/tmp/out}
+mkdir -p $OUT
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+for cache in none dual; do
+  timeout 200 python3 -m experiments.benchmark_continuous --preset tasks-base --n 1000 --batch-size 64 \
+    --sampler threshold --cache $cache --out $OUT/continuous_threshold_$cache.json 2>&1 | grep -v "it/s\]\|prompt/s\]" | tail -2
+done
+echo "== $SECONDS s"
+timeout 200 python3 -m experiments.benchmark_train out=$OUT/benchmark_train.json hydra.run.dir=/tmp/hydra_train 2>&1 \
+  | grep -v "^\s*$" | tail -3
+echo "== $SECONDS s"
+if [ $SECONDS -gt ${BENCH_AFTER_S:-400} ]; then echo "no time left for the decode benchmark ($SECONDS s)"; exit 0; fi
+timeout 180 python3 -m experiments.benchmark batch_sizes=[1] caches=[none,dual] timed_steps=64 repeats=3 deadline_s=120 \
+  out=$OUT/benchmark_llada8b_b1.json hydra.run.dir=/tmp/hydra_bench 2>&1 | grep -v "^\s*$" | tail -4
+echo "== $SECONDS s"
