@@ -13,8 +13,9 @@ block, and so what the cache recomputes, stays the whole block. Sub-blocks are c
 of the window's model block, so in the first block (which holds the prompt's tail) the sub-blocks
 the prompt fills are skipped, as in v2.
 
-Not here: v2's `use_block_cache` option (a cache of the finished sub-blocks inside the active
-block, approximate); its eval default is off, which is what this reproduces.
+v2's `use_block_cache` option (a partial forward of the current sub-block over the active block's
+K/V from its last whole-block forward, approximate; off in every shipped script) is the engine's
+`DecodeConfig.sub_block_cache` (= `size`), over the exact block cache (`dllm.decoding.cache`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from dllm.decoding.cache import current_sub_block
 from dllm.decoding.state import DecodeConfig, DecodeState
 from samplers import base
 
@@ -56,6 +58,11 @@ class SubBlocks(base.Sampler):
     def reads_only_window(self) -> bool:
         return self.inner.reads_only_window
 
+    @property
+    def sub_block_size(self) -> int:
+        """What `DecodeConfig.sub_block_cache` must equal for this rule (the engine checks it)."""
+        return self.size
+
     def bind(self, tokenizer) -> SubBlocks:
         return dataclasses.replace(self, inner=base.bind_inner(self.inner, tokenizer))
 
@@ -74,10 +81,7 @@ class SubBlocks(base.Sampler):
         # Sub-blocks are cut on the engine's block grid (blocks end where p % block_length ==
         # block_phase; `size` divides block_length), so in a block-causal model's first block they
         # start before position 0, where the prompt's tail is.
-        origin = state.block_phase
-        first_masked = jnp.argmax(state.is_masked & state.in_window, axis=-1)
-        index = (first_masked - origin) // self.size
-        return jnp.minimum(origin + (index + 1) * self.size, state.block_end).astype(jnp.int32)
+        return current_sub_block(state, self.size)[1]
 
     def step(self, logits, state: DecodeState, carry):
         sub_state = state.replace(block_end=self.sub_block_end(state))

@@ -351,9 +351,62 @@ class BlockCache:
         mixed = lambda s: select_rows(starts, fold(s), inside(s))
         branch = jnp.where(state.step == 0, 0, jnp.where(jnp.all(starts | state.done), 1,
                                                          jnp.where(jnp.any(starts), 3, 2)))
-        out = jax.lax.switch(branch, (prefill, fold, inside, mixed), state)
+        whole = lambda s: jax.lax.switch(branch, (prefill, fold, inside, mixed), s)
+        if state.config.sub_block_cache:  # Fast-dLLM v2's use_block_cache: the current sub-block alone
+            partial = sub_block_partial_rows(state, state.config.sub_block_cache) & (state.step > 0)
+            sub = lambda s: self.sub_block(model, s, window_only)
+            both = lambda s: select_rows(partial, sub(s), whole(s))
+            which = jnp.where(jnp.all(partial | state.done), 0, jnp.where(jnp.any(partial), 1, 2))
+            out = jax.lax.switch(which, (sub, both, whole), state)
+        else:
+            out = whole(state)
         out = active_block_only(out, state, window_only)
         return out.replace(logits=without_mask_token(out.logits, state))
+
+    def sub_block(self, model, state: DecodeState, window_only: bool) -> StepLogits:
+        """Fast-dLLM v2's partial forward (`use_block_cache`): the queries of each row's current
+        sub-block only, over the cache, which holds the blocks before (exact) and the active block's
+        K/V from its last whole-block forward (stale where the sub-block's commits have moved them since);
+        the sub-block's fresh K/V are written in place. Logits: the sub-block's positions only."""
+        config, width, size = state.config, state.prompt_width, state.config.sub_block_cache
+        tokens, key_mask, positions = self.cache_canvas(state)
+        shift = 1 if model.config.token_shift else 0
+        sub_start, _ = current_sub_block(state, size)
+        start = jnp.clip(1 + width + sub_start, shift, tokens.shape[1] - size)
+        logits, cache = model.forward_window(tokens, positions, state.cache, key_mask, start=start,
+                                             queries=size, logits_count=size)
+        if window_only:
+            j = state.window_offsets[:, None] + jnp.arange(config.block_length)[None, :]
+        else:
+            j = jnp.arange(config.gen_length)[None, :]
+        i = 1 + width + j - start[:, None]  # query index of generation position j
+        placed = jnp.take_along_axis(logits, jnp.clip(i, 0, size - 1)[:, :, None], axis=1)
+        placed = jnp.where(((i >= 0) & (i < size))[..., None], placed, 0.0)
+        g = jnp.arange(config.gen_length)[None, :]
+        in_sub = (g >= sub_start[:, None]) & (g < sub_start[:, None] + size)
+        return StepLogits(placed, cache, in_sub & state.in_window)
+
+
+def current_sub_block(state: DecodeState, size: int):
+    """(start, end) int32 [B] in generation coordinates: each row's first sub-block of `size` (cut on the
+    engine's block grid, from where blocks start: p % block_length == block_phase) that holds a mask in
+    its window. In a block-causal model's first block a sub-block may start before position 0 (the
+    prompt's tail fills its head), so `start` may be negative. Fast-dLLM v2's `small_block_size`."""
+    origin = state.block_phase
+    first_masked = jnp.argmax(state.is_masked & state.in_window, axis=-1)
+    start = origin + (first_masked - origin) // size * size
+    return start.astype(jnp.int32), jnp.minimum(start + size, state.block_end).astype(jnp.int32)
+
+
+def sub_block_partial_rows(state: DecodeState, size: int) -> jax.Array:
+    """bool [B]: unfinished rows whose step is Fast-dLLM v2's partial forward: not their block's first
+    step (no block K/V from a whole-block forward yet), and the current sub-block's first position is
+    decoded (a prompt token, or committed). v2 runs a whole-block forward while that position is still
+    masked, deciding over the batch (`.any()`); dllm decides per row."""
+    start, _ = current_sub_block(state, size)
+    first = jnp.take_along_axis(state.is_masked, jnp.maximum(start, 0)[:, None], axis=1)[:, 0]
+    first_decoded = (start < 0) | ~first
+    return first_decoded & (state.step_in_block > 0) & ~state.done
 
 
 def dkv_query_sizes(config: DecodeConfig, shift: int) -> tuple[int, ...]:

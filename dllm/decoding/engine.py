@@ -666,6 +666,11 @@ def prepare(model, prompt_tokens, sampler, gen_length, block_length, key, tokeni
         sampler = sampler.bind(tokenizer)  # token texts in sampler settings -> ids
     sampler.validate(config)
     check_block_alignment(model, config)
+    if config.sub_block_cache and getattr(sampler, "sub_block_size", None) != config.sub_block_cache:
+        raise ValueError(f"sub_block_cache={config.sub_block_cache} with {type(sampler).__name__}"
+                         f"{'(size=' + str(sampler.sub_block_size) + ')' if hasattr(sampler, 'sub_block_size') else ''}"
+                         ": a partial step computes the current sub-block's logits only; allowed: the sub_blocks "
+                         f"sampler with size={config.sub_block_cache} (Fast-dLLM v2), or sub_block_cache=0")
     if model_block_of(model) is not None and getattr(sampler, "needs_whole_canvas", False):
         raise ValueError(f"{type(sampler).__name__} with a block-causal model: it reads or fills positions outside "
                          "the active block, and a block-causal decode computes the active block's logits only; "

@@ -80,6 +80,13 @@ class DecodeConfig:
         attention has cosine similarity below it (old vs new, over heads, averaged) triggers
         the recompute of every position from the next layer on.
       elastic_track: most-attended tokens tracked per layer (`track_num`, 1).
+      sub_block_cache: 0, or Fast-dLLM v2's `use_block_cache` with sub-blocks of this size (arXiv
+        2509.26328 §3.3; v2's `small_block_size`, 8 in blocks of 32): over the exact block cache, a
+        step whose current sub-block's first position is already decoded forwards that sub-block's
+        queries only, over the cache, where the rest of the active block keeps the K/V of its last
+        whole-block forward (approximate); a whole-block forward runs at the block's first step and
+        whenever the current sub-block's first position is masked. cache='block' and the sub_blocks
+        sampler of the same size only (its commits stay in the sub-block, where the logits are).
     """
 
     gen_length: int = 128
@@ -98,6 +105,7 @@ class DecodeConfig:
     sliding_window: int = 0
     elastic_gamma: float = 0.9
     elastic_track: int = 1
+    sub_block_cache: int = 0
 
     def __post_init__(self):
         if not isinstance(self.gen_length, int) or self.gen_length <= 0:
@@ -147,6 +155,18 @@ class DecodeConfig:
             raise ValueError("cache='elastic' needs sliding_window > 0 (Elastic-Cache decodes the first W masked "
                              "positions; the authors use 16)")
         check_count("elastic_track", self.elastic_track, 1, "tracked tokens per layer")
+        check_count("sub_block_cache", self.sub_block_cache, 0, "0: off; else the sub-block size")
+        if self.sub_block_cache:
+            if self.cache not in ("block", "auto"):
+                raise ValueError(f"sub_block_cache={self.sub_block_cache} with cache={self.cache!r}: Fast-dLLM v2's "
+                                 "sub-block cache runs over the exact block cache; allowed cache 'block' (or 'auto' "
+                                 "with a block-causal model)")
+            if self.block_length % self.sub_block_cache:
+                raise ValueError(f"sub_block_cache={self.sub_block_cache} does not divide block_length="
+                                 f"{self.block_length}; allowed: a divisor of {self.block_length}")
+            if self.pipeline_blocks > 1:
+                raise ValueError(f"sub_block_cache={self.sub_block_cache} with pipeline_blocks={self.pipeline_blocks}: "
+                                 "the sub-block cache decodes one block at a time; allowed pipeline_blocks=1")
         if isinstance(self.elastic_gamma, bool) or not isinstance(self.elastic_gamma, (int, float)) \
                 or not -1.0 <= self.elastic_gamma <= 2.0:
             raise ValueError(f"elastic_gamma={self.elastic_gamma!r}: allowed [-1, 2] (a cosine similarity bar; "
