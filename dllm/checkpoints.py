@@ -256,7 +256,7 @@ def _dtype_name(dtype) -> str | None:
 
 
 def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, layout: Layout | None = None,
-                    **config_overrides):
+                    weight_rounding: str | None = None, **config_overrides):
     """Loads `(model, tokenizer)` from an HF folder or one of our orbax folders.
 
     Args:
@@ -271,8 +271,13 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, layout: L
       layout: how the model runs (`dllm.Layout`: scanned or unrolled layers,
         fused projections, attention kernels); default `Layout()`. The
         checkpoint does not decide it.
+      weight_rounding: None, or "fp8": every GEMM weight rounded to FP8 e4m3 with per-output-channel
+        scales (`dllm.models.quantize.fp8_rounded`) and held in the parameter dtype: the accuracy of
+        FP8 weights, not their speed (no FP8 kernel reads them).
       config_overrides: any other `ModelConfig` field (e.g. max_seq_len=8192).
     """
+    if weight_rounding not in (None, "fp8"):
+        raise ValueError(f"weight_rounding={weight_rounding!r}: allowed None or 'fp8'")
     misplaced = sorted(set(config_overrides) & set(LAYOUT_FIELDS))
     if misplaced:
         raise ValueError(f"from_pretrained({', '.join(f'{k}=...' for k in misplaced)}): these are Layout fields, not "
@@ -301,7 +306,12 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, layout: L
                 params.update({name: place(name, params[name]) for name in fused_groups(config, layout)})
     else:
         params = load_hf_params(folder, config, layout, place)
-    return model_from_params(config, params, layout), tokenizer
+    model = model_from_params(config, params, layout)
+    if weight_rounding == "fp8":
+        from dllm.models.quantize import fp8_rounded
+
+        model = fp8_rounded(model)
+    return model, tokenizer
 
 
 def save_pretrained(model: Transformer, tokenizer: Tokenizer | None, path, extra: dict | None = None) -> Path:

@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--elastic-gamma", type=float, default=0.9, help="DecodeConfig.elastic_gamma")
     parser.add_argument("--elastic-track", type=int, default=1, help="DecodeConfig.elastic_track")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--weight-rounding", default=None, choices=["fp8"],
+                        help="round the GEMM weights to FP8 e4m3 at load (their accuracy; held in the param dtype)")
     parser.add_argument("--continuous", action="store_true",
                         help="continuous batching: --batch-size slots, a finished row's slot takes the next prompt")
     parser.add_argument("--samplers", nargs="*", default=None)
@@ -110,7 +112,7 @@ def main(argv=None) -> dict:
         if getattr(args, name) is None:
             setattr(args, name, value)
 
-    model, tokenizer = dllm.from_pretrained(resolve_path(args.checkpoint))
+    model, tokenizer = dllm.from_pretrained(resolve_path(args.checkpoint), weight_rounding=args.weight_rounding)
     examples = suite_examples("test", args.n_per_task, suite=args.suite)
     decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, cache=args.cache,
                           cache_refresh_every=args.cache_refresh_every, sliding_window=args.sliding_window,

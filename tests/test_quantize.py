@@ -1,0 +1,64 @@
+"""FP8 e4m3 weights (issue: speed round 2): the quantize/dequantize round trip within its error bound,
+worked values, and a model whose GEMM weights are rounded (`from_pretrained(weight_rounding="fp8")`)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dllm
+from dllm.models.quantize import CONTRACTION_AXES, dequantize_fp8, fp8_round_trip, quantize_fp8
+from experiments.common import REPO_ROOT
+
+
+def test_round_trip_error_is_within_half_a_step_of_e4m3():
+    """|w - round trip| <= scale * max(2^-4 |w / scale|, 2^-10): half an ulp of e4m3's 3-bit mantissa for
+    normal values, half the subnormal spacing 2^-9 below 2^-6; each channel's largest |w| maps to 448."""
+    w = jax.random.normal(jax.random.key(0), (64, 4, 8)) * jnp.exp(jax.random.normal(jax.random.key(1), (64, 4, 8)))
+    w8, scale = quantize_fp8(w, (0,))
+    assert w8.dtype == jnp.float8_e4m3fn and scale.shape == (1, 4, 8)
+    np.testing.assert_allclose(np.abs(np.asarray(w8, np.float32)).max(axis=0), 448.0)
+    x = np.asarray(w / scale)
+    bound = np.asarray(scale) * np.maximum(np.abs(x) * 2.0 ** -4, 2.0 ** -10)
+    error = np.abs(np.asarray(dequantize_fp8(w8, scale)) - np.asarray(w))
+    assert np.all(error <= bound * (1 + 1e-6)), (error / bound).max()
+    assert error.max() > 0  # the rounding is real
+
+
+def test_worked_values():
+    """Channel max 448 * 0.5: scale 0.5. 224 -> 448 (exact); 1.0 -> 2 (exact); 0.3 -> 0.6, between
+    the e4m3 neighbours 0.5625 and 0.625 (spacing 2^-4 in [0.5, 1)), nearest 0.625 -> 0.3125."""
+    w = jnp.array([[224.0], [1.0], [0.3], [0.0]])
+    w8, scale = quantize_fp8(w, (0,))
+    assert float(scale[0, 0]) == 0.5
+    np.testing.assert_array_equal(np.asarray(dequantize_fp8(w8, scale))[:, 0], [224.0, 1.0, 0.3125, 0.0])
+    zero8, zero_scale = quantize_fp8(jnp.zeros((3, 2)), (0,))  # an all-zero channel: scale 1, zeros
+    assert np.all(np.asarray(zero_scale) == 1.0) and np.all(np.asarray(zero8, np.float32) == 0.0)
+
+
+def test_fp8_rounded_model_rounds_the_gemm_weights_only_and_still_decodes():
+    path = REPO_ROOT / "checkpoints/tiny-tasks"
+    model, tokenizer = dllm.from_pretrained(path, dtype="float32")
+    rounded, _ = dllm.from_pretrained(path, dtype="float32", weight_rounding="fp8")
+    from dllm.models.transformer import canonical_params
+
+    before, after = canonical_params(model), canonical_params(rounded)
+    for name, value in before.items():
+        if name in CONTRACTION_AXES:
+            np.testing.assert_array_equal(after[name], fp8_round_trip(value, CONTRACTION_AXES[name]))
+            assert not np.array_equal(after[name], value), name
+        else:  # embedding, norms
+            np.testing.assert_array_equal(after[name], value, err_msg=name)
+    prompt = [tokenizer.encode("copy : Ann Bob Cid Dan =>")]
+    out = dllm.generate(rounded, prompt, dllm_sampler(), gen_length=24, block_length=8, tokenizer=tokenizer)
+    assert not np.any(np.asarray(out.tokens) == tokenizer.mask_id)
+    with pytest.raises(ValueError, match=r"weight_rounding='int4': allowed None or 'fp8'"):
+        dllm.from_pretrained(path, weight_rounding="int4")
+
+
+def dllm_sampler():
+    import samplers
+
+    return samplers.Threshold()
