@@ -85,18 +85,22 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
                         compiler_options=compiler_options, **fields)
 
     chunk_length = batch_size
+    if queue_length is not None and not continuous:
+        raise ValueError(f"queue_length={queue_length!r} without continuous=True: it is the number of prompts of a "
+                         "continuous-batching queue; allowed: queue_length=None, or continuous=True")
     if continuous:
         chunk_length = 16 * batch_size if queue_length is None else queue_length
         if isinstance(chunk_length, bool) or not isinstance(chunk_length, int) or chunk_length < 1:
             raise ValueError(f"queue_length={queue_length!r}: must be an int >= 1 (prompts per compiled queue)")
         chunk_length = min(chunk_length, len(encoded))
+        slots = min(batch_size, chunk_length)  # more slots than queued prompts would only idle
 
         def run(batch_prompts, batch_key, count):  # noqa: F811 (continuous batching)
             tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
             return generate(model, tokens, sampler, gen_length=decode.gen_length,
                             block_length=decode.block_length, key=batch_key, tokenizer=tokenizer,
                             attention_mask=mask, mesh=mesh, rules=rules, compiler_options=compiler_options,
-                            slots=batch_size, count=count, **fields)
+                            slots=slots, count=count, **fields)
     else:
         run = (lambda single: lambda batch_prompts, batch_key, count: single(batch_prompts, batch_key))(run)
 

@@ -293,3 +293,23 @@ def test_lm_eval_loglikelihood_matches_exact_enumeration():
                            key=jax.random.key(0), tokenizer=lm.tokenizer).tokens[0].tolist()
     assert lm._is_greedy(prompt, greedy)
     assert not lm._is_greedy(prompt, [greedy[1], greedy[0]] if greedy[0] != greedy[1] else [mask, mask])
+
+
+def test_lm_eval_generate_until_with_continuous_batching_gives_the_static_answers():
+    """`continuous=true`: requests decode through `batch_size` slots in one queue (padded to the
+    widest request of the queue); every answer equals the static batches' (rows keyed by request)."""
+    pytest.importorskip("lm_eval", reason="the optional extra: pip install lm_eval")
+    from types import SimpleNamespace
+
+    from dllm.lm_eval_adapter import DllmLM
+
+    prompts = ["reverse : Ann Bob Cid Dan =>", "copy : Eve Fay Gus =>", "sort : Hal Eve Ann Gus Bob =>",
+               "reverse : Kim Lou Max =>", "copy : Ned Oli Pam Quin Ray =>"]
+    requests = [SimpleNamespace(args=(p, {"until": []})) for p in prompts]
+    kw = dict(checkpoint="checkpoints/tiny-tasks", sampler="threshold", gen_length=24, block_length=8, batch_size=2,
+              temperature=1.0, seed=3)
+    static = DllmLM(**kw).generate_until(requests)
+    continuous = DllmLM(**kw, continuous="true").generate_until(requests)
+    assert continuous == static and all(static)
+    with pytest.raises(ValueError, match="continuous='maybe': allowed true or false"):
+        DllmLM(**kw, continuous="maybe")

@@ -153,6 +153,9 @@ def test_bad_continuous_batching_settings_are_refused(tiny):
         dllm.generate(model, prompts, sampler, count=2, **kw)
     with pytest.raises(ValueError, match="slots= with cache='block': the exact block cache prefills"):
         engine.check_slots(4, DecodeConfig(gen_length=24, block_length=8, cache="block"))
+    with pytest.raises(ValueError, match="queue_length=4 without continuous=True"):
+        evaluation.decode_texts(model, tokenizer, sampler, PROMPTS[:3], DecodeConfig(gen_length=24, block_length=8),
+                                batch_size=2, queue_length=4, progress=False)
     with pytest.raises(ValueError, match="queue_length=0: must be an int >= 1"):
         evaluation.decode_texts(model, tokenizer, sampler, PROMPTS[:3], DecodeConfig(gen_length=24, block_length=8),
                                 batch_size=2, continuous=True, queue_length=0, progress=False)

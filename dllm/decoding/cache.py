@@ -349,11 +349,14 @@ class BlockCache:
         fold = lambda s: self.window(model, s, window_only, blocks=open_blocks + 1)
         inside = lambda s: self.window(model, s, window_only, blocks=open_blocks)
         mixed = lambda s: select_rows(starts, fold(s), inside(s))
-        branch = jnp.where(state.step == 0, 0, jnp.where(jnp.all(starts | state.done), 1,
-                                                         jnp.where(jnp.any(starts), 3, 2)))
-        whole = lambda s: jax.lax.switch(branch, (prefill, fold, inside, mixed), s)
+        partial = jnp.zeros_like(state.done)
         if state.config.sub_block_cache:  # Fast-dLLM v2's use_block_cache: the current sub-block alone
             partial = sub_block_partial_rows(state, state.config.sub_block_cache) & (state.step > 0)
+        idle = state.done | partial  # rows the whole-block forwards need not serve
+        branch = jnp.where(state.step == 0, 0, jnp.where(jnp.all(starts | idle), 1,
+                                                         jnp.where(jnp.any(starts), 3, 2)))
+        whole = lambda s: jax.lax.switch(branch, (prefill, fold, inside, mixed), s)
+        if state.config.sub_block_cache:
             sub = lambda s: self.sub_block(model, s, window_only)
             both = lambda s: select_rows(partial, sub(s), whole(s))
             which = jnp.where(jnp.all(partial | state.done), 0, jnp.where(jnp.any(partial), 1, 2))
@@ -367,7 +370,12 @@ class BlockCache:
         """Fast-dLLM v2's partial forward (`use_block_cache`): the queries of each row's current
         sub-block only, over the cache, which holds the blocks before (exact) and the active block's
         K/V from its last whole-block forward (stale where the sub-block's commits have moved them since);
-        the sub-block's fresh K/V are written in place. Logits: the sub-block's positions only."""
+        the sub-block's fresh K/V are written in place. Logits: the sub-block's positions only.
+
+        Deviation: under token shift the position before the sub-block is recomputed too (its hidden
+        state predicts the sub-block's first position) and its K/V rewritten, where v2 forwards the
+        sub-block's positions alone and keeps that column's K/V from the last whole-block forward;
+        with more than one layer the sub-block then attends to a fresher K/V there."""
         config, width, size = state.config, state.prompt_width, state.config.sub_block_cache
         tokens, key_mask, positions = self.cache_canvas(state)
         shift = 1 if model.config.token_shift else 0

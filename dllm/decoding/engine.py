@@ -156,6 +156,9 @@ def check_block_alignment(model, config: DecodeConfig) -> None:
     if config.sliding_window:
         raise ValueError(f"sliding_window={config.sliding_window} with a block-causal model: its windows are its "
                          "model blocks; allowed sliding_window=0")
+    if config.sub_block_cache and block % config.sub_block_cache:
+        raise ValueError(f"sub_block_cache={config.sub_block_cache} with a block-causal model of block_size={block}: "
+                         f"a sub-block must not straddle model blocks; allowed: a divisor of {block}")
     if config.cache not in ("none", "block"):
         raise ValueError(f"cache={config.cache!r} with a block-causal model (ModelConfig.attention="
                          f"'block_causal'): the prefix, dual and dKV caches attend bidirectionally; allowed: cache='block' "
@@ -650,6 +653,10 @@ def decode_queue(model, graphdef, params, tokens, mask, key, template, *, slots,
 
     placement = sharding.Placement.of(mesh, rules)
     placement.check_batch(int(slots), "slots")
+    empty = jax.eval_shape(lambda: cache_policy(config).init(model, int(slots), tokens.shape[1] + config.gen_length,
+                                                             config))
+    for leaf in jax.tree.leaves(empty)[:1]:
+        placement.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
     nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), placement.param_shardings(model)))
     arguments = jax.device_put(arguments, placement.replicated())
     return decode(graphdef, params, *arguments, placement=placement, **static)

@@ -287,7 +287,8 @@ class Trace:
     commit_step: int32 [B, G], the step at which each generation position was
       committed (-1 if never).
     committed_per_step: int32 [B, max_steps], tokens committed at each step.
-    confidence: float32 [max_steps, B, G] per-step confidence, or None.
+    confidence: float32 [max_steps, B, G] per-step confidence, or None; indexed by each row's own
+      step, and zero after the row finished (rows record nothing once done).
     """
 
     commit_step: jax.Array
