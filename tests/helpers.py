@@ -31,7 +31,7 @@ def make_state(gen_tokens, block_start, block_end, *, special: SpecialIds, block
     as_row = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.int32), (batch,))
     return state.replace(tokens=state.tokens.at[:, 2:].set(gen), block_start=as_row(block_start),
                          block_end=as_row(block_end), step_in_block=as_row(step_in_block),
-                         step=jnp.asarray(step, jnp.int32))
+                         step=jnp.asarray(step, jnp.int32), nfe=as_row(step))  # rows that started with the batch
 
 
 def logits_of(rows):

@@ -108,7 +108,8 @@ def dkv_state(commit_step, gen_tokens, step, step_in_block, refresh_every=0):
                           jax.random.key(0), config, SPECIAL)
     gen = jnp.array(gen_tokens, jnp.int32)
     return state.replace(tokens=state.tokens.at[:, 2:].set(gen), commit_step=jnp.array(commit_step, jnp.int32),
-                         step=jnp.array(step, jnp.int32), step_in_block=jnp.array(step_in_block, jnp.int32))
+                         step=jnp.array(step, jnp.int32), step_in_block=jnp.array(step_in_block, jnp.int32),
+                         nfe=jnp.full((len(gen_tokens),), step, jnp.int32))  # the row step of rows started together
 
 
 def test_dkv_recomputes_the_masked_and_the_just_decoded():
