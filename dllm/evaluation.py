@@ -78,31 +78,23 @@ def decode_texts(model, tokenizer, sampler, prompts: list[str], decode: DecodeCo
     fields = {f.name: getattr(decode, f.name) for f in dataclasses.fields(decode)  # every setting, so none is dropped
               if f.name not in ("gen_length", "block_length")}
 
-    def run(batch_prompts, batch_key):
-        tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
-        return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
-                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules,
-                        compiler_options=compiler_options, **fields)
-
-    chunk_length = batch_size
     if queue_length is not None and not continuous:
         raise ValueError(f"queue_length={queue_length!r} without continuous=True: it is the number of prompts of a "
                          "continuous-batching queue; allowed: queue_length=None, or continuous=True")
+    chunk_length = batch_size  # prompts per call: a batch, or a continuous-batching queue
     if continuous:
         chunk_length = 16 * batch_size if queue_length is None else queue_length
         if isinstance(chunk_length, bool) or not isinstance(chunk_length, int) or chunk_length < 1:
             raise ValueError(f"queue_length={queue_length!r}: must be an int >= 1 (prompts per compiled queue)")
         chunk_length = min(chunk_length, len(encoded))
-        slots = min(batch_size, chunk_length)  # more slots than queued prompts would only idle
 
-        def run(batch_prompts, batch_key, count):  # noqa: F811 (continuous batching)
-            tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
-            return generate(model, tokens, sampler, gen_length=decode.gen_length,
-                            block_length=decode.block_length, key=batch_key, tokenizer=tokenizer,
-                            attention_mask=mask, mesh=mesh, rules=rules, compiler_options=compiler_options,
-                            slots=slots, count=count, **fields)
-    else:
-        run = (lambda single: lambda batch_prompts, batch_key, count: single(batch_prompts, batch_key))(run)
+    def run(batch_prompts, batch_key, count):
+        tokens, mask = pad_prompts(batch_prompts, tokenizer.pad_id, width)
+        # more slots than queued prompts would only idle; `count` skips the padding of the last queue
+        queue = dict(slots=min(batch_size, chunk_length), count=count) if continuous else {}
+        return generate(model, tokens, sampler, gen_length=decode.gen_length, block_length=decode.block_length,
+                        key=batch_key, tokenizer=tokenizer, attention_mask=mask, mesh=mesh, rules=rules,
+                        compiler_options=compiler_options, **queue, **fields)
 
     keys_of = lambda start: prompt_keys(key, np.arange(start, start + chunk_length))
     jax.block_until_ready(run(encoded[:chunk_length] + [encoded[0]] * (chunk_length - len(encoded[:chunk_length])),

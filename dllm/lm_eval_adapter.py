@@ -163,15 +163,13 @@ class DllmLM(LM):
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # similar widths batch together
         outputs: list[str] = [""] * len(requests)
         chunk = self.batch_size * (16 if self.continuous else 1)  # a queue of prompts, or a batch
-        queue = {"slots": self.batch_size} if self.continuous else {}
         for start in range(0, len(order), chunk):
             index = order[start:start + chunk]
             width = max(len(encoded[i]) for i in index)
             batch = [encoded[i] for i in index]
             batch += [batch[0]] * (chunk - len(batch))  # one shape for every batch of this width
             tokens, mask = pad_prompts(batch, self.tokenizer.pad_id, width)
-            if self.continuous:
-                queue["count"] = len(index)  # the filler rows are never decoded
+            queue = dict(slots=self.batch_size, count=len(index)) if self.continuous else {}  # fillers not decoded
             result = generate(self.model, tokens, self.sampler, gen_length=self.decode.gen_length,
                               block_length=self.decode.block_length, key=self._row_keys(index, chunk),
                               tokenizer=self.tokenizer, attention_mask=mask, **queue,

@@ -321,13 +321,21 @@ class BlockCache:
 
     def window(self, model, state: DecodeState, window_only: bool, blocks: int) -> StepLogits:
         """Queries: the `blocks` engine blocks that end where each row's window ends."""
-        config, width = state.config, state.prompt_width
-        tokens, key_mask, positions = self.cache_canvas(state)
-        queries = blocks * config.block_length
+        queries = blocks * state.config.block_length
         shift = 1 if model.config.token_shift else 0
+        columns = self.length(state.tokens.shape[1], state.config)
         # canvas column (with the hidden one) of query 0; near the canvas start a longer window than
         # the canvas so far starts at the first column instead (it then covers more finished positions)
-        start = jnp.clip(1 + width + state.block_end - queries, shift, tokens.shape[1] - queries)
+        start = jnp.clip(1 + state.prompt_width + state.block_end - queries, shift, columns - queries)
+        placed, cache = self.forward_queries(model, state, start, queries, window_only)
+        return StepLogits(placed, cache, state.in_window)
+
+    def forward_queries(self, model, state: DecodeState, start: jax.Array, queries: int, window_only: bool):
+        """(logits, cache): `queries` positions from cache column `start` (int32 [B], the hidden column
+        counted) forwarded over the cache, their K/V written in place; logits placed at their
+        generation positions ([B, G, V], or each row's block when `window_only`), zeros elsewhere."""
+        config, width = state.config, state.prompt_width
+        tokens, key_mask, positions = self.cache_canvas(state)
         logits, cache = model.forward_window(tokens, positions, state.cache, key_mask, start=start,
                                              queries=queries, logits_count=queries)
         if window_only:
@@ -336,8 +344,7 @@ class BlockCache:
             j = jnp.arange(config.gen_length)[None, :]
         i = 1 + width + j - start[:, None]  # query index of generation position j
         placed = jnp.take_along_axis(logits, jnp.clip(i, 0, queries - 1)[:, :, None], axis=1)
-        placed = jnp.where(((i >= 0) & (i < queries))[..., None], placed, 0.0)
-        return StepLogits(placed, cache, state.in_window)
+        return jnp.where(((i >= 0) & (i < queries))[..., None], placed, 0.0), cache
 
     def step_logits(self, model, state: DecodeState, window_only: bool = False, padded: bool = True) -> StepLogits:
         """Prefill at the first step; then per row `pipeline_blocks` + 1 blocks of queries when its
@@ -376,22 +383,14 @@ class BlockCache:
         state predicts the sub-block's first position) and its K/V rewritten, where v2 forwards the
         sub-block's positions alone and keeps that column's K/V from the last whole-block forward;
         with more than one layer the sub-block then attends to a fresher K/V there."""
-        config, width, size = state.config, state.prompt_width, state.config.sub_block_cache
-        tokens, key_mask, positions = self.cache_canvas(state)
+        size = state.config.sub_block_cache
         shift = 1 if model.config.token_shift else 0
-        sub_start, _ = current_sub_block(state, size)
-        start = jnp.clip(1 + width + sub_start, shift, tokens.shape[1] - size)
-        logits, cache = model.forward_window(tokens, positions, state.cache, key_mask, start=start,
-                                             queries=size, logits_count=size)
-        if window_only:
-            j = state.window_offsets[:, None] + jnp.arange(config.block_length)[None, :]
-        else:
-            j = jnp.arange(config.gen_length)[None, :]
-        i = 1 + width + j - start[:, None]  # query index of generation position j
-        placed = jnp.take_along_axis(logits, jnp.clip(i, 0, size - 1)[:, :, None], axis=1)
-        placed = jnp.where(((i >= 0) & (i < size))[..., None], placed, 0.0)
-        g = jnp.arange(config.gen_length)[None, :]
-        in_sub = (g >= sub_start[:, None]) & (g < sub_start[:, None] + size)
+        sub_start, sub_end = current_sub_block(state, size)
+        columns = self.length(state.tokens.shape[1], state.config)
+        start = jnp.clip(1 + state.prompt_width + sub_start, shift, columns - size)
+        placed, cache = self.forward_queries(model, state, start, size, window_only)
+        g = jnp.arange(state.config.gen_length)[None, :]
+        in_sub = (g >= sub_start[:, None]) & (g < sub_end[:, None])
         return StepLogits(placed, cache, in_sub & state.in_window)
 
 

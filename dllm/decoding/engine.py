@@ -466,12 +466,10 @@ def _decode_queue(graphdef, params, tokens, attention_mask, keys, template, coun
     live = jnp.arange(slots) < count  # the slot holds a prompt whose results are not yet written
     state = state.replace(done=state.done | ~live)
     carry = sampler.init(state)
-    start = initial_state(tokens[:1], attention_mask[:1], keys[:1], config, special, None,
-                          None if template is None else template[:1])
     results = DecodeResult(
         tokens=jnp.full((n, g), special.mask, jnp.int32), nfe=jnp.zeros((n,), jnp.int32),
         trace=Trace(jnp.full((n, g), -1, jnp.int32), jnp.zeros((n, config.max_steps), jnp.int32),
-                    None if start.confidence_history is None else jnp.zeros((config.max_steps, n, g), jnp.float32)))
+                    jnp.zeros((config.max_steps, n, g), jnp.float32) if config.record_confidence else None))
     if template is not None:  # a prompt never decoded keeps its template
         results = results.replace(tokens=jnp.asarray(template, jnp.int32))
 
@@ -598,17 +596,7 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
     if mesh is None:
         return decode(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask), key, template,
                        sampler=sampler, config=config, special=special, padded=padded)
-    check_mesh_model(model)
-    from dllm import sharding
-
-    placement = sharding.Placement.of(mesh, rules)
-    placement.check_batch(tokens.shape[0], "the prompt batch")
-    empty = jax.eval_shape(lambda: cache_policy(config).init(model, tokens.shape[0], tokens.shape[1] + gen_length,
-                                                             config))
-    for leaf in jax.tree.leaves(empty)[:1]:
-        placement.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
-    shardings = placement.param_shardings(model)
-    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
+    placement = place_on_mesh(model, params, mesh, rules, config, tokens.shape[0], tokens.shape[1], "the prompt batch")
     tokens, mask = placement.put_batch((tokens, mask))
     if template is not None:
         template = placement.put_batch(template)
@@ -617,13 +605,25 @@ def generate(model, prompt_tokens: Sequence[Sequence[int]] | np.ndarray, sampler
                    placement=placement, padded=padded)
 
 
-def check_mesh_model(model) -> None:
-    """ValueError for a model that cannot decode over a mesh."""
+def place_on_mesh(model, params, mesh, rules, config: DecodeConfig, rows: int, prompt_width: int, what: str):
+    """The `dllm.sharding.Placement` of a decode of `rows` batch rows over `mesh`, after checking that
+    the model, the rows and the KV cache divide over it (clear errors); `params` (the model's split
+    state) are placed by the rules in place."""
     if isinstance(model, LogitsFunction):
         raise ValueError("a function model decodes on one device: it has no parameters to place; pass mesh=None")
     if model.layout.window_attention_impl == "pallas":
         raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
                          "with a mesh use 'xla', 'cudnn' or None")
+    from dllm import sharding
+
+    placement = sharding.Placement.of(mesh, rules)
+    placement.check_batch(rows, what)
+    width = prompt_width + config.gen_length
+    empty = jax.eval_shape(lambda: cache_policy(config).init(model, rows, width, config))
+    for leaf in jax.tree.leaves(empty)[:1]:
+        placement.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
+    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), placement.param_shardings(model)))
+    return placement
 
 
 def check_slots(slots, config: DecodeConfig) -> None:
@@ -648,16 +648,7 @@ def decode_queue(model, graphdef, params, tokens, mask, key, template, *, slots,
     static = dict(slots=int(slots), sampler=sampler, config=config, special=special, padded=padded)
     if mesh is None:
         return decode(graphdef, params, *arguments, **static)
-    check_mesh_model(model)
-    from dllm import sharding
-
-    placement = sharding.Placement.of(mesh, rules)
-    placement.check_batch(int(slots), "slots")
-    empty = jax.eval_shape(lambda: cache_policy(config).init(model, int(slots), tokens.shape[1] + config.gen_length,
-                                                             config))
-    for leaf in jax.tree.leaves(empty)[:1]:
-        placement.check("the KV cache", leaf.shape, CACHE_AXES[-leaf.ndim:])
-    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), placement.param_shardings(model)))
+    placement = place_on_mesh(model, params, mesh, rules, config, int(slots), tokens.shape[1], "slots")
     arguments = jax.device_put(arguments, placement.replicated())
     return decode(graphdef, params, *arguments, placement=placement, **static)
 

@@ -8,13 +8,7 @@
 #    steps, one token per step): no cache, dual, dKV-Cache and Elastic-Cache at gamma -1 (never refreshes) in
 #    one run, then Elastic-Cache at gamma 2 (refreshes from layer 1 at every step): the drift test of random
 #    weights means nothing, so these two bound the cost of a step.
-set -u
-SECONDS=0
-OUT=${OUT:-/tmp/out}
-mkdir -p $OUT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+source experiments/results/gpu_setup.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
 SWEEP="threshold threshold(tau=0.7) threshold(tau=0.5)"
 run() {  # label, cache, block, gamma, samplers...

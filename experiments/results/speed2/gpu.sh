@@ -1,32 +1,33 @@
 #!/bin/bash
 # Speed round 2 (issue 25) on the GPU, one call:   OUT=<results folder> bash experiments/results/speed2/gpu.sh
-# 1. continuous batching: tasks-base, 1000 held-out prompts (tasks mixed), gen 128 / block 32, batch 64,
-#    threshold 0.9, uncached and dual cache;
-# 2. training throughput at the 90M and 300M geometries (experiments.benchmark_train);
-# 3. LLaDA-8B decode steps at batch 1 (none, dual) against the floors, the chained-GEMM floor included;
-# 4. FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once.
-# Timing parts run alone on the GPU; each later part is skipped when the call's time runs short.
-set -u
-SECONDS=0
-OUT=${OUT:-/tmp/out}
-mkdir -p $OUT
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-for cache in none dual; do
-  timeout 200 python3 -m experiments.benchmark_continuous --preset tasks-base --n 1000 --batch-size 64 \
-    --sampler threshold --cache $cache --out $OUT/continuous_threshold_$cache.json 2>&1 | grep -v "it/s\]\|prompt/s\]" | tail -2
-done
-echo "== $SECONDS s"
-timeout 150 python3 -m experiments.benchmark_train out=$OUT/benchmark_train.json hydra.run.dir=/tmp/hydra_train 2>&1 \
-  | grep -v "^\s*$" | tail -3
-echo "== $SECONDS s"
-if [ $SECONDS -lt ${BENCH_BEFORE_S:-300} ]; then
+# PARTS (default all four, in this order) picks what runs; PARTS="continuous fp8" fits about five minutes.
+# continuous: continuous batching on tasks-base, 1000 held-out prompts (tasks mixed), gen 128 / block 32,
+#             batch 64, threshold 0.9, uncached and over the dual cache;
+# train:      training throughput at the 90M and 300M geometries (experiments.benchmark_train);
+# decode:     LLaDA-8B decode steps at batch 1 (none, dual) against the floors, the chained-GEMM floor included;
+# fp8:        FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once.
+# Timing parts run alone on the GPU; decode and fp8 are skipped when the call's time runs short.
+source experiments/results/gpu_setup.sh
+PARTS=${PARTS:-continuous train decode fp8}
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+if has continuous; then
+  for cache in none dual; do
+    timeout 200 python3 -m experiments.benchmark_continuous --preset tasks-base --n 1000 --batch-size 64 \
+      --sampler threshold --cache $cache --out $OUT/continuous_threshold_$cache.json 2>&1 | grep -v "it/s\]\|prompt/s\]" | tail -2
+  done
+  echo "== $SECONDS s"
+fi
+if has train; then
+  timeout 150 python3 -m experiments.benchmark_train out=$OUT/benchmark_train.json hydra.run.dir=/tmp/hydra_train 2>&1 \
+    | grep -v "^\s*$" | tail -3
+  echo "== $SECONDS s"
+fi
+if has decode && [ $SECONDS -lt ${BENCH_BEFORE_S:-300} ]; then
   timeout 170 python3 -m experiments.benchmark batch_sizes=[1] caches=[none,dual] timed_steps=64 repeats=3 deadline_s=110 \
     out=$OUT/benchmark_llada8b_b1.json hydra.run.dir=/tmp/hydra_bench 2>&1 | grep -v "^\s*$" | tail -4
   echo "== $SECONDS s"
 fi
-if [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
+if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
   for w in bf16 fp8; do
     flag=$([ $w = fp8 ] && echo "--weight-rounding fp8")
