@@ -56,7 +56,7 @@ from dllm import diffusion, sharding
 from dllm.checkpoints import model_from_params, save_pretrained
 from dllm.data import Data, check_batch_divides
 from dllm.models.config import DTYPES, ModelConfig
-from dllm.models.transformer import Transformer, positions_from_mask
+from dllm.models.transformer import Transformer, default_positions, positions_from_mask
 
 OBJECTIVES = ("sft", "pretrain", "autoregressive")
 BLOCK_NOISE = ("per_row", "per_block")
@@ -197,15 +197,19 @@ def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int,
                   low_discrepancy: bool, block_noise: str = "per_row", complementary_mask: bool = False):
     """The loss of `batch` under `objective`: one Monte Carlo draw of a masked-diffusion loss, or the
     autoregressive next-token loss (all in `dllm.diffusion`). A block-causal model's diffusion
-    losses read the 2L forward (`block_diffusion_logits`)."""
+    losses read the 2L forward (`block_diffusion_logits`). A batch without "attention_mask" has no
+    padding: attention then runs without a mask (the fused cuDNN kernel's fast path)."""
     model = nnx.merge(graphdef, params)
-    tokens, attention_mask = batch["tokens"], batch["attention_mask"]
+    tokens, attention_mask = batch["tokens"], batch.get("attention_mask")
     if objective == "autoregressive":
         return diffusion.autoregressive_loss(model(tokens, attention_mask), tokens, attention_mask)
-    maskable = batch["answer_mask"].astype(bool) if objective == "sft" else attention_mask.astype(bool)
-    time_key, mask_key = jax.random.split(key)
     block = model.config.block_size if model.config.attention == "block_causal" else None
-    positions = positions_from_mask(attention_mask)
+    if attention_mask is None and block is not None:  # the 2L forward's pair mask is built from one
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    real = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    maskable = batch["answer_mask"].astype(bool) if objective == "sft" else real
+    time_key, mask_key = jax.random.split(key)
+    positions = default_positions(tokens, attention_mask)
     if block is not None and block_noise == "per_block":
         t = diffusion.block_times(time_key, positions, block, time_eps, low_discrepancy)
     else:
