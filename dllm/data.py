@@ -18,7 +18,8 @@ The EOS padding is part of the answer, as in LLaDA's SFT (arXiv 2502.09992,
 
 Corpus batches are random windows of `seq_len` tokens from a flat .npy of
 token ids (`dllm.corpus.encode_corpus`: documents separated by EOS), with no
-padding: attention_mask is all ones.
+padding, so they carry no attention_mask: the train step's attention runs unmasked (the
+fused cuDNN kernel's fast path; `dllm.training.training_loss`).
 """
 
 from __future__ import annotations
@@ -220,14 +221,14 @@ class CorpusWindows:
         return self.tokens.size
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """tokens and attention_mask (all ones), int32 [B, seq_len]."""
+        """tokens, int32 [B, seq_len] (no padding, hence no attention_mask)."""
         n_starts = self.tokens.size - self.seq_len + 1
         if self.sequential:
             starts = ((step * self.batch_size + np.arange(self.batch_size)) * self.seq_len) % n_starts
         else:
             starts = np.random.default_rng([self.seed, step]).integers(0, n_starts, self.batch_size)
         tokens = np.stack([np.asarray(self.tokens[s:s + self.seq_len], np.int32) for s in starts])
-        return {"tokens": tokens, "attention_mask": np.ones_like(tokens)}
+        return {"tokens": tokens}
 
     def state(self) -> dict:
         return {"kind": "corpus", "seed": self.seed, "batch_size": self.batch_size, "num_tokens": int(len(self)),

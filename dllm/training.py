@@ -56,6 +56,7 @@ from dllm import diffusion, sharding
 from dllm.checkpoints import model_from_params, save_pretrained
 from dllm.data import Data, check_batch_divides
 from dllm.models.config import DTYPES, ModelConfig
+from dllm.models.layout import Layout
 from dllm.models.transformer import Transformer, default_positions, positions_from_mask
 
 OBJECTIVES = ("sft", "pretrain", "autoregressive")
@@ -298,14 +299,15 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
         if config.objective == "autoregressive":
             out["bits_per_token"] = loss / np.log(2.0)
         if config.objective == "pretrain":
-            model, mask = nnx.merge(graphdef, params), batch["attention_mask"]
+            model, mask = nnx.merge(graphdef, params), batch.get("attention_mask")
             if model.config.attention == "block_causal":  # each noised block given its clean prefix
-                logits_fn = lambda noisy: block_diffusion_logits(model, noisy, batch["tokens"], mask)
+                full = jnp.ones(batch["tokens"].shape, jnp.int32) if mask is None else mask
+                logits_fn = lambda noisy: block_diffusion_logits(model, noisy, batch["tokens"], full)
             else:
                 logits_fn = lambda noisy: model(noisy, mask)
             out["bits_per_token"] = diffusion.elbo_bits_per_token(
                 logits_fn, batch["tokens"], key, mask_id=mask_id,
-                n_samples=config.elbo_samples, valid=batch["attention_mask"], eps=config.time_eps)
+                n_samples=config.elbo_samples, valid=mask, eps=config.time_eps)
         return out
 
     return eval_step
@@ -318,16 +320,33 @@ def _jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.
     return optimizer, train_step, jax.jit(make_eval_step(graphdef, config, mask_id))
 
 
-def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, layout: sharding.Placement):
+def check_training_layout(model_layout: Layout) -> Layout:
+    """The model `Layout` a train step may run: the checkpoints' parameter structure (scanned,
+    unfused: the same initialization, checkpoints and resume as the default), with any attention
+    kernel (`attention_impl`, e.g. "cudnn": fused flash attention in the forward and backward)."""
+    if not isinstance(model_layout, Layout):
+        raise ValueError(f"training layout {model_layout!r}: expected a dllm.models.layout.Layout")
+    if not model_layout.scan_layers or model_layout.fused_projections:
+        raise ValueError(f"training layout scan_layers={model_layout.scan_layers}, fused_projections="
+                         f"{model_layout.fused_projections}: training runs the checkpoints' parameters "
+                         "(scan_layers=true, fused_projections=false); a training layout chooses the "
+                         "attention kernel only (attention_impl: null, xla or cudnn)")
+    return model_layout
+
+
+def init_training(model_config: ModelConfig, config: TrainConfig, mask_id: int, layout: sharding.Placement,
+                  model_layout: Layout | None = None):
     """What the loop starts from, under `layout`:
     (graphdef, params, opt_state, optimizer, jitted train step, jitted eval step).
 
     Parameters are born sharded (jitted init) and checked with
     `sharding.assert_sharded`; the AdamW moments take their parameter's sharding.
+    `model_layout` (`check_training_layout`; default `Layout()`) picks the attention kernel.
     """
-    abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+    model_layout = check_training_layout(Layout() if model_layout is None else model_layout)
+    abstract = nnx.eval_shape(lambda: Transformer(model_config, model_layout, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(abstract)
-    params = sharding.sharded_init(model_config, config.seed, layout)()
+    params = sharding.sharded_init(model_config, config.seed, layout, model_layout)()
     sharding.assert_sharded(abstract, layout.mesh, layout.rules, params=params)
     optimizer, train_step, eval_step = jitted_steps(graphdef, config, mask_id, layout)
     opt_shardings = opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, params),
@@ -507,7 +526,7 @@ def evaluate(eval_step, params, data, config: TrainConfig, put_batch) -> dict:
 
 def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices=None,
           mesh_config: sharding.MeshConfig | None = None, callback: Callable[[int, dict], None] | None = None,
-          metadata: dict | None = None) -> TrainResult:
+          metadata: dict | None = None, model_layout: Layout | None = None) -> TrainResult:
     """Trains (or resumes) a masked-diffusion model and saves it to `workdir/model`.
 
     Args:
@@ -520,6 +539,9 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
       callback: called as `callback(step, metrics)` after every update (metrics
         are device arrays; an exception raised here stops the run as a kill would).
       metadata: extra entries for the saved model's metadata.json.
+      model_layout: how the model runs in the train step (`check_training_layout`): the attention
+        kernel, e.g. `Layout(attention_impl="cudnn")` on a GPU (configs/layout/gpu_train.yaml).
+        Not saved: the checkpoint holds the canonical parameters either way.
     """
     tokenizer = data.tokenizer
     if config.objective == "sft" and not data.has_answers:
@@ -557,7 +579,7 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
     workdir = Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     graphdef, params, opt_state, optimizer, train_step, eval_step = init_training(
-        model_config, config, tokenizer.mask_id, layout)
+        model_config, config, tokenizer.mask_id, layout, model_layout)
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
 
     manager = checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)

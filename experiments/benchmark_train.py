@@ -3,8 +3,8 @@
     python -m experiments.benchmark_train                         # 90M and 300M geometries (configs/benchmark_train.yaml)
     python -m experiments.benchmark_train run=[m90] timed_steps=50
 
-Each geometry trains on random tokens (seq_len positions, every one a real token) with the
-`dllm.training` step that `experiments.train` runs (the same loss, AdamW with fp32 master weights,
+Each geometry trains on random tokens (seq_len positions, every one a real token, so the batch
+has no attention_mask, as corpus batches) with the `dllm.training` step that `experiments.train` runs (the same loss, AdamW with fp32 master weights,
 donated parameters), on one device; the batch is placed on the device once, so data loading is
 not timed. After `warmup_steps` untimed updates (the first compiles), `timed_steps` updates run
 back to back with one host sync at the end. Printed per geometry: parameters, ms per step, tokens/s,
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from dllm import sharding
 from dllm.evaluation import environment, write_json_atomic
 from dllm.models.config import ModelConfig
+from dllm.models.layout import Layout
 from dllm.training import TrainConfig, init_training
 from experiments.benchmark import measure_floors
 
@@ -42,9 +43,11 @@ def time_geometry(cfg: DictConfig, name: str, peak_tflops: float) -> dict:
     train_config = TrainConfig(steps=cfg.warmup_steps + cfg.timed_steps, batch_size=batch_size,
                                objective=cfg.objective, warmup_steps=0, progress=False, tensorboard=False)
     placement = sharding.Placement.of(sharding.make_mesh(sharding.MeshConfig(num_devices=1)))
-    _, params, opt_state, _, train_step, _ = init_training(model_config, train_config, cfg.vocab_size - 1, placement)
+    model_layout = Layout(attention_impl=cfg.attention_impl)
+    _, params, opt_state, _, train_step, _ = init_training(model_config, train_config, cfg.vocab_size - 1, placement,
+                                                           model_layout)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size - 1, (batch_size, cfg.seq_len), dtype=np.int32)
-    batch = placement.put_batch({"tokens": tokens, "attention_mask": np.ones_like(tokens)})
+    batch = placement.put_batch({"tokens": tokens})  # no padding, as corpus batches (dllm.data.CorpusWindows)
     n_params = parameter_count(params)
     t0 = time.perf_counter()
     for step in range(cfg.warmup_steps):
@@ -61,6 +64,7 @@ def time_geometry(cfg: DictConfig, name: str, peak_tflops: float) -> dict:
     attention_flops = 12 * model_config.n_layers * model_config.d_model * cfg.seq_len * tokens_per_s
     return {"geometry": name, **dict(cfg.geometries[name]), "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size,
             "parameters": n_params, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+            "attention_impl": cfg.attention_impl,
             "ms_per_step": round(1000 * seconds / cfg.timed_steps, 2), "tokens_per_s": round(tokens_per_s),
             "tflops": round(model_flops / 1e12, 1), "mfu": round(model_flops / 1e12 / peak_tflops, 3),
             "mfu_with_attention": round((model_flops + attention_flops) / 1e12 / peak_tflops, 3),

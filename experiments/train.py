@@ -4,9 +4,11 @@
     python -m experiments.train model=tasks_base train=tasks_base     # the bundled tasks-base model
     python -m experiments.train model=text_base train=text_base       # the bundled text-base model
     python -m experiments.train train=smoke model=tiny_tasks train.steps=20   # a CPU smoke run
+    python -m experiments.train model=tasks_base train=tasks_base layout=gpu_train  # cuDNN attention on a GPU
 
 `cfg.model` fills `ModelConfig`, `cfg.train` fills `TrainConfig`, `cfg.data`
-fills `DataConfig` and `cfg.mesh` fills `dllm.sharding.MeshConfig` (see
+fills `DataConfig`, `cfg.layout` the train step's attention kernel (`dllm.Layout`,
+`dllm.training.check_training_layout`) and `cfg.mesh` fills `dllm.sharding.MeshConfig` (see
 configs/train.yaml; `mesh=fsdp_tensor` shards the parameters). The run folder is
 `train.workdir`: checkpoints/, metrics.jsonl, and the final model/ that
 `dllm.from_pretrained` loads. Running the same command again resumes.
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dllm.data import DataConfig, make_data
 from dllm.models.config import ModelConfig
+from dllm.models.layout import Layout
 from dllm.sharding import MeshConfig
 from dllm.training import TrainConfig, TrainResult, train
 
@@ -34,10 +37,12 @@ def run(cfg: DictConfig) -> TrainResult:
     train_config = TrainConfig(**container["train"])
     data_config = DataConfig(**container.get("data", {}))
     mesh_config = MeshConfig(**container["mesh"]) if "mesh" in container else None
+    model_layout = Layout(**container["layout"]) if container.get("layout") else None
     data = make_data(data_config, train_config.batch_size, train_config.seed)
     metadata = {"command": " ".join(["python -m experiments.train", *sys.argv[1:]]),
                 "hydra_config": container}
-    result = train(model_config, train_config, data, mesh_config=mesh_config, metadata=metadata)
+    result = train(model_config, train_config, data, mesh_config=mesh_config, metadata=metadata,
+                   model_layout=model_layout)
     print(f"step {result.step}: model saved to {result.model_path}")
     return result
 

@@ -62,3 +62,33 @@ def dllm_sampler():
     import samplers
 
     return samplers.Threshold()
+
+
+@pytest.mark.parametrize("rows, splits", [(3, None), (3, 2), (20, 1)])
+def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, splits):
+    """The Pallas kernel (interpreted on CPU) against numpy's float64 GEMM of x and float(w8) * scale: equal
+    up to the bf16 rounding of the output (half an ulp of the largest entry)."""
+    from dllm.models.fp8_gemm import fp8_matmul
+
+    key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(key_x, (rows, 512), jnp.float32).astype(jnp.bfloat16)
+    w8, scale = quantize_fp8(jax.random.normal(key_w, (512, 256), jnp.float32) * 0.05, (-2,))
+    out = fp8_matmul(x, w8, scale.reshape(-1), block_n=128, block_k=128, splits=splits)
+    expected = np.asarray(x, np.float64) @ (np.asarray(w8.astype(jnp.float32), np.float64) * np.asarray(scale))
+    assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
+    np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - expected), 2.0 ** -8 * np.abs(expected).max())
+
+
+def test_fp8_matmul_bad_input():
+    from dllm.models.fp8_gemm import fp8_matmul
+
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    w8, scale = quantize_fp8(jnp.ones((256, 128)), (-2,))
+    with pytest.raises(ValueError, match="w8 dtype float32: expected float8_e4m3fn"):
+        fp8_matmul(x, jnp.ones((256, 128)), scale.reshape(-1))
+    with pytest.raises(ValueError, match=r"scale shape \(1, 128\): expected \(128,\)"):
+        fp8_matmul(x, w8, scale)
+    with pytest.raises(ValueError, match="K=256 and N=128 must be multiples of block_k=512"):
+        fp8_matmul(x, w8, scale.reshape(-1), block_k=512)
+    with pytest.raises(ValueError, match=r"splits=3: allowed 1 ... K / block_k = 2"):
+        fp8_matmul(x, w8, scale.reshape(-1), block_k=128, splits=3)

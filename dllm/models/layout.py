@@ -31,7 +31,7 @@ class Layout:
         each applied as one GEMM (MaxText's fused_qkv / fused_mlp). Faster
         decoding at few tokens per step.
       attention_impl: passed to `jax.nn.dot_product_attention` for full
-        forwards ("xla", "cudnn" or None for automatic).
+        forwards ("xla", "cudnn", or None: jax's default, XLA's attention).
       window_attention_impl: the same for cached window steps (a window of
         queries against the KV cache), or "pallas": the split-K Pallas kernel
         of `dllm.models.window_attention`, which also writes the window's K/V

@@ -3,7 +3,8 @@
 # PARTS (default all four, in this order) picks what runs; PARTS="continuous fp8" fits about five minutes.
 # continuous: continuous batching on tasks-base, 1000 held-out prompts (tasks mixed), gen 128 / block 32,
 #             batch 64, threshold 0.9, uncached and over the dual cache;
-# train:      training throughput at the 90M and 300M geometries (experiments.benchmark_train);
+# train:      training throughput at the 90M and 300M geometries (experiments.benchmark_train), XLA's and
+#             cuDNN's attention (TRAIN_ATTENTION, default "null cudnn");
 # decode:     LLaDA-8B decode steps at batch 1 (none, dual) against the floors, the chained-GEMM floor included;
 # fp8:        FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once.
 # Timing parts run alone on the GPU; decode and fp8 are skipped when the call's time runs short.
@@ -18,8 +19,10 @@ if has continuous; then
   echo "== $SECONDS s"
 fi
 if has train; then
-  timeout 150 python3 -m experiments.benchmark_train out=$OUT/benchmark_train.json hydra.run.dir=/tmp/hydra_train 2>&1 \
-    | grep -v "^\s*$" | tail -3
+  for impl in ${TRAIN_ATTENTION:-null cudnn}; do
+    timeout 150 python3 -m experiments.benchmark_train attention_impl=$impl out=$OUT/benchmark_train_$impl.json \
+      hydra.run.dir=/tmp/hydra_train 2>&1 | grep "^{" | tail -2
+  done
   echo "== $SECONDS s"
 fi
 if has decode && [ $SECONDS -lt ${BENCH_BEFORE_S:-300} ]; then
