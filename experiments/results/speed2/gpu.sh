@@ -6,7 +6,9 @@
 # train:      training throughput at the 90M and 300M geometries (experiments.benchmark_train), XLA's and
 #             cuDNN's attention (TRAIN_ATTENTION, default "null cudnn");
 # decode:     LLaDA-8B decode steps at batch 1 (none, dual) against the floors, the chained-GEMM floor included;
-# fp8:        FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once.
+# fp8:        FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once;
+# train_variants: where the 300M train step's time goes (train_variants.py: layouts, kernels, parts, profile);
+# fp8_gemm:   the FP8 Pallas GEMM against XLA's bf16 GEMMs on LLaDA-8B's shapes, alone and chained (fp8_gemm_bench.py).
 # Timing parts run alone on the GPU; decode and fp8 are skipped when the call's time runs short.
 source experiments/results/gpu_setup.sh
 PARTS=${PARTS:-continuous train decode fp8}
@@ -16,19 +18,46 @@ if has continuous; then
     timeout 200 python3 -m experiments.benchmark_continuous --preset tasks-base --n 1000 --batch-size 64 \
       --sampler threshold --cache $cache --out $OUT/continuous_threshold_$cache.json 2>&1 | grep -v "it/s\]\|prompt/s\]" | tail -2
   done
+  if has train_variants; then
+  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
+    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
+fi
+if has fp8_gemm; then
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+fi
+echo "== $SECONDS s"
 fi
 if has train; then
   for impl in ${TRAIN_ATTENTION:-null cudnn}; do
     timeout 150 python3 -m experiments.benchmark_train attention_impl=$impl out=$OUT/benchmark_train_$impl.json \
       hydra.run.dir=/tmp/hydra_train 2>&1 | grep "^{" | tail -2
   done
+  if has train_variants; then
+  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
+    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
+fi
+if has fp8_gemm; then
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+fi
+echo "== $SECONDS s"
 fi
 if has decode && [ $SECONDS -lt ${BENCH_BEFORE_S:-300} ]; then
   timeout 170 python3 -m experiments.benchmark batch_sizes=[1] caches=[none,dual] timed_steps=64 repeats=3 deadline_s=110 \
     out=$OUT/benchmark_llada8b_b1.json hydra.run.dir=/tmp/hydra_bench 2>&1 | grep -v "^\s*$" | tail -4
+  if has train_variants; then
+  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
+    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
+fi
+if has fp8_gemm; then
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+fi
+echo "== $SECONDS s"
 fi
 if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
@@ -40,5 +69,14 @@ if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
   done
   wait
   for w in bf16 fp8; do echo "== fp8 accuracy: $w"; grep "^| " /tmp/fp8_$w.log | head -8; done
+fi
+if has train_variants; then
+  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
+    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    | grep "^{" | cut -c1-2500
+  echo "== $SECONDS s"
+fi
+if has fp8_gemm; then
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
 fi
 echo "== $SECONDS s"
