@@ -112,6 +112,9 @@ def block_decoding_samplers() -> dict:
     runs |= {f"threshold {tau}": (samplers.Threshold(tau=tau), {}) for tau in (0.95, 0.9, 0.7, 0.5, 0.3)}
     runs |= {f"low_confidence_dynamic {tau}": (samplers.DynamicLowConfidence(tau=tau), {}) for tau in (0.9, 0.5)}
     runs |= {f"sub_blocks {size} (threshold > 0.9)": (samplers.SubBlocks(size=size), {}) for size in (4, 2)}
+    # Fast-dLLM v2's sub-block cache (use_block_cache): block-cache models only
+    runs |= {f"sub_blocks {size}, sub-block cache": (samplers.SubBlocks(size=size), {"sub_block_cache": size})
+             for size in (4, 2)}
     # D2F pipelining (pipelined rows of the full model run uncached: the dual cache takes one block)
     runs |= {f"threshold {tau}, 2 blocks pipelined at {fraction}": (
         samplers.Threshold(tau=tau), {"pipeline_blocks": 2, "pipeline_fraction": fraction})
@@ -129,6 +132,8 @@ def check_block_decoding(n_per_task: int) -> dict:
         for run, (sampler, overrides) in block_decoding_samplers().items():
             if isinstance(sampler, samplers.SubBlocks) and ATTENTION_VARIANTS[name] % sampler.size:
                 continue  # sub-blocks larger than the model's blocks (tiny-ar): no such row
+            if "sub_block_cache" in overrides and cache != "block":
+                continue  # the sub-block cache refines the exact block cache (tiny-full has none)
             run_cache = "none" if overrides and cache == "dual" else cache
             decode = DecodeConfig(gen_length=24, block_length=ATTENTION_VARIANTS[name], cache=run_cache, **overrides)
             summary = evaluation.evaluate_examples(model, tokenizer, sampler, examples, decode, batch_size=250,

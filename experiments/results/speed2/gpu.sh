@@ -20,12 +20,12 @@ if has continuous; then
   done
   if has train_variants; then
   timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
     | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
 fi
 if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
 fi
 echo "== $SECONDS s"
 fi
@@ -36,12 +36,12 @@ if has train; then
   done
   if has train_variants; then
   timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
     | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
 fi
 if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
 fi
 echo "== $SECONDS s"
 fi
@@ -50,12 +50,12 @@ if has decode && [ $SECONDS -lt ${BENCH_BEFORE_S:-300} ]; then
     out=$OUT/benchmark_llada8b_b1.json hydra.run.dir=/tmp/hydra_bench 2>&1 | grep -v "^\s*$" | tail -4
   if has train_variants; then
   timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
     | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
 fi
 if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
 fi
 echo "== $SECONDS s"
 fi
@@ -72,11 +72,11 @@ if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
 fi
 if has train_variants; then
   timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad 2>&1 \
+    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
     | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
 fi
 if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
 fi
 echo "== $SECONDS s"
