@@ -18,46 +18,19 @@ if has continuous; then
     timeout 200 python3 -m experiments.benchmark_continuous --preset tasks-base --n 1000 --batch-size 64 \
       --sampler threshold --cache $cache --out $OUT/continuous_threshold_$cache.json 2>&1 | grep -v "it/s\]\|prompt/s\]" | tail -2
   done
-  if has train_variants; then
-  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
-    | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
-fi
-if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
-fi
-echo "== $SECONDS s"
 fi
 if has train; then
   for impl in ${TRAIN_ATTENTION:-null cudnn}; do
     timeout 150 python3 -m experiments.benchmark_train attention_impl=$impl out=$OUT/benchmark_train_$impl.json \
       hydra.run.dir=/tmp/hydra_train 2>&1 | grep "^{" | tail -2
   done
-  if has train_variants; then
-  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
-    | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
-fi
-if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
-fi
-echo "== $SECONDS s"
 fi
 if has decode && [ $SECONDS -lt ${BENCH_BEFORE_S:-300} ]; then
   timeout 170 python3 -m experiments.benchmark batch_sizes=[1] caches=[none,dual] timed_steps=64 repeats=3 deadline_s=110 \
     out=$OUT/benchmark_llada8b_b1.json hydra.run.dir=/tmp/hydra_bench 2>&1 | grep -v "^\s*$" | tail -4
-  if has train_variants; then
-  timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
-    | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
-fi
-if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
-fi
-echo "== $SECONDS s"
 fi
 if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
   export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
@@ -69,6 +42,7 @@ if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
   done
   wait
   for w in bf16 fp8; do echo "== fp8 accuracy: $w"; grep "^| " /tmp/fp8_$w.log | head -8; done
+  unset XLA_PYTHON_CLIENT_MEM_FRACTION
 fi
 if has train_variants; then
   timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
