@@ -18,8 +18,8 @@ The EOS padding is part of the answer, as in LLaDA's SFT (arXiv 2502.09992,
 
 Corpus batches are random windows of `seq_len` tokens from a flat .npy of
 token ids (`dllm.corpus.encode_corpus`: documents separated by EOS), with no
-padding, so they carry no attention_mask: the train step's attention runs unmasked (the
-fused cuDNN kernel's fast path; `dllm.training.training_loss`).
+padding, so they carry no attention_mask: a bidirectional or causal model's attention then runs
+unmasked in the train step (the fused cuDNN kernel's fast path; `dllm.training.training_loss`).
 """
 
 from __future__ import annotations

@@ -199,7 +199,8 @@ def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int,
     """The loss of `batch` under `objective`: one Monte Carlo draw of a masked-diffusion loss, or the
     autoregressive next-token loss (all in `dllm.diffusion`). A block-causal model's diffusion
     losses read the 2L forward (`block_diffusion_logits`). A batch without "attention_mask" has no
-    padding: attention then runs without a mask (the fused cuDNN kernel's fast path)."""
+    padding: a bidirectional or causal model's attention then runs without a mask (the fused cuDNN
+    kernel's fast path); a block-causal model's 2L forward builds its pair mask as before."""
     model = nnx.merge(graphdef, params)
     tokens, attention_mask = batch["tokens"], batch.get("attention_mask")
     if objective == "autoregressive":
@@ -544,6 +545,8 @@ def train(model_config: ModelConfig, config: TrainConfig, data: Data, *, devices
         Not saved: the checkpoint holds the canonical parameters either way.
     """
     tokenizer = data.tokenizer
+    if model_layout is not None:
+        check_training_layout(model_layout)
     if config.objective == "sft" and not data.has_answers:
         raise ValueError(f"TrainConfig.objective='sft' needs prompt/answer data; data.source="
                          f"{data.config.source!r} allows only objective='pretrain'")

@@ -64,15 +64,16 @@ def dllm_sampler():
     return samplers.Threshold()
 
 
-@pytest.mark.parametrize("rows, splits", [(3, None), (3, 2), (20, 1)])
-def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, splits):
+@pytest.mark.parametrize("rows, k, splits", [(3, 512, None), (3, 512, 2), (20, 512, 1), (3, 768, 4), (5, 640, 4)])
+def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits):
     """The Pallas kernel (interpreted on CPU) against numpy's float64 GEMM of x and float(w8) * scale: equal
-    up to the bf16 rounding of the output (half an ulp of the largest entry)."""
+    up to the bf16 rounding of the output (half an ulp of the largest entry); K / block_k = 6 and 5 blocks
+    over 4 splits share the contraction unevenly."""
     from dllm.models.fp8_gemm import fp8_matmul
 
     key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
-    x = jax.random.normal(key_x, (rows, 512), jnp.float32).astype(jnp.bfloat16)
-    w8, scale = quantize_fp8(jax.random.normal(key_w, (512, 256), jnp.float32) * 0.05, (-2,))
+    x = jax.random.normal(key_x, (rows, k), jnp.float32).astype(jnp.bfloat16)
+    w8, scale = quantize_fp8(jax.random.normal(key_w, (k, 256), jnp.float32) * 0.05, (-2,))
     out = fp8_matmul(x, w8, scale.reshape(-1), block_n=128, block_k=128, splits=splits)
     expected = np.asarray(x, np.float64) @ (np.asarray(w8.astype(jnp.float32), np.float64) * np.asarray(scale))
     assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
@@ -88,7 +89,11 @@ def test_fp8_matmul_bad_input():
         fp8_matmul(x, jnp.ones((256, 128)), scale.reshape(-1))
     with pytest.raises(ValueError, match=r"scale shape \(1, 128\): expected \(128,\)"):
         fp8_matmul(x, w8, scale)
-    with pytest.raises(ValueError, match="K=256 and N=128 must be multiples of block_k=512"):
+    with pytest.raises(ValueError, match="K=256 and N=128 must be positive multiples of block_k=512"):
         fp8_matmul(x, w8, scale.reshape(-1), block_k=512)
     with pytest.raises(ValueError, match=r"splits=3: allowed 1 ... K / block_k = 2"):
         fp8_matmul(x, w8, scale.reshape(-1), block_k=128, splits=3)
+    with pytest.raises(ValueError, match="block_k=96: must be a power of two >= 16"):
+        fp8_matmul(x, w8, scale.reshape(-1), block_k=96)
+    with pytest.raises(ValueError, match=r"M=200 rows: allowed 1 ... 128"):
+        fp8_matmul(jnp.ones((200, 256), jnp.bfloat16), w8, scale.reshape(-1))

@@ -307,41 +307,53 @@ def test_pretraining_on_a_corpus_reports_bits_per_token(tmp_path):
         train(TINY, tiny_train_config(tmp_path / "sft"), data)
 
 
-@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
-def test_batch_without_attention_mask_is_one_without_padding(attention):
-    """A batch with no attention_mask (corpus windows) gives the loss, metrics and gradients of the same
-    batch with an all-ones mask: the mask's absence only lets attention run unmasked."""
+@pytest.mark.parametrize("objective", ["pretrain", "autoregressive"])
+def test_batch_without_attention_mask_is_one_without_padding(objective):
+    """A batch with no attention_mask (corpus windows) gives the loss, metrics and gradients, and the eval
+    step's metrics, of the same batch with an all-ones mask: for these models the mask's absence only
+    lets attention run unmasked (a different code path: no mask argument reaches the attention)."""
     from flax import nnx
 
     from dllm.models.transformer import Transformer
-    from dllm.training import training_loss
+    from dllm.training import make_eval_step, training_loss
 
-    config = TINY.replace(attention=attention, block_size=4 if attention == "block_causal" else None)
+    config = TINY if objective == "pretrain" else TINY.replace(attention="causal", token_shift=True)
     graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 3, 57)
-    loss = lambda p, batch: training_loss(graphdef, p, batch, jax.random.PRNGKey(2), objective="pretrain", mask_id=2,
+    masked, unmasked = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens)}, {"tokens": tokens}
+    loss = lambda p, batch: training_loss(graphdef, p, batch, jax.random.PRNGKey(2), objective=objective, mask_id=2,
                                           time_eps=1e-3, low_discrepancy=True)
-    (with_mask, metrics_a), grads_a = jax.value_and_grad(loss, has_aux=True)(
-        params, {"tokens": tokens, "attention_mask": jnp.ones_like(tokens)})
-    (without, metrics_b), grads_b = jax.value_and_grad(loss, has_aux=True)(params, {"tokens": tokens})
+    (with_mask, metrics_a), grads_a = jax.value_and_grad(loss, has_aux=True)(params, masked)
+    (without, metrics_b), grads_b = jax.value_and_grad(loss, has_aux=True)(params, unmasked)
     np.testing.assert_allclose(without, with_mask, rtol=1e-6)
     for name in metrics_a:
         np.testing.assert_allclose(metrics_b[name], metrics_a[name], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    eval_step = make_eval_step(graphdef, TrainConfig(objective=objective, elbo_samples=2), mask_id=2)
+    eval_a, eval_b = eval_step(params, masked, jax.random.PRNGKey(3)), eval_step(params, unmasked, jax.random.PRNGKey(3))
+    assert "bits_per_token" in eval_a
+    for name in eval_a:
+        np.testing.assert_allclose(eval_b[name], eval_a[name], rtol=1e-6)
 
 
 def test_training_layout_chooses_the_attention_kernel_only(tmp_path):
-    from dllm.models.layout import Layout
-    from dllm.training import check_training_layout
+    from flax import nnx
 
-    assert check_training_layout(Layout(attention_impl="cudnn")).attention_impl == "cudnn"
+    from dllm import sharding
+    from dllm.models.layout import Layout
+    from dllm.training import init_training
+
     config = tiny_train_config(tmp_path, steps=1, warmup_steps=0)
     for bad in (Layout(scan_layers=False), Layout(fused_projections=True)):
         with pytest.raises(ValueError, match="a training layout chooses the attention kernel only"):
             train(TINY, config, tiny_data(config), model_layout=bad)
-    result = train(TINY, config, tiny_data(config), model_layout=Layout(attention_impl="xla"))
-    assert result.step == 1
+    assert not (tmp_path / "checkpoints").exists()  # refused before the run folder was touched
+    placement = sharding.Placement.of(sharding.make_mesh(sharding.MeshConfig(num_devices=1)))
+    graphdef, params, *_ = init_training(TINY.replace(mask_token_id=2), config, 2, placement, Layout(attention_impl="xla"))
+    assert nnx.merge(graphdef, params).layout.attention_impl == "xla"
+    default_graphdef, *_ = init_training(TINY.replace(mask_token_id=2), config, 2, placement)
+    assert nnx.merge(default_graphdef, params).layout.attention_impl is None
 
 
 MULTI_DEVICE = textwrap.dedent("""

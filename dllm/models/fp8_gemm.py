@@ -29,6 +29,7 @@ BLOCK_N = 128
 BLOCK_K = 256
 TARGET_PROGRAMS = 264  # default_splits aims at about this many programs (two per H100/H200 SM)
 MAX_SPLITS = 16
+MAX_ROWS = 128
 
 
 def default_splits(n: int, k: int, block_n: int, block_k: int) -> int:
@@ -37,20 +38,21 @@ def default_splits(n: int, k: int, block_n: int, block_k: int) -> int:
     return int(max(1, min(MAX_SPLITS, k // block_k, -(-TARGET_PROGRAMS // column_programs))))
 
 
-def _kernel(x_ref, w_ref, out_ref, *, block_k: int, split_length: int, k: int):
-    """Program (column block j, split s): rows [s * split_length, (s + 1) * split_length) ∩ [0, k) of
-    the weight's columns j * block_n + [0, block_n), times the same columns of x, in float32."""
-    begin = pl.program_id(1) * split_length
+def _kernel(x_ref, w_ref, out_ref, *, block_k: int, blocks: int, splits: int):
+    """Program (column block j, split s): contraction blocks [s * blocks // splits, (s + 1) * blocks //
+    splits) of `block_k` rows each (every split gets at least one when splits <= blocks) of the
+    weight's columns j * block_n + [0, block_n), times the same columns of x, in float32."""
+    split = pl.program_id(1)
+    first_block, end_block = split * blocks // splits, (split + 1) * blocks // splits
     rows = x_ref.shape[0]
 
     def body(i, acc):
-        first = pl.multiple_of(begin + i * block_k, block_k)
+        first = pl.multiple_of(i * block_k, block_k)
         xs = x_ref[:, pl.ds(first, block_k)]
         ws = w_ref[pl.ds(first, block_k), :].astype(xs.dtype)
         return acc + plgpu.dot(xs, ws).astype(jnp.float32)
 
-    blocks = jnp.clip((k - begin) // block_k, 0, split_length // block_k)
-    acc = jax.lax.fori_loop(0, blocks, body, jnp.zeros((rows, out_ref.shape[-1]), jnp.float32))
+    acc = jax.lax.fori_loop(first_block, end_block, body, jnp.zeros((rows, out_ref.shape[-1]), jnp.float32))
     out_ref[...] = acc
 
 
@@ -60,32 +62,38 @@ def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = 
                splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                interpret: bool | None = None) -> jax.Array:
     """x [M, K] @ (w8 [K, N] float8_e4m3fn * scale [N] float32) -> [M, N] in x's dtype, accumulated in
-    float32. M is padded to at least 16 rows (Triton's smallest dot). K must be a multiple of
-    `block_k` and N of `block_n`; `splits` (default `default_splits`) programs share each column
-    block's contraction, and their float32 partial sums are added afterwards.
-    `interpret`: run in Pallas's interpreter (default: on CPU)."""
+    float32. M (at most `MAX_ROWS`: the kernel is for a cached step's few rows) is padded to a power of
+    two of at least 16 rows (Triton's smallest dot). K must be a multiple of `block_k` and N of
+    `block_n`, both powers of two. `splits` (default `default_splits`; at most K / block_k) programs
+    share each column block's contraction as evenly as whole blocks allow, and their float32 partial
+    sums are added afterwards. `interpret`: run in Pallas's interpreter (default: on CPU)."""
     if x.ndim != 2 or w8.ndim != 2 or x.shape[1] != w8.shape[0]:
         raise ValueError(f"fp8_matmul: x {x.shape} @ w8 {w8.shape}: expected [M, K] @ [K, N]")
     if w8.dtype != jnp.float8_e4m3fn:
         raise ValueError(f"fp8_matmul: w8 dtype {w8.dtype}: expected float8_e4m3fn")
     m, k = x.shape
     n = w8.shape[1]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"fp8_matmul: M={m} rows: allowed 1 ... {MAX_ROWS} (a GEMM of more rows is compute-bound: "
+                         "dequantize and use XLA's GEMM)")
     if scale.shape != (n,):
         raise ValueError(f"fp8_matmul: scale shape {scale.shape}: expected ({n},), one per output column")
-    if k % block_k or n % block_n:
-        raise ValueError(f"fp8_matmul: K={k} and N={n} must be multiples of block_k={block_k} and "
+    for name, value in (("block_n", block_n), ("block_k", block_k)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"fp8_matmul: {name}={value}: must be a power of two >= 16 (Triton tiles)")
+    if n == 0 or k == 0 or k % block_k or n % block_n:
+        raise ValueError(f"fp8_matmul: K={k} and N={n} must be positive multiples of block_k={block_k} and "
                          f"block_n={block_n}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    blocks = k // block_k
     splits = default_splits(n, k, block_n, block_k) if splits is None else splits
-    if not 1 <= splits <= k // block_k:
-        raise ValueError(f"fp8_matmul: splits={splits}: allowed 1 ... K / block_k = {k // block_k}")
-    split_length = -(-(k // block_k) // splits) * block_k
-    splits = -(-k // split_length)  # drop empty splits
+    if not 1 <= splits <= blocks:
+        raise ValueError(f"fp8_matmul: splits={splits}: allowed 1 ... K / block_k = {blocks}")
     rows = max(16, pl.next_power_of_2(m))
     xp = jnp.pad(x, ((0, rows - m), (0, 0)))
     partial = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, split_length=split_length, k=k),
+        functools.partial(_kernel, block_k=block_k, blocks=blocks, splits=splits),
         grid=(n // block_n, splits),
         in_specs=[pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
                   pl.BlockSpec((k, block_n), lambda j, s: (0, j))],

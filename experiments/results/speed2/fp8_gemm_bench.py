@@ -9,7 +9,7 @@ against XLA's bf16 GEMMs and XLA's dequantize pattern, on LLaDA-8B's GEMM shapes
 2. The chain of all layers' GEMMs (as `experiments.benchmark.chained_gemm_tb_s` runs them, residual
    adds between) three ways: bf16 weights through XLA (the chained floor of issue 25), FP8 weights
    through the kernel at each shape's best config, and FP8 weights through XLA's
-   `x @ (convert(w8) * scale)`. Printed: ms, GB read, TB/s of the bytes each reads, and the FP8
+   `x @ (convert(w8) * scale)` in bf16. Printed: ms, GB read, TB/s of the bytes each reads, and the FP8
    kernel's chain over half the bf16 chain (the FP8 weight-read floor the issue sets).
 Each time is the best of `--repeats` runs of one jitted call.
 """
