@@ -324,14 +324,15 @@ def _jitted_steps(graphdef, config: TrainConfig, mask_id: int, layout: sharding.
 def check_training_layout(model_layout: Layout) -> Layout:
     """The model `Layout` a train step may run: the checkpoints' parameter structure (scanned,
     unfused: the same initialization, checkpoints and resume as the default), with any attention
-    kernel (`attention_impl`, e.g. "cudnn": fused flash attention in the forward and backward)."""
+    kernel (`attention_impl`, e.g. "cudnn": fused flash attention in the forward and backward) and
+    any `scan_unroll`."""
     if not isinstance(model_layout, Layout):
         raise ValueError(f"training layout {model_layout!r}: expected a dllm.models.layout.Layout")
     if not model_layout.scan_layers or model_layout.fused_projections:
         raise ValueError(f"training layout scan_layers={model_layout.scan_layers}, fused_projections="
                          f"{model_layout.fused_projections}: training runs the checkpoints' parameters "
                          "(scan_layers=true, fused_projections=false); a training layout chooses the "
-                         "attention kernel only (attention_impl: null, xla or cudnn)")
+                         "attention kernel (attention_impl: null, xla or cudnn) and scan_unroll only")
     return model_layout
 
 

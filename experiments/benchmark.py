@@ -66,7 +66,8 @@ def attention_impl(cfg: DictConfig, key: str = "attention_impl") -> str | None:
 
 
 def run_layout(cfg: DictConfig) -> dllm.Layout:
-    return dllm.Layout(scan_layers=cfg.layout.scan_layers, fused_projections=cfg.layout.fused_projections,
+    return dllm.Layout(scan_layers=cfg.layout.scan_layers, scan_unroll=cfg.layout.get("scan_unroll", 1),
+                       fused_projections=cfg.layout.fused_projections,
                        attention_impl=attention_impl(cfg),
                        window_attention_impl=attention_impl(cfg, "window_attention_impl"))
 

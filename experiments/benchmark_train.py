@@ -43,7 +43,7 @@ def time_geometry(cfg: DictConfig, name: str, peak_tflops: float) -> dict:
     train_config = TrainConfig(steps=cfg.warmup_steps + cfg.timed_steps, batch_size=batch_size,
                                objective=cfg.objective, warmup_steps=0, progress=False, tensorboard=False)
     placement = sharding.Placement.of(sharding.make_mesh(sharding.MeshConfig(num_devices=1)))
-    model_layout = Layout(attention_impl=cfg.attention_impl)
+    model_layout = Layout(attention_impl=cfg.attention_impl, scan_unroll=cfg.scan_unroll)
     _, params, opt_state, _, train_step, _ = init_training(model_config, train_config, cfg.vocab_size - 1, placement,
                                                            model_layout)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size - 1, (batch_size, cfg.seq_len), dtype=np.int32)
@@ -64,7 +64,7 @@ def time_geometry(cfg: DictConfig, name: str, peak_tflops: float) -> dict:
     attention_flops = 12 * model_config.n_layers * model_config.d_model * cfg.seq_len * tokens_per_s
     return {"geometry": name, **dict(cfg.geometries[name]), "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size,
             "parameters": n_params, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
-            "attention_impl": cfg.attention_impl,
+            "attention_impl": cfg.attention_impl, "scan_unroll": cfg.scan_unroll,
             "ms_per_step": round(1000 * seconds / cfg.timed_steps, 2), "tokens_per_s": round(tokens_per_s),
             "tflops": round(model_flops / 1e12, 1), "mfu": round(model_flops / 1e12 / peak_tflops, 3),
             "mfu_with_attention": round((model_flops + attention_flops) / 1e12 / peak_tflops, 3),

@@ -201,6 +201,26 @@ def test_unrolled_layout_holds_one_dict_per_layer_and_converts_both_ways(tmp_pat
     np.testing.assert_allclose(unrolled(tokens), scanned(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_scan_unroll_keeps_the_parameters_and_the_logits(tmp_path):
+    """Layout.scan_unroll runs several stacked layers per scan iteration: same parameters (stacked), same
+    logits and cache as one layer per iteration; a bad value is refused."""
+    from dllm.checkpoints import model_from_params
+    from dllm.models.transformer import canonical_params
+
+    hf_fixtures.make_llada(tmp_path)
+    model, _ = dllm.from_pretrained(tmp_path)
+    unrolled = model_from_params(model.config, canonical_params(model), dllm.Layout(scan_unroll=model.config.n_layers))
+    assert unrolled.q_proj[...].shape == model.q_proj[...].shape  # still stacked [layers, ...]
+    tokens = jnp.arange(4, 16)[None]
+    np.testing.assert_allclose(unrolled(tokens), model(tokens), rtol=1e-6, atol=1e-6)
+    _, cache_a = unrolled.forward(tokens, None, cache=unrolled.empty_cache(1, 12))
+    _, cache_b = model.forward(tokens, None, cache=model.empty_cache(1, 12))
+    np.testing.assert_allclose(cache_a.k, cache_b.k, rtol=1e-6, atol=1e-6)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="Layout.scan_unroll=.*must be an int >= 1"):
+            dllm.Layout(scan_unroll=bad)
+
+
 def test_no_attention_mask_equals_an_all_ones_mask(tmp_path):
     """attention_mask=None (no padding anywhere) runs unmasked attention: same logits."""
     hf_fixtures.make_llada(tmp_path)

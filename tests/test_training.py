@@ -346,12 +346,13 @@ def test_training_layout_chooses_the_attention_kernel_only(tmp_path):
 
     config = tiny_train_config(tmp_path, steps=1, warmup_steps=0)
     for bad in (Layout(scan_layers=False), Layout(fused_projections=True)):
-        with pytest.raises(ValueError, match="a training layout chooses the attention kernel only"):
+        with pytest.raises(ValueError, match="a training layout chooses the attention kernel .* and scan_unroll only"):
             train(TINY, config, tiny_data(config), model_layout=bad)
     assert not (tmp_path / "checkpoints").exists()  # refused before the run folder was touched
     placement = sharding.Placement.of(sharding.make_mesh(sharding.MeshConfig(num_devices=1)))
-    graphdef, params, *_ = init_training(TINY.replace(mask_token_id=2), config, 2, placement, Layout(attention_impl="xla"))
-    assert nnx.merge(graphdef, params).layout.attention_impl == "xla"
+    graphdef, params, *_ = init_training(TINY.replace(mask_token_id=2), config, 2, placement,
+                                         Layout(attention_impl="xla", scan_unroll=2))
+    assert nnx.merge(graphdef, params).layout == Layout(attention_impl="xla", scan_unroll=2)
     default_graphdef, *_ = init_training(TINY.replace(mask_token_id=2), config, 2, placement)
     assert nnx.merge(default_graphdef, params).layout.attention_impl is None
 

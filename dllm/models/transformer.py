@@ -341,7 +341,8 @@ def run_layers(block_fn, x, layer_params, layout: Layout, per_layer=None):
     which inside a decode loop re-copied every weight at every step.
     """
     if layout.scan_layers:
-        return jax.lax.scan(lambda carry, xs: block_fn(carry, *xs), x, (layer_params, per_layer))
+        return jax.lax.scan(lambda carry, xs: block_fn(carry, *xs), x, (layer_params, per_layer),
+                            unroll=layout.scan_unroll)
     outputs = []
     for i, params_i in enumerate(layer_params):
         x, out = block_fn(x, params_i, None if per_layer is None else per_layer[i])

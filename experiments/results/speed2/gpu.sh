@@ -46,7 +46,7 @@ if has fp8 && [ $SECONDS -lt ${FP8_BEFORE_S:-420} ]; then
 fi
 if has train_variants; then
   timeout 240 python3 experiments/results/speed2/train_variants.py --out $OUT/train_variants.json --profile-dir /tmp/prof \
-    --only ${TRAIN_VARIANTS:-base cudnn nomask nomask_cudnn nomask_cudnn_unrolled nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
+    --only ${TRAIN_VARIANTS:-nomask_cudnn nomask_cudnn_unroll2 nomask_cudnn_unroll24 cudnn nomask_cudnn_forward nomask_cudnn_grad} 2>&1 \
     | grep "^{" | cut -c1-2500
   echo "== $SECONDS s"
 fi

@@ -38,6 +38,8 @@ VARIANTS = {  # name: (layout fields, masked batch, part, batch size, param dtyp
     "nomask_cudnn": (dict(attention_impl="cudnn"), False, "step", 32, "float32"),
     "nomask_cudnn_unrolled": (dict(attention_impl="cudnn", scan_layers=False), False, "step", 32, "float32"),
     "nomask_cudnn_fused": (dict(attention_impl="cudnn", fused_projections=True), False, "step", 32, "float32"),
+    "nomask_cudnn_unroll2": (dict(attention_impl="cudnn", scan_unroll=2), False, "step", 32, "float32"),
+    "nomask_cudnn_unroll24": (dict(attention_impl="cudnn", scan_unroll=24), False, "step", 32, "float32"),
     "nomask_cudnn_b64": (dict(attention_impl="cudnn"), False, "step", 64, "float32"),
     "nomask_cudnn_forward": (dict(attention_impl="cudnn"), False, "forward", 32, "float32"),
     "nomask_cudnn_grad": (dict(attention_impl="cudnn"), False, "grad", 32, "float32"),
