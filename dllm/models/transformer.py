@@ -508,7 +508,7 @@ class Transformer(nnx.Module):
     """Bidirectional LLaDA/Dream transformer: `model(tokens) -> logits`.
 
     `config` is the architecture (what a checkpoint's config.json says); `layout`
-    how it runs (default `Layout()`: scanned, unfused, automatic attention)."""
+    how it runs (default `Layout()`: scanned, unfused, XLA attention)."""
 
     def __init__(self, config: ModelConfig, layout: Layout | None = None, *, rngs: nnx.Rngs):
         self.config = config
