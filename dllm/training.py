@@ -200,14 +200,12 @@ def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int,
     autoregressive next-token loss (all in `dllm.diffusion`). A block-causal model's diffusion
     losses read the 2L forward (`block_diffusion_logits`). A batch without "attention_mask" has no
     padding: a bidirectional or causal model's attention then runs without a mask (the fused cuDNN
-    kernel's fast path); a block-causal model's 2L forward builds its pair mask as before."""
+    kernel's fast path); a block-causal model's 2L forward builds its pair mask from all ones."""
     model = nnx.merge(graphdef, params)
     tokens, attention_mask = batch["tokens"], batch.get("attention_mask")
     if objective == "autoregressive":
         return diffusion.autoregressive_loss(model(tokens, attention_mask), tokens, attention_mask)
     block = model.config.block_size if model.config.attention == "block_causal" else None
-    if attention_mask is None and block is not None:  # the 2L forward's pair mask is built from one
-        attention_mask = jnp.ones(tokens.shape, jnp.int32)
     real = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     maskable = batch["answer_mask"].astype(bool) if objective == "sft" else real
     time_key, mask_key = jax.random.split(key)
@@ -222,8 +220,8 @@ def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int,
         every_position = lambda rate: jnp.broadcast_to(diffusion.per_position(rate), tokens.shape)
         t = jnp.concatenate([every_position(t), every_position(t_copy)])
         noisy, masked = jnp.concatenate([noisy, copy]), jnp.concatenate([masked, masked_copy])
-        tokens, attention_mask, maskable, positions = (jnp.concatenate([x, x]) for x in
-                                                       (tokens, attention_mask, maskable, positions))
+        tokens, maskable, positions = (jnp.concatenate([x, x]) for x in (tokens, maskable, positions))
+        attention_mask = None if attention_mask is None else jnp.concatenate([attention_mask, attention_mask])
     if block is None:
         logits = model(noisy, attention_mask)
     else:
@@ -235,7 +233,10 @@ def training_loss(graphdef, params, batch, key, *, objective: str, mask_id: int,
 
 def block_diffusion_logits(model, noisy, clean, attention_mask, positions=None):
     """Logits of the x_t half of the 2L forward [x_t ; x_0] of a block-causal model
-    (`dllm.diffusion.two_l_inputs`): each noised block given the clean blocks before it."""
+    (`dllm.diffusion.two_l_inputs`): each noised block given the clean blocks before it.
+    attention_mask None: no padding (the pair mask is built from an all-ones one)."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(noisy.shape, jnp.int32)
     positions = positions_from_mask(attention_mask) if positions is None else positions
     c = model.config
     return model.forward(**diffusion.two_l_inputs(noisy, clean, attention_mask, positions, c.block_size,
@@ -302,8 +303,7 @@ def make_eval_step(graphdef, config: TrainConfig, mask_id: int):
         if config.objective == "pretrain":
             model, mask = nnx.merge(graphdef, params), batch.get("attention_mask")
             if model.config.attention == "block_causal":  # each noised block given its clean prefix
-                full = jnp.ones(batch["tokens"].shape, jnp.int32) if mask is None else mask
-                logits_fn = lambda noisy: block_diffusion_logits(model, noisy, batch["tokens"], full)
+                logits_fn = lambda noisy: block_diffusion_logits(model, noisy, batch["tokens"], mask)
             else:
                 logits_fn = lambda noisy: model(noisy, mask)
             out["bits_per_token"] = diffusion.elbo_bits_per_token(

@@ -36,6 +36,7 @@ with cache none or block (the exact block cache; `step_plan` says what each step
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -192,36 +193,49 @@ def dkv_step(cfg: DictConfig, config, n: int) -> tuple[int, int, int | None]:
     return min(size for size in sizes if size >= recomputed), keys, keys
 
 
-def chained_gemm_tb_s(config, rows: int = 32, repeats: int = 10) -> tuple[float, float]:
-    """(TB/s, GB) of the model's own GEMMs at `rows` rows, chained over every layer as a window step
-    runs them (fused q/k/v, attention output, fused gate/up, down; then the output head), with bf16
-    weights of the model's shapes read once each: the memory floor of a cached step measured on the
-    work it is made of (the speed issue's chained floor). The layers are unrolled as the benchmarked
-    model's are (`scan_layers=False`): on the H100 a scan over stacked weights ran 0.95-0.97 TB/s."""
-    d, h, kv, hd, f = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.mlp_hidden
-    shapes = {"qkv": (d, (h + 2 * kv) * hd), "out": (h * hd, d), "gate_up": (d, 2 * f), "down": (f, d)}
-    fill = jax.jit(lambda shape: jnp.full(shape, 1e-3, jnp.bfloat16), static_argnums=0)
-    layers = [{name: fill(shape) for name, shape in shapes.items()} for _ in range(config.n_layers)]
-    head = fill((d, config.vocab_size))
-
-    def step(x, layers, head):
-        for w in layers:  # unrolled, as the model is (a scan over stacked weights was 2.6x slower)
-            qkv = x @ w["qkv"]
-            x = x + qkv[:, :h * hd] @ w["out"]
-            gate, up = jnp.split(x @ w["gate_up"], 2, axis=-1)
-            x = x + (jax.nn.silu(gate) * up) @ w["down"]
-        return x @ head
-
-    run = jax.jit(step)
-    x = jnp.ones((rows, d), jnp.bfloat16)
-    jax.block_until_ready(run(x, layers, head))
+def best_seconds(fn, *args, repeats: int) -> float:
+    """The fastest of `repeats` timed runs of `fn(*args)` (a jitted function), after one untimed run."""
+    jax.block_until_ready(fn(*args))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(x, layers, head))
+        jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_shapes(config) -> dict[str, tuple[int, int]]:
+    """[K, N] of each GEMM of one layer as a window step runs it: fused q/k/v, attention output, fused
+    gate/up, down."""
+    d, h, kv, hd, f = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.mlp_hidden
+    return {"qkv": (d, (h + 2 * kv) * hd), "out": (h * hd, d), "gate_up": (d, 2 * f), "down": (f, d)}
+
+
+def gemm_chain(x, layers, head, *, attention_width: int, matmul=jnp.matmul):
+    """The layers' GEMMs (`gemm_shapes`, one dict per layer, unrolled) and then the head, chained on
+    x [rows, d] with the residual adds and SwiGLU between them, each product `matmul(x, w)`; the
+    attention output reads the first `attention_width` (heads x head_dim) columns of q/k/v."""
+    for w in layers:  # unrolled, as the model is (a scan over stacked weights was 2.6x slower)
+        qkv = matmul(x, w["qkv"])
+        x = x + matmul(qkv[:, :attention_width], w["out"])
+        gate, up = jnp.split(matmul(x, w["gate_up"]), 2, axis=-1)
+        x = x + matmul(jax.nn.silu(gate) * up, w["down"])
+    return matmul(x, head)
+
+
+def chained_gemm_tb_s(config, rows: int = 32, repeats: int = 10) -> tuple[float, float]:
+    """(TB/s, GB) of the model's own GEMMs at `rows` rows, chained over every layer as a window step
+    runs them (`gemm_chain`), with bf16 weights of the model's shapes read once each: the memory floor
+    of a cached step measured on the work it is made of (the speed issue's chained floor). The layers
+    are unrolled as the benchmarked model's are (`scan_layers=False`): on the H100 a scan over stacked
+    weights ran 0.95-0.97 TB/s."""
+    fill = jax.jit(lambda shape: jnp.full(shape, 1e-3, jnp.bfloat16), static_argnums=0)
+    layers = [{name: fill(shape) for name, shape in gemm_shapes(config).items()} for _ in range(config.n_layers)]
+    head = fill((config.d_model, config.vocab_size))
+    chain = jax.jit(functools.partial(gemm_chain, attention_width=config.n_heads * config.head_dim))
+    seconds = best_seconds(chain, jnp.ones((rows, config.d_model), jnp.bfloat16), layers, head, repeats=repeats)
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((layers, head)))
-    return nbytes / best / 1e12, nbytes / 1e9
+    return nbytes / seconds / 1e12, nbytes / 1e9
 
 
 def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10, config=None) -> dict:
@@ -237,14 +251,7 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10, config=None) 
     model's own GEMM shapes chained over its layers at 32 rows (`chained_gemm_tb_s`,
     chained TB/s), which joins the best-of."""
 
-    def best_seconds(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    timed = lambda fn, *args: best_seconds(fn, *args, repeats=repeats)
 
     chain, matmul_tflops = 8, {}
     for n in matmul_sizes:
@@ -252,15 +259,15 @@ def measure_floors(matmul_sizes, copy_mib: int, repeats: int = 10, config=None) 
         w = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
         matmuls = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, x: x @ w, x))
         # three significant digits: a loaded CPU's few GFLOP/s must not round to a zero floor
-        matmul_tflops[n] = float(f"{chain * 2 * n ** 3 / best_seconds(matmuls, a, w) / 1e12:.3g}")
+        matmul_tflops[n] = float(f"{chain * 2 * n ** 3 / timed(matmuls, a, w) / 1e12:.3g}")
         del a, w
     x = jnp.ones((copy_mib * 2 ** 19,), jnp.bfloat16)
     nbytes = x.size * x.dtype.itemsize
-    read_tb_s = nbytes / best_seconds(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x) / 1e12
-    copy_tb_s = 2 * nbytes / best_seconds(jax.jit(lambda x: x * 2), x) / 1e12
+    read_tb_s = nbytes / timed(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x) / 1e12
+    copy_tb_s = 2 * nbytes / timed(jax.jit(lambda x: x * 2), x) / 1e12
     # the operation a window step is made of: 32 rows against a weight matrix read once
     rows, weight = jnp.ones((32, 4096), jnp.bfloat16), x.reshape(4096, -1)
-    stream_tb_s = nbytes / best_seconds(jax.jit(lambda a, w: a @ w), rows, weight) / 1e12
+    stream_tb_s = nbytes / timed(jax.jit(lambda a, w: a @ w), rows, weight) / 1e12
     del x, rows, weight
     chained_tb_s, chained_gb = chained_gemm_tb_s(config, repeats=repeats) if config is not None else (0.0, 0.0)
     best = max(read_tb_s, copy_tb_s, stream_tb_s, chained_tb_s)

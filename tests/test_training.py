@@ -307,22 +307,26 @@ def test_pretraining_on_a_corpus_reports_bits_per_token(tmp_path):
         train(TINY, tiny_train_config(tmp_path / "sft"), data)
 
 
-@pytest.mark.parametrize("objective", ["pretrain", "autoregressive"])
+@pytest.mark.parametrize("objective", ["pretrain", "autoregressive", "block_causal"])
 def test_batch_without_attention_mask_is_one_without_padding(objective):
     """A batch with no attention_mask (corpus windows) gives the loss, metrics and gradients, and the eval
-    step's metrics, of the same batch with an all-ones mask: for these models the mask's absence only
-    lets attention run unmasked (a different code path: no mask argument reaches the attention)."""
+    step's metrics, of the same batch with an all-ones mask: the bidirectional and causal models' attention
+    then runs with no mask argument, and the block-causal 2L forward (with the complementary copy) builds
+    its pair mask from all ones."""
     from flax import nnx
 
     from dllm.models.transformer import Transformer
     from dllm.training import make_eval_step, training_loss
 
-    config = TINY if objective == "pretrain" else TINY.replace(attention="causal", token_shift=True)
+    config = {"pretrain": TINY, "autoregressive": TINY.replace(attention="causal", token_shift=True),
+              "block_causal": TINY.replace(attention="block_causal", block_size=4)}[objective]
+    block = dict(block_noise="per_block", complementary_mask=True) if objective == "block_causal" else {}
+    objective = "autoregressive" if objective == "autoregressive" else "pretrain"
     graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 3, 57)
     masked, unmasked = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens)}, {"tokens": tokens}
     loss = lambda p, batch: training_loss(graphdef, p, batch, jax.random.PRNGKey(2), objective=objective, mask_id=2,
-                                          time_eps=1e-3, low_discrepancy=True)
+                                          time_eps=1e-3, low_discrepancy=True, **block)
     (with_mask, metrics_a), grads_a = jax.value_and_grad(loss, has_aux=True)(params, masked)
     (without, metrics_b), grads_b = jax.value_and_grad(loss, has_aux=True)(params, unmasked)
     np.testing.assert_allclose(without, with_mask, rtol=1e-6)
@@ -330,7 +334,8 @@ def test_batch_without_attention_mask_is_one_without_padding(objective):
         np.testing.assert_allclose(metrics_b[name], metrics_a[name], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
-    eval_step = make_eval_step(graphdef, TrainConfig(objective=objective, elbo_samples=2), mask_id=2)
+    eval_step = make_eval_step(graphdef, TrainConfig(objective=objective, elbo_samples=2,
+                                                     block_noise=block.get("block_noise", "per_row")), mask_id=2)
     eval_a, eval_b = eval_step(params, masked, jax.random.PRNGKey(3)), eval_step(params, unmasked, jax.random.PRNGKey(3))
     assert "bits_per_token" in eval_a
     for name in eval_a:

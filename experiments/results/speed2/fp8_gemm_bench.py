@@ -6,8 +6,8 @@ against XLA's bf16 GEMMs and XLA's dequantize pattern, on LLaDA-8B's GEMM shapes
 1. Per shape (fused q/k/v, attention output, fused gate/up, down, the output head), a small sweep of
    the kernel's tiles (block_n, block_k, splits, warps, stages); each config is checked against the
    dequantized GEMM before it is timed.
-2. The chain of all layers' GEMMs (as `experiments.benchmark.chained_gemm_tb_s` runs them, residual
-   adds between) three ways: bf16 weights through XLA (the chained floor of issue 25), FP8 weights
+2. The chain of all layers' GEMMs (`experiments.benchmark.gemm_chain`, which the chained floor
+   `chained_gemm_tb_s` times) three ways: bf16 weights through XLA (the chained floor of issue 25), FP8 weights
    through the kernel at each shape's best config, and FP8 weights through XLA's
    `x @ (convert(w8) * scale)` in bf16. Printed: ms, GB read, TB/s of the bytes each reads, and the FP8
    kernel's chain over half the bf16 chain (the FP8 weight-read floor the issue sets).
@@ -17,29 +17,21 @@ Each time is the best of `--repeats` runs of one jitted call.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 
+from dllm.evaluation import write_json_atomic
+from dllm.models.config import ModelConfig
 from dllm.models.fp8_gemm import fp8_matmul
+from experiments.benchmark import best_seconds, gemm_chain, gemm_shapes
 
-D, HEADS, HEAD_DIM, MLP, VOCAB = 4096, 32, 128, 12288, 126464
-SHAPES = {"qkv": (D, 3 * HEADS * HEAD_DIM), "out": (HEADS * HEAD_DIM, D), "gate_up": (D, 2 * MLP),
-          "down": (MLP, D), "head": (D, VOCAB)}
-
-
-def best_seconds(fn, *args, repeats: int):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
+LLADA_8B = ModelConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, mlp_hidden=12288)
+SHAPES = {**gemm_shapes(LLADA_8B), "head": (LLADA_8B.d_model, LLADA_8B.vocab_size)}
+ATTENTION_WIDTH = LLADA_8B.n_heads * LLADA_8B.head_dim
 
 
 def fp8_weights(key, shape):
@@ -93,25 +85,17 @@ def chains(rows: int, layers: int, best: dict, repeats: int):
             for layer in fp8]
     head16 = (head8[0].astype(jnp.float32) * head8[1]).astype(jnp.bfloat16)
 
-    def chain(x, layers, head, matmul):
-        for w in layers:
-            qkv = matmul(x, w["qkv"])
-            x = x + matmul(qkv[:, :HEADS * HEAD_DIM], w["out"])
-            gate, up = jnp.split(matmul(x, w["gate_up"]), 2, axis=-1)
-            x = x + matmul(jax.nn.silu(gate) * up, w["down"])
-        return matmul(x, head)
-
     kernel_config = lambda w8: best.get(next(name for name, shape in SHAPES.items() if shape == w8.shape), {})
     kernel = lambda x, w: fp8_matmul(x, w[0], w[1], **kernel_config(w[0]))
     dequantize = lambda x, w: x @ (w[0].astype(jnp.bfloat16) * w[1].astype(jnp.bfloat16))
-    x = jnp.full((rows, D), 0.01, jnp.bfloat16)
+    x = jnp.full((rows, LLADA_8B.d_model), 0.01, jnp.bfloat16)
     nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
     out = {}
     for name, weights, head, matmul in (("bf16_xla", bf16, head16, jnp.matmul), ("fp8_kernel", fp8, head8, kernel),
                                         ("fp8_xla_dequantize", fp8, head8, dequantize)):
         try:
-            seconds = best_seconds(jax.jit(lambda x, w, h, m=matmul: chain(x, w, h, m)), x, weights, head,
-                                   repeats=repeats)
+            chain = jax.jit(functools.partial(gemm_chain, attention_width=ATTENTION_WIDTH, matmul=matmul))
+            seconds = best_seconds(chain, x, weights, head, repeats=repeats)
             gb = nbytes((weights, head)) / 1e9
             out[name] = {"ms": round(1e3 * seconds, 3), "gb": round(gb, 3), "tb_s": round(gb / seconds / 1e3, 3)}
         except Exception as error:
@@ -137,9 +121,7 @@ def main():
     result = {"rows": args.rows, "layers": args.layers, "best_configs": best, "sweep_ms": table,
               "chains": chains(args.rows, args.layers, best, args.repeats),
               "environment": {"jax": jax.__version__, "device": jax.devices()[0].device_kind}}
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
+import json
 import time
 
 import jax
@@ -24,10 +24,12 @@ import numpy as np
 from flax import nnx
 
 from dllm import sharding
+from dllm.evaluation import write_json_atomic
 from dllm.models.config import ModelConfig
 from dllm.models.layout import Layout
 from dllm.models.transformer import Transformer
 from dllm.training import TrainConfig, make_optimizer, make_train_step, training_loss
+from experiments.benchmark_train import parameter_count
 
 VOCAB, SEQ = 4096, 512
 GEOMETRY = dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, mlp_hidden=2816)
@@ -81,8 +83,7 @@ def build(name):
     else:
         forward = jax.jit(loss)
         run = lambda i: forward(params, batch, jax.random.fold_in(key, i))
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-    return run, batch_size, n_params
+    return run, batch_size, parameter_count(params)
 
 
 def time_variant(name, steps: int = 20):
@@ -157,10 +158,9 @@ def main():
                 profiles[name] = f"{type(error).__name__}: {str(error)[:300]}"
             print(json.dumps({"profile": name, "kernels_ms_per_step": profiles[name]}), flush=True)
         del run
-    with open(args.out + ".tmp", "w") as f:
-        json.dump({"geometry": GEOMETRY, "seq_len": SEQ, "vocab": VOCAB, "rows": rows, "profiles": profiles,
-                   "environment": {"jax": jax.__version__, "device": jax.devices()[0].device_kind}}, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json_atomic(args.out, {"geometry": GEOMETRY, "seq_len": SEQ, "vocab": VOCAB, "rows": rows,
+                                 "profiles": profiles,
+                                 "environment": {"jax": jax.__version__, "device": jax.devices()[0].device_kind}})
 
 
 if __name__ == "__main__":
