@@ -4,8 +4,9 @@
     python -m experiments.benchmark_train run=[m90] timed_steps=50
 
 Each geometry trains on random tokens (seq_len positions, every one a real token, so the batch
-has no attention_mask, as corpus batches) with the `dllm.training` step that `experiments.train` runs (the same loss, AdamW with fp32 master weights,
-donated parameters), on one device; the batch is placed on the device once, so data loading is
+has no attention_mask, as corpus batches) with the `dllm.training` step that `experiments.train`
+runs (the same loss, AdamW with fp32 master weights, donated parameters; the attention kernel and
+scan unroll of `attention_impl` and `scan_unroll`), on one device; the batch is placed on the device once, so data loading is
 not timed. After `warmup_steps` untimed updates (the first compiles), `timed_steps` updates run
 back to back with one host sync at the end. Printed per geometry: parameters, ms per step, tokens/s,
 and MFU = 6 x parameters x tokens/s over the bf16 matmul peak measured in the same run (the

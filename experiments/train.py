@@ -7,7 +7,7 @@
     python -m experiments.train model=tasks_base train=tasks_base layout=gpu_train  # cuDNN attention on a GPU
 
 `cfg.model` fills `ModelConfig`, `cfg.train` fills `TrainConfig`, `cfg.data`
-fills `DataConfig`, `cfg.layout` the train step's attention kernel (`dllm.Layout`,
+fills `DataConfig`, `cfg.layout` the train step's attention kernel and scan unroll (`dllm.Layout`,
 `dllm.training.check_training_layout`) and `cfg.mesh` fills `dllm.sharding.MeshConfig` (see
 configs/train.yaml; `mesh=fsdp_tensor` shards the parameters). The run folder is
 `train.workdir`: checkpoints/, metrics.jsonl, and the final model/ that
@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dllm.data import DataConfig, make_data
 from dllm.models.config import ModelConfig
-from dllm.models.layout import Layout
 from dllm.sharding import MeshConfig
 from dllm.training import TrainConfig, TrainResult, train
+from experiments.common import run_layout
 
 
 def run(cfg: DictConfig) -> TrainResult:
@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> TrainResult:
     train_config = TrainConfig(**container["train"])
     data_config = DataConfig(**container.get("data", {}))
     mesh_config = MeshConfig(**container["mesh"]) if "mesh" in container else None
-    model_layout = Layout(**container["layout"]) if container.get("layout") else None
+    model_layout = run_layout(cfg)
     data = make_data(data_config, train_config.batch_size, train_config.seed)
     metadata = {"command": " ".join(["python -m experiments.train", *sys.argv[1:]]),
                 "hydra_config": container}
