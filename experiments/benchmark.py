@@ -73,6 +73,13 @@ def run_layout(cfg: DictConfig) -> dllm.Layout:
                        window_attention_impl=attention_impl(cfg, "window_attention_impl"))
 
 
+def block_window_attention(config, layout: dllm.Layout, batch: int, block_length: int) -> str:
+    """What attends in an exact-block-cache step: the Pallas kernel with each query's column limit, or
+    XLA's attention under the block-causal pair mask (`Transformer.forward_window`)."""
+    impl = window_attention_impl(config, layout, batch * block_length)
+    return "pallas (column limit per query)" if impl == "pallas" else "pairs mask: XLA"
+
+
 def random_model(cfg: DictConfig) -> dllm.Transformer:
     config = model_config(cfg).replace(dtype=cfg.dtype, param_dtype=cfg.dtype,
                                        max_seq_len=cfg.prompt_length + cfg.gen_length)
@@ -365,7 +372,8 @@ def main(cfg: DictConfig) -> list[dict]:
                    if floors and floors.get("chained_gemm_tb_s") else {}),
                 "compile_s": round(compile_s, 1), "scan_layers": model.layout.scan_layers,
                 "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
-                "window_attention_impl": (None if cache == "none" else "pairs mask: layout.attention_impl"
+                "window_attention_impl": (None if cache == "none" else block_window_attention(c, model.layout, batch,
+                                                                                                cfg.block_length)
                                           if cache == "block" else "gathered columns: layout.attention_impl"
                                           if cache == "dkv" else "gathered columns: explicit softmax"
                                           if cache == "elastic" else window_attention_impl(

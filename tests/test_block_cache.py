@@ -60,20 +60,23 @@ def test_block_cache_decodes_the_uncached_tokens(tiny_block, name):
     assert any(nfe < 24 for _, nfe in cached) or name.startswith("low_confidence") or name == "dingo"  # over LowConfidence
 
 
-def block_model(token_shift: bool, block_size: int = 4):
-    config = dllm.ModelConfig(arch="qwen3", qk_norm=True, vocab_size=40, d_model=32, n_layers=3, n_heads=4,
-                              n_kv_heads=2, mlp_hidden=64, attention="block_causal", block_size=block_size,
-                              token_shift=token_shift, max_seq_len=64)
-    return dllm.Transformer(config, rngs=nnx.Rngs(1))
+def block_model(token_shift: bool, block_size: int = 4, window_attention_impl: str | None = None):
+    """head_dim 8, or 16 for the Pallas window kernel (which needs a power of two >= 16)."""
+    config = dllm.ModelConfig(arch="qwen3", qk_norm=True, vocab_size=40, d_model=32 if window_attention_impl is None
+                              else 64, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden=64, attention="block_causal",
+                              block_size=block_size, token_shift=token_shift, max_seq_len=64)
+    return dllm.Transformer(config, dllm.Layout(window_attention_impl=window_attention_impl), rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("token_shift, block_size, block_length, pipeline_blocks",
-                         [(False, 4, 8, 1), (True, 4, 4, 1), (True, 1, 4, 1), (True, 4, 4, 3)])
-def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_length, pipeline_blocks):
+@pytest.mark.parametrize("token_shift, block_size, block_length, pipeline_blocks, impl",
+                         [(False, 4, 8, 1, None), (True, 4, 4, 1, None), (True, 1, 4, 1, None), (True, 4, 4, 3, None),
+                          (False, 4, 8, 1, "pallas"), (True, 4, 4, 3, "pallas")])
+def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_length, pipeline_blocks, impl):
     """Step by step on a random 3-layer model (prompts of 3, 6 and 9 tokens, left-padded): the
     cached step's logits (each row's open blocks) equal the full forward's; the engine block spans
-    one or two model blocks; with and without token shift; up to 3 blocks open at once (D2F)."""
-    model, special = block_model(token_shift, block_size), SpecialIds(mask=39, eos=38, eot=37, pad=0)
+    one or two model blocks; with and without token shift; up to 3 blocks open at once (D2F); and
+    through the Pallas window kernel (each query's column limit, `block_causal_key_limit`)."""
+    model, special = block_model(token_shift, block_size, impl), SpecialIds(mask=39, eos=38, eot=37, pad=0)
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
     # one token per step: LowConfidence, or (pipelined: its per-block schedule is refused) the top-1 of
     # a bar the random model never reaches

@@ -64,8 +64,10 @@ def test_lengths_fit_the_decoding_geometry_and_every_word_is_in_the_vocabulary(e
 def test_the_test_split_keeps_the_long_sizes_and_the_train_split_adds_smaller_instances(examples):
     def size(e):  # line length, digits, blanks or names asked: what the curriculum varies
         words = e.prompt.split()
-        if e.task in ("addition", "multiplication"):
-            return words.index("+" if e.task == "addition" else "*") - 2
+        if e.task == "addition":  # significant digits of the zero-padded operand
+            return len(str(int("".join(words[2:words.index("+")]))))
+        if e.task == "multiplication":
+            return words.index("*") - 2
         if e.task in ("latin_square", "sudoku"):
             return words.count("_")
         if e.task == "distinct_names":
@@ -107,6 +109,18 @@ def test_arithmetic_answers_by_python_integers(examples):
         star = words.index("*")
         number, digit = int("".join(words[2:star])), int(words[star + 1])
         assert 2 <= digit <= 9 and e.answer == " ".join(str(number * digit).zfill(star - 1))
+
+
+def test_addition_writes_every_operand_and_sum_at_one_width(examples):
+    # constant offsets between an answer digit and its two operand digits, whatever the operands' size
+    train = PARALLEL["addition"].examples("train", 400)
+    assert min(len(str(int("".join(e.prompt.split()[2:42])))) for e in train) < 24  # the curriculum's small ones
+    for e in [*examples["addition"]["test"], *train]:
+        words = e.prompt.split()
+        assert words[:2] == ["add", ":"] and words[42] == "+" and words[-1] == "=>" and len(words) == 84, e.prompt
+        left, right = int("".join(words[2:42])), int("".join(words[43:83]))
+        assert len(str(left)) == len(str(right)), e.prompt  # both operands have n significant digits
+        assert e.answer.split() == list(str(left + right).zfill(41)), e
 
 
 def test_hand_worked_arithmetic():

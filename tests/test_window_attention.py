@@ -1,6 +1,6 @@
 """The Pallas window attention (`dllm.models.window_attention`), run in Pallas's
-interpreter on CPU: it equals XLA's attention (key mask, key length, GQA, split-K
-plans), its fused cache write equals `write_rows`, a decode through it gives the
+interpreter on CPU: it equals XLA's attention (key mask, key length, a column
+limit per query, GQA, split-K plans), its fused cache write equals `write_rows`, a decode through it gives the
 XLA path's tokens, and bad arguments are refused by name."""
 
 import jax
@@ -58,6 +58,25 @@ def test_equals_xla_attention_and_write_rows(shape, masked):
     np.testing.assert_allclose(out, reference(q, written_k, written_v, key_mask, key_length), atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", SHAPES[1:3] + SHAPES[4:], ids=["gqa-padded", "gqa-splits", "row-blocks"])
+def test_a_column_limit_per_query_equals_xla_with_the_pair_mask(shape):
+    """key_limit: query q sees columns < limit[b, q] (the block-causal window), with the key mask,
+    the key length and the fused write, against XLA's attention under the [B, Q, S] pair mask."""
+    batch, queries, heads, kv_heads, head_dim, length, key_length, splits, block_k = shape
+    q, k, v, key_mask, new_kv = draw(batch, queries, heads, kv_heads, head_dim, length, seed=1)
+    key_mask = key_mask.at[:, 0].set(1)  # every query keeps a key
+    limit = jax.random.randint(jax.random.key(2), (batch, queries), 1, length + 1)
+    start = jnp.array([3, length - 2, 10][:batch] if queries < 33 else [40, length - 2])
+    out, new_k, new_v = window_attention(q, k, v, key_mask, new_kv, start, key_length=key_length, key_limit=limit,
+                                         splits=splits, block_k=block_k)
+    written_k, written_v = write_rows(k, new_kv[0], start), write_rows(v, new_kv[1], start)
+    pairs = key_mask.astype(bool)[:, None, :] & (jnp.arange(length)[None, None, :] < limit[:, :, None])
+    pairs = pairs & (jnp.arange(length) < key_length)
+    expected = jax.nn.dot_product_attention(q, written_k, written_v, mask=pairs[:, None], implementation="xla")
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+    np.testing.assert_array_equal(new_k, written_k)
+
+
 def test_bfloat16_cache_matches_xla_to_bfloat16_precision():
     q, k, v, key_mask, _ = draw(1, 8, 4, 4, 16, 64, 1)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -94,6 +113,8 @@ def test_bad_arguments_name_the_value():
         window_attention(q, k, v, splits=0)
     with pytest.raises(ValueError, match="key_mask shape"):
         window_attention(q, k, v, key_mask[:, :10])
+    with pytest.raises(ValueError, match=r"key_limit shape \(1, 7\)"):
+        window_attention(q, k, v, key_limit=jnp.ones((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="new_kv and start go together"):
         window_attention(q, k, v, new_kv=new_kv)
     q48, k48, v48, _, _ = draw(1, 8, 4, 4, 48, 40)
@@ -138,24 +159,28 @@ def test_engine_decodes_the_xla_tokens_through_the_kernel():
                 np.testing.assert_array_equal(runs[1][1], runs[0][1])
 
 
-@pytest.mark.parametrize("geometry", [(32, 32, 32), (33, 28, 4)], ids=["llada-8b", "dream-7b"])
+@pytest.mark.parametrize("geometry", [(32, 32, 32, False), (33, 28, 4, False), (33, 28, 4, True)],
+                         ids=["llada-8b", "dream-7b", "fast-dllm-v2-7b-block-causal"])
 def test_lowers_to_triton_for_cuda(geometry):
     """CI has no GPU: lowering for CUDA (jax.export, no device needed) runs the
     Pallas-to-Triton lowering of the kernel at the real decode shapes (bf16,
-    head_dim 128, cache 545, key length 512, key mask and fused write), which
-    is where an unsupported block shape or op would fail."""
-    queries, heads, kv_heads = geometry
+    head_dim 128, cache 545, key length 512, key mask and fused write; the
+    block-causal window with its column limit per query), which is where an
+    unsupported block shape or op would fail."""
+    queries, heads, kv_heads, limited = geometry
     q = jax.ShapeDtypeStruct((1, queries, heads, 128), jnp.bfloat16)
     cache = jax.ShapeDtypeStruct((1, 545, kv_heads, 128), jnp.bfloat16)
     fresh = jax.ShapeDtypeStruct((1, queries, kv_heads, 128), jnp.bfloat16)
     key_mask, start = jax.ShapeDtypeStruct((1, 545), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    limit = jax.ShapeDtypeStruct((1, queries), jnp.int32)
 
-    def step(q, k, v, key_mask, new_k, new_v, start):
-        return window_attention(q, k, v, key_mask, (new_k, new_v), start, key_length=512, interpret=False)
+    def step(q, k, v, key_mask, new_k, new_v, start, limit):
+        return window_attention(q, k, v, key_mask, (new_k, new_v), start, key_length=512,
+                                key_limit=limit if limited else None, interpret=False)
 
     exported = jax.export.export(jax.jit(step), platforms=["cuda"], disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, cache, cache, key_mask, fresh, fresh,
-                                                                              start)
+                                                                              start, limit)
     assert "xla.gpu.triton" in exported.mlir_module()
 
 

@@ -296,6 +296,17 @@ def window_pairs(config: ModelConfig, window_positions, positions, key_mask, key
     return pairs
 
 
+def block_causal_key_limit(pairs) -> jax.Array:
+    """int32 [B, Q]: one past the last cache column each window query may attend under `pairs`
+    [B, Q, S] (`window_pairs`), the column limit of the Pallas window kernel.
+
+    Exact for the block-causal pattern: a row's positions rise with its columns (left padding,
+    then the canvas), so the keys a query sees, in blocks up to its own, are every visible column
+    below the limit; the kernel takes the key mask beside it for the padding."""
+    columns = jnp.arange(1, pairs.shape[-1] + 1, dtype=jnp.int32)
+    return jnp.max(jnp.where(pairs, columns, 0), axis=-1)
+
+
 def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: int | None = None, *,
            window: bool = False, pairs=None):
     """Attention of q over k/v; key_mask [B, S] hides padding.
@@ -315,7 +326,7 @@ def attend(q, k, v, key_mask, config: ModelConfig, layout: Layout, key_length: i
         refuse_window_steps(config)
     if pairs is not None:
         mask = pairs[:, None, :, :]
-        if window:  # a block-causal window step: XLA (the fused Pallas kernel takes no pair mask)
+        if window:  # a block-causal window step outside the Pallas kernel (forward_window's): XLA
             impl = None
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     causal = config.attention == "causal"
@@ -668,15 +679,15 @@ class Transformer(nnx.Module):
         tokens = take(tokens, first)
         cos, sin = rope_tables(window_positions, c.head_dim, c.rope_theta)
 
-        fused_write = (pairs is None
-                       and window_attention_impl(c, self.layout, tokens.shape[0] * tokens.shape[1]) == "pallas")
+        fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * tokens.shape[1]) == "pallas"
+        key_limit = None if pairs is None or not fused_write else block_causal_key_limit(pairs)
 
         def block(x, p, layer_cache):
             cache_k, cache_v = layer_cache
             q, k, v = attention_qkv(x, p, c, cos, sin)
             if fused_write:  # one kernel attends and writes the window's K/V into the cache
                 attended, cache_k, cache_v = window_attention(q, cache_k, cache_v, key_mask, (k, v), first,
-                                                              key_length=key_length)
+                                                              key_length=key_length, key_limit=key_limit)
             else:
                 cache_k, cache_v = write_rows(cache_k, k, first), write_rows(cache_v, v, first)
                 attended = attend(q, cache_k, cache_v, key_mask, c, self.layout, key_length, window=True,

@@ -20,7 +20,11 @@ partial output and log-sum-exp; `combine_splits` merges the splits exactly:
     out = sum_s exp(lse_s - lse) * out_s,   lse = logsumexp_s(lse_s).
 
 Keys are hidden by a [B, S] key mask and/or a static key length (the
-canvas; the cache's tail past it is never read). A query row with every key
+canvas; the cache's tail past it is never read), and per query by an optional
+column limit [B, Q] (query q attends columns < limit[b, q]): a block-causal
+model's window (BD3-LM's M_BC over a cache whose columns run in position
+order) is exactly such a prefix per query, so the exact block cache runs
+through this kernel too (`transformer.block_causal_key_limit`). A query row with every key
 hidden gets zeros (XLA's attention gives the mean of V there; the engine
 never asks for such a row). Scores are float32; the
 probabilities meet V in the cache's dtype with float32 accumulation, as in
@@ -48,19 +52,20 @@ BLOCK_K = 128  # default keys per inner step (H200 sweep: 128 beat 64 at every s
 
 def _accumulate(carry, q, keys, values, valid, scale):
     """One online-softmax update (FlashAttention-2, Alg. 1, lines 8-10) of the
-    rows' (output, running max, running sum) with a block of keys/values."""
+    rows' (output, running max, running sum) with a block of keys/values;
+    `valid` [rows or 1, keys] says which keys each row may attend."""
     out, running_max, total = carry
     scores = plgpu.dot(q, keys, trans_b=True).astype(jnp.float32) * scale
-    scores = jnp.where(valid[None, :], scores, HIDDEN)
+    scores = jnp.where(valid, scores, HIDDEN)
     new_max = jnp.maximum(running_max, scores.max(axis=1))
-    probs = jnp.where(valid[None, :], jnp.exp(scores - new_max[:, None]), 0.0)
+    probs = jnp.where(valid, jnp.exp(scores - new_max[:, None]), 0.0)
     correction = jnp.exp(running_max - new_max)
     out = out * correction[:, None] + plgpu.dot(probs.astype(values.dtype), values).astype(jnp.float32)
     return out, new_max, total * correction + probs.sum(axis=1)
 
 
 def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int, block_k: int, splits: int,
-                  scale: float, has_mask: bool, window: int | None):
+                  scale: float, has_mask: bool, has_limit: bool, window: int | None):
     """One (row b, KV head g, row block r, split s) program: its query rows
     against cached keys [s * split_length, (s + 1) * split_length) ∩ [0, key_length).
 
@@ -71,6 +76,7 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
     reads what another is writing."""
     refs = list(refs)
     mask_ref = refs.pop(0) if has_mask else None
+    limit = refs.pop(0)[...] if has_limit else None  # [rows]: each row's first column it may not attend
     if window is not None:
         new_k_ref, new_v_ref, start_ref = refs[:3]
         refs = refs[3:]
@@ -86,6 +92,10 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
             return in_bounds
         return in_bounds & (plgpu.load(mask_ref.at[pl.ds(first, in_bounds.shape[0])], mask=in_bounds, other=0) != 0)
 
+    def row_valid(valid, columns):
+        """valid [keys] as the [rows or 1, keys] mask of `_accumulate`, with each row's column limit."""
+        return valid[None, :] if limit is None else valid[None, :] & (columns[None, :] < limit[:, None])
+
     carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), HIDDEN, jnp.float32),
              jnp.zeros((rows,), jnp.float32))
     if window is not None:
@@ -94,7 +104,7 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
         columns = start + jnp.arange(padded_window)
         fresh = key_valid(start, (jnp.arange(padded_window) < window) & (columns < key_length) & (split == 0))
         new_k, new_v = new_k_ref[...], new_v_ref[...]
-        carry = _accumulate(carry, q, new_k, new_v, fresh, scale)
+        carry = _accumulate(carry, q, new_k, new_v, row_valid(fresh, columns), scale)
 
         @pl.when(pl.program_id(2) == 0)
         def _():
@@ -112,7 +122,7 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
         valid = key_valid(first, in_bounds)
         keys = plgpu.load(k_ref.at[pl.ds(first, block_k), :], mask=valid[:, None], other=0.0)
         values = plgpu.load(v_ref.at[pl.ds(first, block_k), :], mask=valid[:, None], other=0.0)
-        return _accumulate(carry, q, keys, values, valid, scale)
+        return _accumulate(carry, q, keys, values, row_valid(valid, columns), scale)
 
     blocks = jnp.clip(pl.cdiv(key_length - begin, block_k), 0, split_length // block_k)
     out, running_max, total = jax.lax.fori_loop(0, blocks, body, carry)
@@ -156,7 +166,7 @@ def _pad_axis(x, axis: int, size: int):
 @functools.partial(jax.jit, static_argnames=("key_length", "splits", "block_k", "num_warps", "num_stages",
                                              "interpret"))
 def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_length: int | None = None,
-                     splits: int | None = None, block_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                     key_limit=None, splits: int | None = None, block_k: int | None = None, num_warps: int = 4, num_stages: int = 2,
                      interpret: bool | None = None):
     """Bidirectional attention of q [B, Q, H, D] over a KV cache k, v
     [B, S, KV, D] (H a multiple of KV; query head h reads KV head h // (H/KV)).
@@ -168,6 +178,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         [B], clamped to [0, S - Q] as `transformer.write_rows` does). They
         are attended in place of those columns and written into the cache.
       key_length: static; only keys [0, key_length) are read (default S).
+      key_limit: optional int [B, Q]: query q of row b attends only cache
+        columns < key_limit[b, q] (with the key mask and key length).
       splits: programs per (row, KV head) over the keys (split-K); default
         `SPLITS`, else `default_splits` (about one program per SM).
       block_k: keys per inner step (a power of two, >= 16); default `BLOCK_K`.
@@ -202,6 +214,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         raise ValueError(f"splits={splits}: must be >= 1")
     if key_mask is not None and key_mask.shape != (batch, length):
         raise ValueError(f"key_mask shape {key_mask.shape}: expected (batch, cache length) = {(batch, length)}")
+    if key_limit is not None and key_limit.shape != (batch, queries):
+        raise ValueError(f"key_limit shape {key_limit.shape}: expected (batch, queries) = {(batch, queries)}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = heads // kv_heads
@@ -219,7 +233,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     kernel = functools.partial(
         _split_kernel, key_length=key_length, split_length=per_split, block_k=block_k,
         splits=programs, scale=1.0 / math.sqrt(head_dim), has_mask=key_mask is not None,
-        window=None if new_kv is None else queries)
+        has_limit=key_limit is not None, window=None if new_kv is None else queries)
     cache_spec = pl.BlockSpec((None, length, None, head_dim), lambda b, g, i: (b, 0, g, 0))
     in_specs = [pl.BlockSpec((None, None, block_rows, head_dim), lambda b, g, i: (b, g, i // programs, 0)),
                 cache_spec, cache_spec]
@@ -227,6 +241,10 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if key_mask is not None:
         in_specs.append(pl.BlockSpec((None, length), lambda b, g, i: (b, 0)))
         operands.append(key_mask.astype(jnp.int32))
+    if key_limit is not None:  # per tile row (head-major, as the query tiles): its query's limit
+        row_limits = jnp.tile(_pad_axis(key_limit.astype(jnp.int32), 1, padded_queries), (1, group))
+        in_specs.append(pl.BlockSpec((None, block_rows), lambda b, g, i: (b, i // programs)))
+        operands.append(_pad_axis(row_limits, 1, row_blocks * block_rows))
     out_specs = [pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, g, i: (b, g, i % programs, i // programs, 0)),
                  pl.BlockSpec((None, None, None, block_rows), lambda b, g, i: (b, g, i % programs, i // programs))]
     out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows, head_dim), jnp.float32),

@@ -1,14 +1,27 @@
 #!/bin/bash
-# Block-diffusion decoding speed at Fast-dLLM v2 7B geometry (random bf16 weights), one H200:
+# Block-diffusion decoding speed at Fast-dLLM v2 7B geometry (random bf16 weights), one GPU:
 #   bash experiments/results/block_decoding/bench_gpu.sh       (OUT=<folder for the results>)
-# Batch 1: uncached (full forwards) and the exact block cache; batch 32 and 128: the block cache.
+# Batch 1: uncached (full forwards) and the exact block cache, the block cache's window attention
+# once through XLA under the pair mask (layout.window_attention_impl=xla, the first version) and once
+# by default (the Pallas kernel with a column limit per query); batch 32 and 128: the block cache.
 # One token per step (LowConfidence), prompt 256, gen 256, block 32, all 256 steps timed.
+# PARTS (default "b1 b32_b128") picks the runs.
 set -u
 OUT=${OUT:-/tmp/out}
+PARTS=${PARTS:-b1 b32_b128}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 common="model=fast_dllm_v2_7b layout.attention_impl=null timed_steps=256 repeats=3 deadline_s=240"
-python3 -m experiments.benchmark $common batch_sizes=[1] caches=[none,block] out=$OUT/bench_b1.json \
-  hydra.run.dir=/tmp/hydra1 2>&1 | grep -v INFO | tee $OUT/bench_b1.log
-python3 -m experiments.benchmark $common batch_sizes=[32,128] caches=[block] out=$OUT/bench_b32_b128.json \
-  hydra.run.dir=/tmp/hydra2 2>&1 | grep -v INFO | tee $OUT/bench_b32_b128.log
+for part in $PARTS; do
+  case $part in
+    b1)
+      python3 -m experiments.benchmark $common batch_sizes=[1] caches=[block] layout.window_attention_impl=xla \
+        out=$OUT/bench_b1_xla_window.json hydra.run.dir=/tmp/hydra0 2>&1 | grep -v INFO | tee $OUT/bench_b1_xla_window.log
+      python3 -m experiments.benchmark $common batch_sizes=[1] caches=[none,block] out=$OUT/bench_b1.json \
+        hydra.run.dir=/tmp/hydra1 2>&1 | grep -v INFO | tee $OUT/bench_b1.log ;;
+    b32_b128)
+      python3 -m experiments.benchmark $common batch_sizes=[32,128] caches=[block] out=$OUT/bench_b32_b128.json \
+        hydra.run.dir=/tmp/hydra2 2>&1 | grep -v INFO | tee $OUT/bench_b32_b128.log ;;
+    *) echo "unknown part $part: allowed b1 b32_b128"; exit 2 ;;
+  esac
+done

@@ -1,55 +1,71 @@
 #!/usr/bin/env bash
-# tasks-base trained alone on one H200, across two back-to-back device calls (a call runs at
-# most 10 minutes; the run takes ~14). Run from the repository root on the device machine,
-# hydra-core on PYTHONPATH (../shared/reference/gpu.md):
+# tasks-base trained alone on one GPU and then evaluated, as one background pipeline that
+# outlives the device calls watching it (a call runs at most 10 minutes; the whole takes ~20).
+# Run from the repository root on the device machine, the wheels in .whl/
+# (../shared/reference/gpu.md):
 #
-#   bash experiments/results/models/gpu_train_tasks_base.sh launch   # call 1: starts the run, watches it
-#   bash experiments/results/models/gpu_train_tasks_base.sh finish   # call 2: waits for it, returns the model
+#   bash experiments/results/models/gpu_train_tasks_base.sh launch   # call 1: starts the pipeline, watches it
+#   bash experiments/results/models/gpu_train_tasks_base.sh watch    # calls 2, 3: waits, returns what is done
 #
-# `launch` starts the documented Hydra command in its own process session (setsid), so it
-# outlives call 1 on the still-held machine; `finish` waits for its saved model and returns
-# it as tar pieces under 16 MB with the metrics. The machine stays held only ~30 s after a
-# call: if it was given back between the calls, `finish` says so and exits 1, and the run is
-# lost with it (its checkpoints lived on that machine).
+# The pipeline (`pipeline`, started by `launch` in its own process session):
+#   1. the documented Hydra command, python -m experiments.train model=tasks_base train=tasks_base;
+#   2. the trained model installed as checkpoints/tasks-base on the device;
+#   3. experiments/results/parallel/gpu_evaluate.sh with TEXT_BASE=0: check_models --only tasks-base and
+#      the sampler sweep per cache policy, side by side on the one GPU.
+# `watch` returns the metrics, the logs, the evaluation's files and (once saved) the model as tar
+# pieces under 16 MB. The machine stays held only a short while after a call: if it was given
+# back between calls, `watch` says so and exits 1, and the run is lost with it.
 set -u
 OUT=${OUT:-/tmp/out}
 WORKDIR=runs/tasks_base
-WATCH_S=${WATCH_S:-560}
-WAIT_S=${WAIT_S:-560}
+WATCH_S=${WATCH_S:-570}
 mkdir -p runs "$OUT"
 export PYTHONUNBUFFERED=1
 
 last_row() { grep '"split": "train"' "$WORKDIR/metrics.jsonl" 2>/dev/null | tail -n 1 | cut -c1-300; }
 
+gather() {
+  cp "$WORKDIR/metrics.jsonl" "$OUT/tasks_base_metrics.jsonl" 2>/dev/null
+  cp runs/tasks_base_train.log runs/pipeline.log "$OUT/" 2>/dev/null
+  [[ -d runs/eval_out ]] && cp -r runs/eval_out "$OUT/evaluation"
+  if [[ -f "$WORKDIR/model/metadata.json" && ! -f runs/model_sent ]]; then
+    tar -C "$WORKDIR" -cf - model | split -b 15M - "$OUT/tasks_base_model.tar.part-" && touch runs/model_sent
+  fi
+  ls -laR "$OUT" | head -n 60
+}
+
+watch_pipeline() {
+  local began=$(date +%s)
+  while kill -0 "$(cat runs/pipeline.pid)" 2>/dev/null && (( $(date +%s) - began < WATCH_S )); do
+    sleep 30
+    echo "[$(date +%T)] $(tail -n 1 runs/pipeline.log) | $(last_row)"
+  done
+  kill -0 "$(cat runs/pipeline.pid)" 2>/dev/null && echo "the pipeline is still running" || echo "the pipeline ended"
+  tail -n 15 runs/tasks_base_train.log
+  gather
+}
+
 case "${1:-}" in
-  launch)
-    began=$(date +%s)
-    echo "[$(date +%T)] python -m experiments.train model=tasks_base train=tasks_base train.workdir=$WORKDIR"
-    setsid nohup python3 -m experiments.train model=tasks_base train=tasks_base "train.workdir=$WORKDIR" \
-      train.progress=false > runs/tasks_base_train.log 2>&1 < /dev/null &
-    echo $! > runs/tasks_base.pid
-    while (( $(date +%s) - began < WATCH_S )); do
-      sleep 30
-      if ! kill -0 "$(cat runs/tasks_base.pid)" 2>/dev/null; then echo "the run stopped"; break; fi
-      echo "[$(date +%T)] $(last_row)"
-    done
-    tail -n 20 runs/tasks_base_train.log
-    cp "$WORKDIR/metrics.jsonl" "$OUT/tasks_base_metrics_call1.jsonl" 2>/dev/null
+  pipeline)
+    echo "[$(date +%T)] train: python -m experiments.train model=tasks_base train=tasks_base train.workdir=$WORKDIR"
+    python3 -m experiments.train model=tasks_base train=tasks_base "train.workdir=$WORKDIR" \
+      train.progress=false > runs/tasks_base_train.log 2>&1 < /dev/null || { echo "training failed"; exit 1; }
+    echo "[$(date +%T)] install $WORKDIR/model as checkpoints/tasks-base"
+    rm -rf checkpoints/tasks-base && cp -r "$WORKDIR/model" checkpoints/tasks-base
+    echo "[$(date +%T)] evaluate"
+    OUT=runs/eval_out TEXT_BASE=0 LIMIT=${LIMIT:-570} bash experiments/results/parallel/gpu_evaluate.sh
+    echo "[$(date +%T)] done"
     ;;
-  finish)
-    if [[ ! -f runs/tasks_base.pid ]]; then echo "no run here: the machine was given back after 'launch'"; exit 1; fi
-    began=$(date +%s)
-    while kill -0 "$(cat runs/tasks_base.pid)" 2>/dev/null && (( $(date +%s) - began < WAIT_S )); do
-      sleep 10
-    done
-    echo "[$(date +%T)] $(last_row)"
-    tail -n 20 runs/tasks_base_train.log
-    cp "$WORKDIR/metrics.jsonl" "$OUT/tasks_base_metrics.jsonl"
-    cp runs/tasks_base_train.log "$OUT/tasks_base_train.log"
-    if [[ ! -f "$WORKDIR/model/metadata.json" ]]; then echo "no saved model in $WORKDIR/model"; exit 1; fi
-    tar -C "$WORKDIR" -cf - model | split -b 15M - "$OUT/tasks_base_model.tar.part-"
-    ls -la "$OUT"
+  launch)
+    source experiments/results/gpu_setup.sh
+    setsid nohup bash "$0" pipeline > runs/pipeline.log 2>&1 < /dev/null &
+    echo $! > runs/pipeline.pid
+    watch_pipeline
+    ;;
+  watch)
+    if [[ ! -f runs/pipeline.pid ]]; then echo "no pipeline here: the machine was given back after 'launch'"; exit 1; fi
+    watch_pipeline
     ;;
   *)
-    echo "usage: $0 launch|finish"; exit 2 ;;
+    echo "usage: $0 launch|watch (pipeline: what launch starts)"; exit 2 ;;
 esac
