@@ -168,8 +168,8 @@ def first_forward_confidence(model, tokenizer, prompts: list[str], gen_length: i
     return {"first_block": shares(confidence[:, :block_length]), "whole_generation": shares(confidence)}
 
 
-def check_tasks_base(n_per_task: int, batch_size: int) -> dict:
-    model, tokenizer = dllm.from_pretrained(REPO_ROOT / "checkpoints/tasks-base")
+def check_tasks_base(n_per_task: int, batch_size: int, checkpoint: Path = REPO_ROOT / "checkpoints/tasks-base") -> dict:
+    model, tokenizer = dllm.from_pretrained(checkpoint)
     examples = suite_examples("test", n_per_task, suite="parallel")
     decode = DecodeConfig(gen_length=128, block_length=32)
     result = evaluation.evaluate_examples(model, tokenizer, samplers.LowConfidence(), examples, decode,
@@ -290,6 +290,8 @@ def main(argv=None):
     parser.add_argument("--only", choices=MODELS)
     parser.add_argument("--n-per-task", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=600, help="tasks-base decode batch")
+    parser.add_argument("--tasks-base", default=str(REPO_ROOT / "checkpoints/tasks-base"),
+                        help="the tasks-base checkpoint to check (default: the bundled one)")
     parser.add_argument("--corpus", default=str(REPO_ROOT / "data/corpus"))
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -309,7 +311,7 @@ def main(argv=None):
     if args.only in (None, "block-decoding"):
         report["block-decoding"] = check_block_decoding(args.n_per_task)
     if args.only in (None, "tasks-base"):
-        report["tasks-base"] = check_tasks_base(args.n_per_task, args.batch_size)
+        report["tasks-base"] = check_tasks_base(args.n_per_task, args.batch_size, Path(args.tasks_base))
     if args.only in (None, "text-base"):
         report["text-base"] = check_text_base(Path(args.corpus), args.windows, args.seq_len, args.elbo_samples,
                                               args.text_samples)

@@ -9,9 +9,10 @@
 #
 # The pipeline (`pipeline`, started by `launch` in its own process session):
 #   1. the documented Hydra command, python -m experiments.train model=tasks_base train=tasks_base;
-#   2. the trained model installed as checkpoints/tasks-base on the device;
-#   3. experiments/results/parallel/gpu_evaluate.sh with TEXT_BASE=0: check_models --only tasks-base and
-#      the sampler sweep per cache policy, side by side on the one GPU.
+#   2. experiments/results/parallel/gpu_evaluate.sh with TEXT_BASE=0: check_models --only tasks-base and
+#      the sampler sweep per cache policy, side by side on the one GPU, on the new model where it was
+#      saved (each call syncs the working tree, bundled checkpoints included, onto the device);
+#   3. if a watch call said THEN_BLOCK_BENCH=1 before step 2 ended: block_decoding/bench_gpu.sh PARTS=b1.
 # `watch` returns the metrics, the logs, the evaluation's files and (once saved) the model as tar
 # pieces under 16 MB. The machine stays held only a short while after a call: if it was given
 # back between calls, `watch` says so and exits 1, and the run is lost with it.
@@ -50,10 +51,13 @@ case "${1:-}" in
     echo "[$(date +%T)] train: python -m experiments.train model=tasks_base train=tasks_base train.workdir=$WORKDIR"
     python3 -m experiments.train model=tasks_base train=tasks_base "train.workdir=$WORKDIR" \
       train.progress=false > runs/tasks_base_train.log 2>&1 < /dev/null || { echo "training failed"; exit 1; }
-    echo "[$(date +%T)] install $WORKDIR/model as checkpoints/tasks-base"
-    rm -rf checkpoints/tasks-base && cp -r "$WORKDIR/model" checkpoints/tasks-base
-    echo "[$(date +%T)] evaluate"
-    OUT=runs/eval_out TEXT_BASE=0 LIMIT=${LIMIT:-570} bash experiments/results/parallel/gpu_evaluate.sh
+    echo "[$(date +%T)] evaluate $WORKDIR/model"
+    OUT=runs/eval_out TEXT_BASE=0 CHECKPOINT="$WORKDIR/model" LIMIT=${LIMIT:-480} bash experiments/results/parallel/gpu_evaluate.sh
+    if [[ -f runs/then_block_bench ]]; then  # a later call opted in (touch runs/then_block_bench)
+      echo "[$(date +%T)] block-decoding bench, batch 1"
+      mkdir -p runs/eval_out/block_bench
+      OUT=runs/eval_out/block_bench PARTS=b1 bash experiments/results/block_decoding/bench_gpu.sh
+    fi
     echo "[$(date +%T)] done"
     ;;
   launch)
@@ -64,6 +68,7 @@ case "${1:-}" in
     ;;
   watch)
     if [[ ! -f runs/pipeline.pid ]]; then echo "no pipeline here: the machine was given back after 'launch'"; exit 1; fi
+    [[ "${THEN_BLOCK_BENCH:-0}" == 1 ]] && touch runs/then_block_bench
     watch_pipeline
     ;;
   *)

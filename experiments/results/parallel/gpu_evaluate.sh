@@ -8,11 +8,12 @@ OUT=${OUT:-/tmp/out}
 mkdir -p runs "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.17
 LIMIT=${LIMIT:-450}
+CHECKPOINT=${CHECKPOINT:-checkpoints/tasks-base}  # the tasks-base to evaluate
 for cache in none prefix dual; do
-  timeout "$LIMIT" python3 -m experiments.compare_samplers --preset tasks-base --cache "$cache" --n-per-task 100 \
+  timeout "$LIMIT" python3 -m experiments.compare_samplers --preset tasks-base --checkpoint "$CHECKPOINT" --cache "$cache" --n-per-task 100 \
     --batch-size 600 --out "$OUT/compare_$cache.json" --results-jsonl "$OUT/results_$cache.jsonl" > "runs/compare_$cache.log" 2>&1 &
 done
-timeout "$LIMIT" python3 -m experiments.check_models --only tasks-base --n-per-task 200 \
+timeout "$LIMIT" python3 -m experiments.check_models --only tasks-base --tasks-base "$CHECKPOINT" --n-per-task 200 \
   --out "$OUT/check_tasks_base.json" > runs/check_tasks_base.log 2>&1 &
 if [[ "${TEXT_BASE:-1}" == 1 ]]; then  # TEXT_BASE=0: tasks-base only (no corpus needed)
   timeout "$LIMIT" python3 -m experiments.check_models --only text-base --out "$OUT/check_text_base.json" \
