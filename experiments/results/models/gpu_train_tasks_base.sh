@@ -52,7 +52,7 @@ case "${1:-}" in
     python3 -m experiments.train model=tasks_base train=tasks_base "train.workdir=$WORKDIR" \
       train.progress=false > runs/tasks_base_train.log 2>&1 < /dev/null || { echo "training failed"; exit 1; }
     echo "[$(date +%T)] evaluate $WORKDIR/model"
-    OUT=runs/eval_out TEXT_BASE=0 CHECKPOINT="$WORKDIR/model" LIMIT=${LIMIT:-480} bash experiments/results/parallel/gpu_evaluate.sh
+    OUT=runs/eval_out TEXT_BASE=0 CHECKPOINT="$WORKDIR/model" LIMIT=${LIMIT:-420} bash experiments/results/parallel/gpu_evaluate.sh
     if [[ -f runs/then_block_bench ]]; then  # a later call opted in (touch runs/then_block_bench)
       echo "[$(date +%T)] block-decoding bench, batch 1"
       mkdir -p runs/eval_out/block_bench
