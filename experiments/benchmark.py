@@ -73,11 +73,17 @@ def run_layout(cfg: DictConfig) -> dllm.Layout:
                        window_attention_impl=attention_impl(cfg, "window_attention_impl"))
 
 
-def block_window_attention(config, layout: dllm.Layout, batch: int, block_length: int) -> str:
+def block_window_attention(config, layout: dllm.Layout, batch: int, block_length: int, pipeline_blocks: int = 1) -> str:
     """What attends in an exact-block-cache step: the Pallas kernel with each query's column limit, or
-    XLA's attention under the block-causal pair mask (`Transformer.forward_window`)."""
-    impl = window_attention_impl(config, layout, batch * block_length)
-    return "pallas (column limit per query)" if impl == "pallas" else "pairs mask: XLA"
+    XLA's attention under the block-causal pair mask (`Transformer.forward_window`). The choice follows
+    the step's query rows, batch x (queries + token shift): a step inside a block forwards
+    `pipeline_blocks` blocks, a block's first step one more (`BlockCache.step_logits`), so the two
+    can differ."""
+    shift = 1 if config.token_shift else 0
+    name = lambda blocks: ("pallas (column limit per query)" if window_attention_impl(
+        config, layout, batch * (blocks * block_length + shift)) == "pallas" else "pairs mask: XLA")
+    inside, first = name(pipeline_blocks), name(pipeline_blocks + 1)
+    return inside if inside == first else f"{inside} inside a block; {first} at a block's first step"
 
 
 def random_model(cfg: DictConfig) -> dllm.Transformer:

@@ -124,9 +124,17 @@ def test_addition_writes_every_operand_and_sum_at_one_width(examples):
 
 
 def test_hand_worked_arithmetic():
-    task = PARALLEL["addition"]
-    example = Example("addition", "add : 9 9 + 0 1 =>", "1 0 0", suite="parallel")
-    assert task.score(example, "1 0 0") == 1.0 and task.score(example, "0 1 0 0") == 0.0
+    task = PARALLEL["addition"]  # 99 + 99 = 198, operands at 40 digits and the sum at 41
+    prompt = "add : " + " ".join("0" * 38 + "99") + " + " + " ".join("0" * 38 + "99") + " =>"
+    answer = " ".join("0" * 38 + "198")
+    example = Example("addition", prompt, answer, suite="parallel")
+    assert task.score(example, answer) == 1.0 and task.score(example, "1 9 8") == 0.0
+    assert task.format_valid(answer) and not task.format_valid("1 9 8")  # the sum's width is fixed
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"operand digits \(24, 41\).*width 40"):
+        PARALLEL["addition"].sample(rng, digits=(24, 41))  # rejected whatever n is drawn
+    with pytest.raises(ValueError, match="operand digits"):
+        PARALLEL["addition"].sample(rng, digits=(5, 3))
     example = Example("multiplication", "multiply : 5 5 * 3 =>", "1 6 5", suite="parallel")
     assert PARALLEL["multiplication"].score(example, "1 6 5") == 1.0
     assert PARALLEL["multiplication"].score(example, "1 6 4") == 0.0

@@ -77,6 +77,16 @@ def test_a_column_limit_per_query_equals_xla_with_the_pair_mask(shape):
     np.testing.assert_array_equal(new_k, written_k)
 
 
+def test_a_column_limit_without_key_mask_or_cache_write_equals_xla():
+    """key_limit alone with a key length (an unpadded batch: no key mask) and no fused write."""
+    q, k, v, _, _ = draw(2, 8, 4, 2, 16, 40, seed=3)
+    limit = jax.random.randint(jax.random.key(4), (2, 8), 1, 41)
+    out = window_attention(q, k, v, key_length=33, key_limit=limit, block_k=16)
+    pairs = (jnp.arange(40)[None, None, :] < limit[:, :, None]) & (jnp.arange(40) < 33)
+    expected = jax.nn.dot_product_attention(q, k, v, mask=pairs[:, None], implementation="xla")
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+
+
 def test_bfloat16_cache_matches_xla_to_bfloat16_precision():
     q, k, v, key_mask, _ = draw(1, 8, 4, 4, 16, 64, 1)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -115,6 +125,8 @@ def test_bad_arguments_name_the_value():
         window_attention(q, k, v, key_mask[:, :10])
     with pytest.raises(ValueError, match=r"key_limit shape \(1, 7\)"):
         window_attention(q, k, v, key_limit=jnp.ones((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match="key_limit dtype float32: expected an integer"):
+        window_attention(q, k, v, key_limit=jnp.ones((1, q.shape[1]), jnp.float32))
     with pytest.raises(ValueError, match="new_kv and start go together"):
         window_attention(q, k, v, new_kv=new_kv)
     q48, k48, v48, _, _ = draw(1, 8, 4, 4, 48, 40)
@@ -196,3 +208,19 @@ def test_default_picks_the_kernel_on_one_gpu_only(monkeypatch):
     assert window_attention_impl(config.replace(head_dim=96), layout, 32) == "xla"
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     assert window_attention_impl(config, layout, 32) == "xla"
+
+
+def test_block_benchmark_names_the_attention_of_both_step_kinds(monkeypatch):
+    """experiments.benchmark's block-cache label follows forward_window's choice: batch x (queries +
+    token shift) rows, one block inside a block and two at a block's first step (pipeline_blocks 1)."""
+    from experiments.benchmark import block_window_attention
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    config, layout = dllm.ModelConfig(head_dim=128), dllm.Layout()
+    pallas, xla = "pallas (column limit per query)", "pairs mask: XLA"
+    assert block_window_attention(config, layout, 1, 32) == pallas  # 32 and 64 rows
+    mixed = f"{pallas} inside a block; {xla} at a block's first step"
+    assert block_window_attention(config.replace(token_shift=True), layout, 1, 32) == mixed  # 33 and 65 rows
+    assert block_window_attention(config, layout, 2, 32) == mixed  # 64 and 128 rows
+    assert block_window_attention(config, layout, 4, 32) == xla

@@ -216,6 +216,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         raise ValueError(f"key_mask shape {key_mask.shape}: expected (batch, cache length) = {(batch, length)}")
     if key_limit is not None and key_limit.shape != (batch, queries):
         raise ValueError(f"key_limit shape {key_limit.shape}: expected (batch, queries) = {(batch, queries)}")
+    if key_limit is not None and not jnp.issubdtype(key_limit.dtype, jnp.integer):
+        raise ValueError(f"key_limit dtype {key_limit.dtype}: expected an integer dtype (an exclusive column limit)")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = heads // kv_heads

@@ -105,9 +105,10 @@ def sample_addition(rng: np.random.Generator, digits: tuple[int, int] = (MIN_DIG
                     width: int = ADDITION_WIDTH) -> tuple[str, str]:
     """add : <width digits> + <width digits> => <width + 1 digits of the sum>, both operands n-digit
     numbers zero-padded to `width`, n in `digits` (inclusive)"""
-    n = int(rng.integers(digits[0], digits[1] + 1))
-    if n > width:
-        raise ValueError(f"addition: {n}-digit operands do not fit the width {width}; allowed n <= width")
+    low, high = digits
+    if not 1 <= low <= high <= width:
+        raise ValueError(f"addition: operand digits {digits} must satisfy 1 <= low <= high <= width {width}")
+    n = int(rng.integers(low, high + 1))
     left, right = draw_operand(rng, n), draw_operand(rng, n)
     return f"add : {spell(left, width)} + {spell(right, width)} {ANSWER_DELIMITER}", spell(left + right, width + 1)
 
