@@ -191,8 +191,8 @@ def check_tasks_base(n_per_task: int, batch_size: int, checkpoint: Path = REPO_R
         print(f"  first forward, {region}: {c['above_0.9']:.1%} of positions above 0.9, "
               f"{c['above_0.99']:.1%} above 0.99 (median {c['median']:.3f})")
     return {"checkpoint": str(checkpoint), "per_task_accuracy": per_task, "n_per_task": n_per_task,
-            "deterministic_misses": misses,
-            "mean_nfe": result["summary"]["mean_nfe"], "first_forward_confidence": confidence}
+            "deterministic_misses": misses, "mean_nfe": result["summary"]["mean_nfe"],
+            "first_forward_confidence": confidence}
 
 
 def validation_tokens(corpus: Path) -> tuple[np.ndarray, float]:

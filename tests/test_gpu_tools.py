@@ -11,7 +11,8 @@ import subprocess
 import sys
 
 import dllm
-from experiments.benchmark import cache_bytes, roofline_ms, step_flops, step_plan
+import jax
+from experiments.benchmark import block_window_attention, cache_bytes, roofline_ms, step_flops, step_plan
 from omegaconf import OmegaConf
 from experiments.common import REPO_ROOT
 
@@ -156,3 +157,17 @@ def test_continuous_batching_benchmark_checks_identical_rows(tmp_path):
     written = json.loads(out.read_text())
     assert written["identical_rows"] and written["n"] == 12 and written["speedup"] > 0
     assert written["static"]["batches"] == 3 and written["continuous"]["batches"] == 1
+
+
+def test_block_benchmark_names_the_attention_of_both_step_kinds(monkeypatch):
+    """experiments.benchmark's block-cache label follows forward_window's choice: batch x (queries +
+    token shift) rows, one block inside a block and two at a block's first step (pipeline_blocks 1)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    config, layout = dllm.ModelConfig(head_dim=128), dllm.Layout()
+    pallas, xla = "pallas (column limit per query)", "pairs mask: XLA"
+    assert block_window_attention(config, layout, 1, 32) == pallas  # 32 and 64 rows
+    mixed = f"{pallas} inside a block; {xla} at a block's first step"
+    assert block_window_attention(config.replace(token_shift=True), layout, 1, 32) == mixed  # 33 and 65 rows
+    assert block_window_attention(config, layout, 2, 32) == mixed  # 64 and 128 rows
+    assert block_window_attention(config, layout, 4, 32) == xla

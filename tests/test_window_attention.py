@@ -208,19 +208,3 @@ def test_default_picks_the_kernel_on_one_gpu_only(monkeypatch):
     assert window_attention_impl(config.replace(head_dim=96), layout, 32) == "xla"
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     assert window_attention_impl(config, layout, 32) == "xla"
-
-
-def test_block_benchmark_names_the_attention_of_both_step_kinds(monkeypatch):
-    """experiments.benchmark's block-cache label follows forward_window's choice: batch x (queries +
-    token shift) rows, one block inside a block and two at a block's first step (pipeline_blocks 1)."""
-    from experiments.benchmark import block_window_attention
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(jax, "device_count", lambda: 1)
-    config, layout = dllm.ModelConfig(head_dim=128), dllm.Layout()
-    pallas, xla = "pallas (column limit per query)", "pairs mask: XLA"
-    assert block_window_attention(config, layout, 1, 32) == pallas  # 32 and 64 rows
-    mixed = f"{pallas} inside a block; {xla} at a block's first step"
-    assert block_window_attention(config.replace(token_shift=True), layout, 1, 32) == mixed  # 33 and 65 rows
-    assert block_window_attention(config, layout, 2, 32) == mixed  # 64 and 128 rows
-    assert block_window_attention(config, layout, 4, 32) == xla

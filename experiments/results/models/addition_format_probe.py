@@ -2,8 +2,7 @@
 
 python experiments/results/models/addition_format_probe.py padded|unpadded STEPS
 """
-import dataclasses, functools, json, sys, time
-import numpy as np
+import dataclasses, functools, sys, time
 import dllm
 from dllm.tasks.synthetic import parallel as P
 from dllm.tasks.base import curriculum, ANSWER_DELIMITER
@@ -15,13 +14,16 @@ import samplers
 from dllm.decoding import DecodeConfig
 
 mode, steps = sys.argv[1], int(sys.argv[2])
+if mode not in ("padded", "unpadded"):
+    raise SystemExit(f"mode {mode!r}: allowed padded (the suite's format) or unpadded (the old one)")
 WIDTH = 12
 
 def sample(rng, digits=(8, 12)):
-    n = int(rng.integers(digits[0], digits[1] + 1))
+    if mode == "padded":  # the suite's own format, at width 12
+        return P.sample_addition(rng, digits, width=WIDTH)
+    n = int(rng.integers(digits[0], digits[1] + 1))  # the old format: each number at its own length
     a, b = P.draw_operand(rng, n), P.draw_operand(rng, n)
-    w = WIDTH if mode == "padded" else n
-    return f"add : {P.spell(a, w)} + {P.spell(b, w)} {ANSWER_DELIMITER}", P.spell(a + b, w + 1)
+    return f"add : {P.spell(a, n)} + {P.spell(b, n)} {ANSWER_DELIMITER}", P.spell(a + b, n + 1)
 
 task = dataclasses.replace(P.PARALLEL_TASKS["addition"], sample=sample,
                            train_sample=curriculum(functools.partial(sample, digits=(2, 7)), sample, 0.25),
@@ -33,7 +35,7 @@ T.SUITES["parallel"]["addition"] = task
 data = make_data(DataConfig(source="tasks", suite="parallel", tasks=("addition",), n_per_task=20000,
                             eval_n_per_task=32, prompt_width=32, gen_length=16), 64, 0)
 tok = data.tokenizer
-mc = ModelConfig(arch="llada", vocab_size=139, d_model=128, n_layers=4, n_heads=4, mlp_hidden=512,
+mc = ModelConfig(arch="llada", vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=4, mlp_hidden=512,
                  max_seq_len=48, dtype="float32", param_dtype="float32",
                  mask_token_id=tok.mask_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 tc = TrainConfig(steps=steps, batch_size=64, lr=2e-3, warmup_steps=min(100, steps // 2), objective="sft", log_every=500,
