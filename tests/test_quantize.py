@@ -64,17 +64,20 @@ def dllm_sampler():
     return samplers.Threshold()
 
 
-@pytest.mark.parametrize("rows, k, splits", [(3, 512, None), (3, 512, 2), (20, 512, 1), (3, 768, 4), (5, 640, 4)])
-def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits):
+@pytest.mark.parametrize("rows, k, splits, transposed", [(3, 512, None, False), (3, 512, 2, False), (20, 512, 1, False),
+                                                        (3, 768, 4, False), (5, 640, 4, False), (3, 640, 4, True),
+                                                        (20, 512, None, True)])
+def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits, transposed):
     """The Pallas kernel (interpreted on CPU) against numpy's float64 GEMM of x and float(w8) * scale: equal
     up to the bf16 rounding of the output (half an ulp of the largest entry); K / block_k = 6 and 5 blocks
-    over 4 splits share the contraction unevenly."""
+    over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]."""
     from dllm.models.fp8_gemm import fp8_matmul
 
     key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(key_x, (rows, k), jnp.float32).astype(jnp.bfloat16)
     w8, scale = quantize_fp8(jax.random.normal(key_w, (k, 256), jnp.float32) * 0.05, (-2,))
-    out = fp8_matmul(x, w8, scale.reshape(-1), block_n=128, block_k=128, splits=splits)
+    given = w8.T if transposed else w8
+    out = fp8_matmul(x, given, scale.reshape(-1), block_n=128, block_k=128, splits=splits, transposed=transposed)
     expected = np.asarray(x, np.float64) @ (np.asarray(w8.astype(jnp.float32), np.float64) * np.asarray(scale))
     assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
     np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - expected), 2.0 ** -8 * np.abs(expected).max())
@@ -97,3 +100,5 @@ def test_fp8_matmul_bad_input():
         fp8_matmul(x, w8, scale.reshape(-1), block_k=96)
     with pytest.raises(ValueError, match=r"M=200 rows: allowed 1 ... 128"):
         fp8_matmul(jnp.ones((200, 256), jnp.bfloat16), w8, scale.reshape(-1))
+    with pytest.raises(ValueError, match=r"expected x \[M, K\] and w8 \[N, K\] \(transposed=True\)"):
+        fp8_matmul(x, w8, scale.reshape(-1), transposed=True)

@@ -13,6 +13,12 @@ registers, and accumulates `x_tile @ w_tile` in float32. The per-output-channel 
     x @ (w8 * scale[None, :]) = (x @ w8) * scale[None, :].
 
 So the result equals the GEMM of x with the dequantized weights up to the order of float32 sums.
+
+`transposed=True` takes the weights as [N, K] (each output column's weights contiguous) and swaps the
+GEMM's operands, `(w8 @ x.T).T`: the converted weight tile becomes the dot's first operand, which
+Hopper's warpgroup MMA may read from registers (the second must come from shared memory), so the
+converted tile need not be written back to shared memory; the few activation rows become the MMA's
+narrow N side. This is the "swap A and B" layout of weight-only-quantized GEMMs at small batch.
 On CPU the kernel runs in Pallas's interpreter (the tests); on GPU it compiles through Triton.
 """
 
@@ -38,10 +44,11 @@ def default_splits(n: int, k: int, block_n: int, block_k: int) -> int:
     return int(max(1, min(MAX_SPLITS, k // block_k, -(-TARGET_PROGRAMS // column_programs))))
 
 
-def _kernel(x_ref, w_ref, out_ref, *, block_k: int, blocks: int, splits: int):
+def _kernel(x_ref, w_ref, out_ref, *, block_k: int, blocks: int, splits: int, transposed: bool):
     """Program (column block j, split s): contraction blocks [s * blocks // splits, (s + 1) * blocks //
     splits) of `block_k` rows each (every split gets at least one when splits <= blocks) of the
-    weight's columns j * block_n + [0, block_n), times the same columns of x, in float32."""
+    weight's columns j * block_n + [0, block_n), times the same columns of x, in float32; transposed:
+    the weight's rows j * block_n + [0, block_n), and the program's output is [block_n, rows]."""
     split = pl.program_id(1)
     first_block, end_block = split * blocks // splits, (split + 1) * blocks // splits
     rows = x_ref.shape[0]
@@ -49,30 +56,36 @@ def _kernel(x_ref, w_ref, out_ref, *, block_k: int, blocks: int, splits: int):
     def body(i, acc):
         first = pl.multiple_of(i * block_k, block_k)
         xs = x_ref[:, pl.ds(first, block_k)]
+        if transposed:
+            ws = w_ref[:, pl.ds(first, block_k)].astype(xs.dtype)
+            return acc + plgpu.dot(ws, xs, trans_b=True).astype(jnp.float32)
         ws = w_ref[pl.ds(first, block_k), :].astype(xs.dtype)
         return acc + plgpu.dot(xs, ws).astype(jnp.float32)
 
-    acc = jax.lax.fori_loop(first_block, end_block, body, jnp.zeros((rows, out_ref.shape[-1]), jnp.float32))
+    acc = jax.lax.fori_loop(first_block, end_block, body, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "transposed", "interpret"))
 def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
                splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-               interpret: bool | None = None) -> jax.Array:
+               transposed: bool = False, interpret: bool | None = None) -> jax.Array:
     """x [M, K] @ (w8 [K, N] float8_e4m3fn * scale [N] float32) -> [M, N] in x's dtype, accumulated in
     float32. M (at most `MAX_ROWS`: the kernel is for a cached step's few rows) is padded to a power of
     two of at least 16 rows (Triton's smallest dot). K must be a multiple of `block_k` and N of
     `block_n`, both powers of two. `splits` (default `default_splits`; at most K / block_k) programs
     share each column block's contraction as evenly as whole blocks allow, and their float32 partial
-    sums are added afterwards. `interpret`: run in Pallas's interpreter (default: on CPU)."""
-    if x.ndim != 2 or w8.ndim != 2 or x.shape[1] != w8.shape[0]:
-        raise ValueError(f"fp8_matmul: x {x.shape} @ w8 {w8.shape}: expected [M, K] @ [K, N]")
+    sums are added afterwards. `transposed`: w8 is [N, K] (the operands swapped in the kernel; see the
+    module's docstring). `interpret`: run in Pallas's interpreter (default: on CPU)."""
+    k_axis = 1 if transposed else 0
+    if x.ndim != 2 or w8.ndim != 2 or x.shape[1] != w8.shape[k_axis]:
+        layout = "[N, K] (transposed=True)" if transposed else "[K, N]"
+        raise ValueError(f"fp8_matmul: x {x.shape} @ w8 {w8.shape}: expected x [M, K] and w8 {layout}")
     if w8.dtype != jnp.float8_e4m3fn:
         raise ValueError(f"fp8_matmul: w8 dtype {w8.dtype}: expected float8_e4m3fn")
     m, k = x.shape
-    n = w8.shape[1]
+    n = w8.shape[1 - k_axis]
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"fp8_matmul: M={m} rows: allowed 1 ... {MAX_ROWS} (a GEMM of more rows is compute-bound: "
                          "dequantize and use XLA's GEMM)")
@@ -92,15 +105,22 @@ def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = 
         raise ValueError(f"fp8_matmul: splits={splits}: allowed 1 ... K / block_k = {blocks}")
     rows = max(16, pl.next_power_of_2(m))
     xp = jnp.pad(x, ((0, rows - m), (0, 0)))
+    if transposed:
+        weight_spec = pl.BlockSpec((block_n, k), lambda j, s: (j, 0))
+        out_spec, out_shape = pl.BlockSpec((None, block_n, rows), lambda j, s: (s, j, 0)), (splits, n, rows)
+    else:
+        weight_spec = pl.BlockSpec((k, block_n), lambda j, s: (0, j))
+        out_spec, out_shape = pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)), (splits, rows, n)
     partial = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, blocks=blocks, splits=splits),
+        functools.partial(_kernel, block_k=block_k, blocks=blocks, splits=splits, transposed=transposed),
         grid=(n // block_n, splits),
-        in_specs=[pl.BlockSpec((rows, k), lambda j, s: (0, 0)),
-                  pl.BlockSpec((k, block_n), lambda j, s: (0, j))],
-        out_specs=pl.BlockSpec((None, rows, block_n), lambda j, s: (s, 0, j)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
+        in_specs=[pl.BlockSpec((rows, k), lambda j, s: (0, 0)), weight_spec],
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="fp8_matmul",
     )(xp, w8)
-    return (partial.sum(axis=0)[:m] * scale[None, :]).astype(x.dtype)
+    summed = partial.sum(axis=0)
+    summed = summed.T if transposed else summed
+    return (summed[:m] * scale[None, :]).astype(x.dtype)

@@ -32,6 +32,7 @@ from experiments.benchmark import best_seconds, gemm_chain, gemm_shapes
 LLADA_8B = ModelConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, mlp_hidden=12288)
 SHAPES = {**gemm_shapes(LLADA_8B), "head": (LLADA_8B.d_model, LLADA_8B.vocab_size)}
 ATTENTION_WIDTH = LLADA_8B.n_heads * LLADA_8B.head_dim
+LABEL = "bn{block_n}_bk{block_k}_s{splits}_w{num_warps}_st{num_stages}_t{transposed:d}"
 
 
 def fp8_weights(key, shape):
@@ -40,33 +41,37 @@ def fp8_weights(key, shape):
 
 
 def sweep(rows: int, repeats: int):
-    configs = [dict(block_n=bn, block_k=bk, splits=sp, num_warps=nw, num_stages=ns)
-               for bn, bk, sp, nw, ns in itertools.product((64, 128), (128, 256, 512), (None, 1), (4,), (3,))]
+    configs = [dict(block_n=bn, block_k=bk, splits=None, num_warps=4, num_stages=3, transposed=t)
+               for bn, bk, t in itertools.product((64, 128), (128, 256, 512), (False, True))]
+    configs += [dict(block_n=128, block_k=256, splits=sp, num_warps=nw, num_stages=ns, transposed=t)
+                for sp, nw, ns, t in itertools.product((None, 1), (4, 8), (3, 5), (False, True))
+                if (sp, nw, ns) != (None, 4, 3)]
     best, table = {}, {}
     for name, (k, n) in SHAPES.items():
         x = jax.random.normal(jax.random.PRNGKey(1), (rows, k), jnp.float32).astype(jnp.bfloat16)
         w8, scale = fp8_weights(jax.random.PRNGKey(2), (k, n))
+        w8t = w8.T.copy()
         reference = jnp.dot(x, (w8.astype(jnp.float32) * scale).astype(jnp.bfloat16),
                             preferred_element_type=jnp.float32)
         bf16 = (w8.astype(jnp.float32) * scale).astype(jnp.bfloat16)
         rows_out = {"xla_bf16_ms": 1e3 * best_seconds(jax.jit(jnp.dot), x, bf16, repeats=repeats)}
         for config in configs:
-            label = "bn{block_n}_bk{block_k}_s{splits}_w{num_warps}_st{num_stages}".format(**config)
+            label = LABEL.format(**config)
             try:
                 run = jax.jit(lambda x, w8, scale, config=config: fp8_matmul(x, w8, scale, **config))
-                error = float(jnp.max(jnp.abs(run(x, w8, scale).astype(jnp.float32) - reference)))
+                given = w8t if config["transposed"] else w8
+                error = float(jnp.max(jnp.abs(run(x, given, scale).astype(jnp.float32) - reference)))
                 scale_of = float(jnp.max(jnp.abs(reference)))
                 if not error <= 1e-2 * scale_of + 1e-6:
                     rows_out[label] = f"wrong: max error {error:.3g} at scale {scale_of:.3g}"
                     continue
-                rows_out[label] = 1e3 * best_seconds(run, x, w8, scale, repeats=repeats)
+                rows_out[label] = 1e3 * best_seconds(run, x, given, scale, repeats=repeats)
             except Exception as error:  # a config Triton cannot compile here is reported, not hidden
                 rows_out[label] = f"{type(error).__name__}: {str(error)[:200]}"
         timed = {label: ms for label, ms in rows_out.items() if isinstance(ms, float) and label != "xla_bf16_ms"}
         if timed:
             label = min(timed, key=timed.get)
-            best[name] = next(c for c in configs if "bn{block_n}_bk{block_k}_s{splits}_w{num_warps}_st{num_stages}"
-                              .format(**c) == label)
+            best[name] = next(c for c in configs if LABEL.format(**c) == label)
             print(json.dumps({"shape": name, "k_n": [k, n], "xla_bf16_ms": round(rows_out["xla_bf16_ms"], 4),
                               "fp8_best_ms": round(timed[label], 4), "best": label,
                               "fp8_over_bf16": round(timed[label] / rows_out["xla_bf16_ms"], 3)}), flush=True)
@@ -85,13 +90,20 @@ def chains(rows: int, layers: int, best: dict, repeats: int):
             for layer in fp8]
     head16 = (head8[0].astype(jnp.float32) * head8[1]).astype(jnp.bfloat16)
 
-    kernel_config = lambda w8: best.get(next(name for name, shape in SHAPES.items() if shape == w8.shape), {})
-    kernel = lambda x, w: fp8_matmul(x, w[0], w[1], **kernel_config(w[0]))
+    config_of = lambda shape: best.get(next(name for name, s in SHAPES.items() if s == shape), {})
+    stored = lambda w: (w[0].T.copy(), w[1]) if config_of(w[0].shape).get("transposed") else w
+    fp8_stored = [{name: stored(w) for name, w in layer.items()} for layer in fp8]
+    head8_stored = stored(head8)
+    # a [N, K] weight's config is found by its [K, N] shape
+    kernel_config = lambda w8, scale: config_of((w8.shape[1], w8.shape[0]) if w8.shape[0] == scale.shape[0]
+                                                and w8.shape[0] != w8.shape[1] else w8.shape)
+    kernel = lambda x, w: fp8_matmul(x, w[0], w[1], **kernel_config(*w))
     dequantize = lambda x, w: x @ (w[0].astype(jnp.bfloat16) * w[1].astype(jnp.bfloat16))
     x = jnp.full((rows, LLADA_8B.d_model), 0.01, jnp.bfloat16)
     nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
     out = {}
-    for name, weights, head, matmul in (("bf16_xla", bf16, head16, jnp.matmul), ("fp8_kernel", fp8, head8, kernel),
+    for name, weights, head, matmul in (("bf16_xla", bf16, head16, jnp.matmul),
+                                        ("fp8_kernel", fp8_stored, head8_stored, kernel),
                                         ("fp8_xla_dequantize", fp8, head8, dequantize)):
         try:
             chain = jax.jit(functools.partial(gemm_chain, attention_width=ATTENTION_WIDTH, matmul=matmul))

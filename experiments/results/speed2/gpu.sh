@@ -8,7 +8,11 @@
 # decode:     LLaDA-8B decode steps at batch 1 (none, dual) against the floors, the chained-GEMM floor included;
 # fp8:        FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once;
 # train_variants: where the 300M train step's time goes (train_variants.py: layouts, kernels, parts, profile);
-# fp8_gemm:   the FP8 Pallas GEMM against XLA's bf16 GEMMs on LLaDA-8B's shapes, alone and chained (fp8_gemm_bench.py).
+# fp8_gemm:   the FP8 Pallas GEMM against XLA's bf16 GEMMs on LLaDA-8B's shapes, alone and chained (fp8_gemm_bench.py);
+# profile_full: the kernels of LLaDA-8B's full (uncached) step at batch 1 (experiments.profile_decode, 32 steps);
+# fp8_ncu:    Nsight Compute's reading of the FP8 kernel and cuBLAS's bf16 GEMM on q/k/v's shape (fp8_ncu.py;
+#             the default kernel, then transposed=1; FP8_NCU_CONFIGS: configs
+#             separated by spaces, each keyword=value settings joined by commas, or default).
 # Timing parts run alone on the GPU; decode and fp8 are skipped when the call's time runs short.
 source experiments/results/gpu_setup.sh
 PARTS=${PARTS:-continuous train decode fp8}
@@ -52,5 +56,24 @@ if has train_variants; then
 fi
 if has fp8_gemm; then
   timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+fi
+if has profile_full; then
+  timeout 200 python3 -m experiments.profile_decode batch_sizes=[1] caches=[none] timed_steps=32 \
+    hydra.run.dir=$OUT/profile_full 2>&1 | grep -v INFO | tee $OUT/profile_full.log
+  rm -f $OUT/profile_full/*.trace.json.gz
+  echo "== $SECONDS s"
+fi
+if has fp8_ncu; then
+  for config in ${FP8_NCU_CONFIGS:-default transposed=1}; do
+    name=fp8_ncu_qkv_${config//[=,]/_}
+    [ $config = default ] && config=""
+    timeout 150 ncu --clock-control none --kernel-name regex:"fp8_matmul|nvjet|gemm|cutlass|sm90" --launch-skip 2 \
+      --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section Occupancy --section LaunchStats --section SchedulerStats \
+      python3 experiments/results/speed2/fp8_ncu.py --shape qkv ${config//,/ } > $OUT/$name.txt 2>&1
+    echo "== ncu $name"
+    grep -E "^  [a-zA-Z_].*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp" $OUT/$name.txt | head -40
+  done
+  echo "== $SECONDS s"
 fi
 echo "== $SECONDS s"

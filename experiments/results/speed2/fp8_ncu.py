@@ -1,0 +1,50 @@
+"""One LLaDA-8B GEMM shape at 32 rows, FP8 kernel and XLA's bf16 GEMM, for Nsight Compute to read:
+
+    ncu --clock-control none --kernel-name regex:"fp8_matmul|nvjet|gemm" --launch-skip 2 --launch-count 2 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+        python3 experiments/results/speed2/fp8_ncu.py [--shape qkv] [kernel keyword=value ...]
+
+Each GEMM runs three times (compile, then two launches ncu can skip to and read); the numerics are the
+benchmark's (fp8_gemm_bench.fp8_weights). Keyword arguments go to `fp8_matmul` (block_n=64 ..., transposed=1: the
+[N, K] weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fp8_gemm_bench import SHAPES, fp8_weights  # noqa: E402
+
+from dllm.models.fp8_gemm import fp8_matmul  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="qkv", choices=sorted(SHAPES))
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("config", nargs="*", help="fp8_matmul keyword=value (integers)")
+    args = parser.parse_args()
+    config = {k: int(v) for k, v in (item.split("=") for item in args.config)}
+    k, n = SHAPES[args.shape]
+    x = jax.random.normal(jax.random.PRNGKey(1), (args.rows, k), jnp.float32).astype(jnp.bfloat16)
+    w8, scale = fp8_weights(jax.random.PRNGKey(2), (k, n))
+    w16 = (w8.astype(jnp.float32) * scale).astype(jnp.bfloat16)
+    if config.get("transposed"):
+        w8 = w8.T.copy()
+    fp8 = jax.jit(lambda x, w8, scale: fp8_matmul(x, w8, scale, **config))
+    bf16 = jax.jit(jnp.dot)
+    for _ in range(3):
+        jax.block_until_ready(fp8(x, w8, scale))
+    for _ in range(3):
+        jax.block_until_ready(bf16(x, w16))
+    print(f"shape {args.shape} [{args.rows} x {k}] @ [{k} x {n}], fp8 config {config or 'default'}: done")
+
+
+if __name__ == "__main__":
+    main()
