@@ -89,20 +89,21 @@ def build(name):
 def time_variant(name, steps: int = 20):
     run, batch_size, n_params = build(name)
     t0 = time.perf_counter()
-    for i in range(3):
-        out = run(i)
-    jax.block_until_ready(out)
+    outs = [run(i) for i in range(3)]
+    jax.block_until_ready(outs[-1])
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in range(3, 3 + steps):
-        out = run(i)
-    jax.block_until_ready(out)
+    outs += [run(i) for i in range(3, 3 + steps)]
+    jax.block_until_ready(outs[-1])
     ms = 1000 * (time.perf_counter() - t0) / steps
     tokens_per_s = batch_size * SEQ / ms * 1000
     return {"variant": name, "layout": VARIANTS[name][0], "masked": VARIANTS[name][1], "part": VARIANTS[name][2],
             "batch_size": batch_size, "param_dtype": VARIANTS[name][4], "ms": round(ms, 2),
             "tokens_per_s": round(tokens_per_s), "model_tflops_6n": round(6 * n_params * tokens_per_s / 1e12, 1),
-            "compile_s": round(compile_s, 1)}, run
+            "compile_s": round(compile_s, 1),
+            # the update's loss at every step (same seed, parameters and batch for every variant): the
+            # fixed-seed loss curve that a layout change must leave alone up to bf16 noise
+            **({"losses": [round(float(x), 5) for x in outs]} if VARIANTS[name][2] == "step" else {})}, run
 
 
 def kernel_profile(name, run, directory, top: int = 25):
