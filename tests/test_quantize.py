@@ -64,20 +64,23 @@ def dllm_sampler():
     return samplers.Threshold()
 
 
-@pytest.mark.parametrize("rows, k, splits, transposed", [(3, 512, None, False), (3, 512, 2, False), (20, 512, 1, False),
-                                                        (3, 768, 4, False), (5, 640, 4, False), (3, 640, 4, True),
-                                                        (20, 512, None, True)])
-def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits, transposed):
+@pytest.mark.parametrize("rows, k, splits, transposed, dot_dtype", [
+    (3, 512, None, False, None), (3, 512, 2, False, None), (20, 512, 1, False, None), (3, 768, 4, False, None),
+    (5, 640, 4, False, None), (3, 640, 4, True, None), (20, 512, None, True, None), (3, 640, 4, False, "float16"),
+    (5, 512, None, True, "float16")])
+def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits, transposed, dot_dtype):
     """The Pallas kernel (interpreted on CPU) against numpy's float64 GEMM of x and float(w8) * scale: equal
     up to the bf16 rounding of the output (half an ulp of the largest entry); K / block_k = 6 and 5 blocks
-    over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]."""
+    over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]; float16: the
+bf16 activations are exact in float16, so the same bound holds."""
     from dllm.models.fp8_gemm import fp8_matmul
 
     key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(key_x, (rows, k), jnp.float32).astype(jnp.bfloat16)
     w8, scale = quantize_fp8(jax.random.normal(key_w, (k, 256), jnp.float32) * 0.05, (-2,))
     given = w8.T if transposed else w8
-    out = fp8_matmul(x, given, scale.reshape(-1), block_n=128, block_k=128, splits=splits, transposed=transposed)
+    out = fp8_matmul(x, given, scale.reshape(-1), block_n=128, block_k=128, splits=splits, transposed=transposed,
+                     dot_dtype=dot_dtype)
     expected = np.asarray(x, np.float64) @ (np.asarray(w8.astype(jnp.float32), np.float64) * np.asarray(scale))
     assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
     np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - expected), 2.0 ** -8 * np.abs(expected).max())
@@ -102,3 +105,5 @@ def test_fp8_matmul_bad_input():
         fp8_matmul(jnp.ones((200, 256), jnp.bfloat16), w8, scale.reshape(-1))
     with pytest.raises(ValueError, match=r"expected x \[M, K\] and w8 \[N, K\] \(transposed=True\)"):
         fp8_matmul(x, w8, scale.reshape(-1), transposed=True)
+    with pytest.raises(ValueError, match=r"dot_dtype='float32': allowed None \(x's dtype\) or 'float16'"):
+        fp8_matmul(x, w8, scale.reshape(-1), dot_dtype="float32")

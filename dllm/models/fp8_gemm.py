@@ -19,6 +19,11 @@ GEMM's operands, `(w8 @ x.T).T`: the converted weight tile becomes the dot's fir
 Hopper's warpgroup MMA may read from registers (the second must come from shared memory), so the
 converted tile need not be written back to shared memory; the few activation rows become the MMA's
 narrow N side. This is the "swap A and B" layout of weight-only-quantized GEMMs at small batch.
+
+`dot_dtype="float16"` multiplies in float16 instead of the activations' dtype: Hopper converts a pair
+of e4m3 values to float16 in one instruction, while bfloat16 takes a detour through wider types.
+Every e4m3 value is exact in float16; the activations are rounded to float16 (10 mantissa bits,
+more than bfloat16's 7) and must lie within its range, |x| <= 65504.
 On CPU the kernel runs in Pallas's interpreter (the tests); on GPU it compiles through Triton.
 """
 
@@ -67,17 +72,18 @@ def _kernel(x_ref, w_ref, out_ref, *, block_k: int, blocks: int, splits: int, tr
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "block_k", "splits", "num_warps", "num_stages",
-                                             "transposed", "interpret"))
+                                             "transposed", "dot_dtype", "interpret"))
 def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
                splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-               transposed: bool = False, interpret: bool | None = None) -> jax.Array:
+               transposed: bool = False, dot_dtype: str | None = None, interpret: bool | None = None) -> jax.Array:
     """x [M, K] @ (w8 [K, N] float8_e4m3fn * scale [N] float32) -> [M, N] in x's dtype, accumulated in
     float32. M (at most `MAX_ROWS`: the kernel is for a cached step's few rows) is padded to a power of
     two of at least 16 rows (Triton's smallest dot). K must be a multiple of `block_k` and N of
     `block_n`, both powers of two. `splits` (default `default_splits`; at most K / block_k) programs
     share each column block's contraction as evenly as whole blocks allow, and their float32 partial
     sums are added afterwards. `transposed`: w8 is [N, K] (the operands swapped in the kernel; see the
-    module's docstring). `interpret`: run in Pallas's interpreter (default: on CPU)."""
+    module's docstring). `dot_dtype`: None (the activations' dtype) or "float16" (see the module's
+    docstring). `interpret`: run in Pallas's interpreter (default: on CPU)."""
     k_axis = 1 if transposed else 0
     if x.ndim != 2 or w8.ndim != 2 or x.shape[1] != w8.shape[k_axis]:
         layout = "[N, K] (transposed=True)" if transposed else "[K, N]"
@@ -97,6 +103,8 @@ def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = 
     if n == 0 or k == 0 or k % block_k or n % block_n:
         raise ValueError(f"fp8_matmul: K={k} and N={n} must be positive multiples of block_k={block_k} and "
                          f"block_n={block_n}")
+    if dot_dtype not in (None, "float16"):
+        raise ValueError(f"fp8_matmul: dot_dtype={dot_dtype!r}: allowed None (x's dtype) or 'float16'")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     blocks = k // block_k
@@ -104,7 +112,7 @@ def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = 
     if not 1 <= splits <= blocks:
         raise ValueError(f"fp8_matmul: splits={splits}: allowed 1 ... K / block_k = {blocks}")
     rows = max(16, pl.next_power_of_2(m))
-    xp = jnp.pad(x, ((0, rows - m), (0, 0)))
+    xp = jnp.pad(x.astype(dot_dtype or x.dtype), ((0, rows - m), (0, 0)))
     if transposed:
         weight_spec = pl.BlockSpec((block_n, k), lambda j, s: (j, 0))
         out_spec, out_shape = pl.BlockSpec((None, block_n, rows), lambda j, s: (s, j, 0)), (splits, n, rows)

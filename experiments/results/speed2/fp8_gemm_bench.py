@@ -4,7 +4,8 @@ against XLA's bf16 GEMMs and XLA's dequantize pattern, on LLaDA-8B's GEMM shapes
     python experiments/results/speed2/fp8_gemm_bench.py [--rows 32] [--layers 32] [--out FILE]
 
 1. Per shape (fused q/k/v, attention output, fused gate/up, down, the output head), a small sweep of
-   the kernel's tiles (block_n, block_k, splits, warps, stages); each config is checked against the
+   the kernel's tiles (block_n, block_k, splits, warps, stages), its weight layout (`transposed`) and its
+   multiply's dtype (`dot_dtype`); each config is checked against the
    dequantized GEMM before it is timed.
 2. The chain of all layers' GEMMs (`experiments.benchmark.gemm_chain`, which the chained floor
    `chained_gemm_tb_s` times) three ways: bf16 weights through XLA (the chained floor of issue 25), FP8 weights
@@ -32,7 +33,7 @@ from experiments.benchmark import best_seconds, gemm_chain, gemm_shapes
 LLADA_8B = ModelConfig(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, mlp_hidden=12288)
 SHAPES = {**gemm_shapes(LLADA_8B), "head": (LLADA_8B.d_model, LLADA_8B.vocab_size)}
 ATTENTION_WIDTH = LLADA_8B.n_heads * LLADA_8B.head_dim
-LABEL = "bn{block_n}_bk{block_k}_s{splits}_w{num_warps}_st{num_stages}_t{transposed:d}"
+LABEL = "bn{block_n}_bk{block_k}_s{splits}_w{num_warps}_st{num_stages}_t{transposed:d}_{dot_dtype}"
 
 
 def fp8_weights(key, shape):
@@ -41,11 +42,10 @@ def fp8_weights(key, shape):
 
 
 def sweep(rows: int, repeats: int):
-    configs = [dict(block_n=bn, block_k=bk, splits=None, num_warps=4, num_stages=3, transposed=t)
-               for bn, bk, t in itertools.product((64, 128), (128, 256, 512), (False, True))]
-    configs += [dict(block_n=128, block_k=256, splits=sp, num_warps=nw, num_stages=ns, transposed=t)
-                for sp, nw, ns, t in itertools.product((None, 1), (4, 8), (3, 5), (False, True))
-                if (sp, nw, ns) != (None, 4, 3)]
+    configs = [dict(block_n=bn, block_k=bk, splits=None, num_warps=4, num_stages=3, transposed=t, dot_dtype=d)
+               for bn, bk, t, d in itertools.product((64, 128), (128, 256, 512), (False, True), (None, "float16"))]
+    configs += [{**dict(block_n=128, block_k=256, splits=None, num_warps=4, num_stages=3, transposed=t, dot_dtype=None),
+                 **extra} for t in (False, True) for extra in (dict(splits=1), dict(num_warps=8), dict(num_stages=5))]
     best, table = {}, {}
     for name, (k, n) in SHAPES.items():
         x = jax.random.normal(jax.random.PRNGKey(1), (rows, k), jnp.float32).astype(jnp.bfloat16)

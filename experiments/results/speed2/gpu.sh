@@ -55,7 +55,8 @@ if has train_variants; then
   echo "== $SECONDS s"
 fi
 if has fp8_gemm; then
-  timeout 200 python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} --out $OUT/fp8_gemm.json 2>&1 | grep "^{"
+  timeout ${FP8_GEMM_TIMEOUT_S:-260} python3 experiments/results/speed2/fp8_gemm_bench.py ${FP8_GEMM_ARGS:-} \
+    --out $OUT/fp8_gemm.json 2>&1 | grep "^{" | tee $OUT/fp8_gemm.log
 fi
 if has profile_full; then
   timeout 200 python3 -m experiments.profile_decode batch_sizes=[1] caches=[none] timed_steps=32 \
