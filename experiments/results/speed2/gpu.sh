@@ -9,7 +9,8 @@
 # fp8:        FP8-rounded weights against the bf16 ones on tasks-base (accuracy only), two processes at once;
 # train_variants: where the 300M train step's time goes (train_variants.py: layouts, kernels, parts, profile);
 # fp8_gemm:   the FP8 Pallas GEMM against XLA's bf16 GEMMs on LLaDA-8B's shapes, alone and chained (fp8_gemm_bench.py);
-# profile_full: the kernels of LLaDA-8B's full (uncached) step at batch 1 (experiments.profile_decode, 32 steps);
+# profile_full: the kernels of LLaDA-8B's full (uncached) step at batch 1 (experiments.profile_decode, 32 steps),
+#             and the step's GEMMs alone at its 512 rows (full_step_gemms.py);
 # fp8_ncu:    Nsight Compute's reading of the FP8 kernel and cuBLAS's bf16 GEMM on q/k/v's shape (fp8_ncu.py;
 #             the default kernel, then transposed=1; FP8_NCU_CONFIGS: configs
 #             separated by spaces, each keyword=value settings joined by commas, or default).
@@ -62,6 +63,7 @@ if has profile_full; then
   timeout 200 python3 -m experiments.profile_decode batch_sizes=[1] caches=[none] timed_steps=32 \
     hydra.run.dir=$OUT/profile_full 2>&1 | grep -v INFO | tee $OUT/profile_full.log
   rm -f $OUT/profile_full/*.trace.json.gz
+  timeout 120 python3 experiments/results/speed2/full_step_gemms.py --out $OUT/full_step_gemms.json 2>&1 | grep "^{"
   echo "== $SECONDS s"
 fi
 if has fp8_ncu; then
