@@ -3,6 +3,9 @@ worked values, and a model whose GEMM weights are rounded (`from_pretrained(weig
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,16 +74,19 @@ def dllm_sampler():
 def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits, transposed, dot_dtype):
     """The Pallas kernel (interpreted on CPU) against numpy's float64 GEMM of x and float(w8) * scale: equal
     up to the bf16 rounding of the output (half an ulp of the largest entry); K / block_k = 6 and 5 blocks
-    over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]; float16: the
-bf16 activations are exact in float16, so the same bound holds."""
+        over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]; float16: these
+    bf16 activations are exact in float16, so the same bound holds, and the kernel is seen to multiply in it."""
     from dllm.models.fp8_gemm import fp8_matmul
 
     key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(key_x, (rows, k), jnp.float32).astype(jnp.bfloat16)
     w8, scale = quantize_fp8(jax.random.normal(key_w, (k, 256), jnp.float32) * 0.05, (-2,))
     given = w8.T if transposed else w8
-    out = fp8_matmul(x, given, scale.reshape(-1), block_n=128, block_k=128, splits=splits, transposed=transposed,
-                     dot_dtype=dot_dtype)
+    run = functools.partial(fp8_matmul, block_n=128, block_k=128, splits=splits, transposed=transposed,
+                            dot_dtype=dot_dtype)
+    out = run(x, given, scale.reshape(-1))
+    multiplies_in_float16 = re.search(r"(?<!b)f16\[", str(jax.make_jaxpr(run)(x, given, scale.reshape(-1))))
+    assert bool(multiplies_in_float16) == (dot_dtype == "float16")
     expected = np.asarray(x, np.float64) @ (np.asarray(w8.astype(jnp.float32), np.float64) * np.asarray(scale))
     assert out.shape == (rows, 256) and out.dtype == jnp.bfloat16
     np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - expected), 2.0 ** -8 * np.abs(expected).max())

@@ -6,8 +6,8 @@ reading the weights; FP8 weights halve those bytes. XLA (jax 0.11.2) does not tu
 pattern `x @ (convert(w8) * scale)` into a GEMM that reads FP8: it materializes the bf16 weights or
 runs slow Triton fusions (speed issue 25). Here each program owns `block_n` output columns and a
 share of the contraction (split-K, as `dllm.models.window_attention` splits keys): it walks its rows
-of the weight in blocks of `block_k`, loads the FP8 tile, converts it to the activations' dtype in
-registers, and accumulates `x_tile @ w_tile` in float32. The per-output-channel scale
+of the weight in blocks of `block_k`, loads the FP8 tile, converts it to the multiply's dtype (the
+activations', or float16) in registers, and accumulates `x_tile @ w_tile` in float32. The per-output-channel scale
 (`dllm.models.quantize`) multiplies the summed result once, which is exact algebra:
 
     x @ (w8 * scale[None, :]) = (x @ w8) * scale[None, :].
@@ -22,8 +22,9 @@ narrow N side. This is the "swap A and B" layout of weight-only-quantized GEMMs 
 
 `dot_dtype="float16"` multiplies in float16 instead of the activations' dtype: Hopper converts a pair
 of e4m3 values to float16 in one instruction, while bfloat16 takes a detour through wider types.
-Every e4m3 value is exact in float16; the activations are rounded to float16 (10 mantissa bits,
-more than bfloat16's 7) and must lie within its range, |x| <= 65504.
+Every e4m3 value is exact in float16; bfloat16 activations are exact in float16 for 2^-17 <= |x|
+<= 65504 (11 significant bits against bfloat16's 8, subnormals down to 2^-24), lose bits below that
+and overflow above it. The range is not checked: this is a kernel option for measurement.
 On CPU the kernel runs in Pallas's interpreter (the tests); on GPU it compiles through Triton.
 """
 
@@ -82,7 +83,7 @@ def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = 
     `block_n`, both powers of two. `splits` (default `default_splits`; at most K / block_k) programs
     share each column block's contraction as evenly as whole blocks allow, and their float32 partial
     sums are added afterwards. `transposed`: w8 is [N, K] (the operands swapped in the kernel; see the
-    module's docstring). `dot_dtype`: None (the activations' dtype) or "float16" (see the module's
+    module's docstring); a square weight's layout cannot be checked from its shape. `dot_dtype`: None (the activations' dtype) or "float16" (see the module's
     docstring). `interpret`: run in Pallas's interpreter (default: on CPU)."""
     k_axis = 1 if transposed else 0
     if x.ndim != 2 or w8.ndim != 2 or x.shape[1] != w8.shape[k_axis]:

@@ -131,8 +131,9 @@ def main():
     args = parser.parse_args()
     best, table = ({}, {}) if args.no_sweep else sweep(args.rows, max(3, args.repeats // 2))
     result = {"rows": args.rows, "layers": args.layers, "best_configs": best, "sweep_ms": table,
-              "chains": chains(args.rows, args.layers, best, args.repeats),
               "environment": {"jax": jax.__version__, "device": jax.devices()[0].device_kind}}
+    write_json_atomic(args.out, result)  # the sweep is kept if the chains run out of time
+    result["chains"] = chains(args.rows, args.layers, best, args.repeats)
     write_json_atomic(args.out, result)
 
 

@@ -3,7 +3,8 @@ its 32 layers and the head at the step's 512 rows (prompt 256 + generation 256),
 
     python experiments/results/speed2/full_step_gemms.py [--rows 512] [--out FILE]
 
-The full step's floor in `experiments.benchmark` is its FLOPs at the peak of [8192, 8192] matmuls. At
+The full step's floor in `experiments.benchmark` is its FLOPs at the measured matmul peak (the best of
+[8192, 8192] and [16384, 16384] matmuls). At
 512 rows cuBLAS runs below that peak; this prints what these GEMMs alone reach (ms, TFLOP/s, and their
 share of the measured peak), so a profile of the step can split its time into GEMMs at their own rate
 and everything else. Time: the best of `--repeats` runs of one jitted chain.

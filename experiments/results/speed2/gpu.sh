@@ -70,8 +70,8 @@ if has fp8_ncu; then
   for config in ${FP8_NCU_CONFIGS:-default transposed=1}; do
     name=fp8_ncu_qkv_${config//[=,]/_}
     [ $config = default ] && config=""
-    timeout 150 ncu --clock-control none --kernel-name regex:"fp8_matmul|nvjet|gemm|cutlass|sm90" --launch-skip 2 \
-      --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    XLA_FLAGS="--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false" timeout 150 ncu --clock-control none \
+      --kernel-name regex:"fp8_matmul|nvjet|gemm|cutlass|sm90" --launch-skip 2 --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section Occupancy --section LaunchStats --section SchedulerStats \
       python3 experiments/results/speed2/fp8_ncu.py --shape qkv ${config//,/ } > $OUT/$name.txt 2>&1
     echo "== ncu $name"

@@ -88,22 +88,30 @@ def build(name):
 
 def time_variant(name, steps: int = 20):
     run, batch_size, n_params = build(name)
+    keep = VARIANTS[name][2] == "step"  # an update returns its loss; grad/forward outputs are dropped as they come
+    losses = []
+
+    def steps_from(first, count):
+        for i in range(first, first + count):
+            out = run(i)
+            if keep:
+                losses.append(out)
+        jax.block_until_ready(out)
+
     t0 = time.perf_counter()
-    outs = [run(i) for i in range(3)]
-    jax.block_until_ready(outs[-1])
+    steps_from(0, 3)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    outs += [run(i) for i in range(3, 3 + steps)]
-    jax.block_until_ready(outs[-1])
+    steps_from(3, steps)
     ms = 1000 * (time.perf_counter() - t0) / steps
     tokens_per_s = batch_size * SEQ / ms * 1000
     return {"variant": name, "layout": VARIANTS[name][0], "masked": VARIANTS[name][1], "part": VARIANTS[name][2],
             "batch_size": batch_size, "param_dtype": VARIANTS[name][4], "ms": round(ms, 2),
             "tokens_per_s": round(tokens_per_s), "model_tflops_6n": round(6 * n_params * tokens_per_s / 1e12, 1),
             "compile_s": round(compile_s, 1),
-            # the update's loss at every step (same seed, parameters and batch for every variant): the
-            # fixed-seed loss curve that a layout change must leave alone up to bf16 noise
-            **({"losses": [round(float(x), 5) for x in outs]} if VARIANTS[name][2] == "step" else {})}, run
+            # the update's loss at every step: the fixed-seed loss curve, equal across variants of the same batch
+            # size, parameter dtype and parameter structure up to bf16 noise (a layout change must leave it so)
+            **({"losses": [round(float(x), 5) for x in losses]} if keep else {})}, run
 
 
 def kernel_profile(name, run, directory, top: int = 25):
