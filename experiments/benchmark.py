@@ -236,18 +236,23 @@ def gemm_chain(x, layers, head, *, attention_width: int, matmul=jnp.matmul):
     return matmul(x, head)
 
 
-def chained_gemm_tb_s(config, rows: int = 32, repeats: int = 10) -> tuple[float, float]:
-    """(TB/s, GB) of the model's own GEMMs at `rows` rows, chained over every layer as a window step
-    runs them (`gemm_chain`), with bf16 weights of the model's shapes read once each: the memory floor
-    of a cached step measured on the work it is made of (the speed issue's chained floor). The layers
-    are unrolled as the benchmarked model's are (`scan_layers=False`): on the H100 a scan over stacked
-    weights ran 0.95-0.97 TB/s."""
+def chained_gemm_seconds(config, rows: int, repeats: int = 10) -> tuple[float, int]:
+    """(seconds, weight bytes) of the model's own GEMMs at `rows` rows, chained over every layer and
+    then the head as a forward runs them (`gemm_chain`), with bf16 weights of the model's shapes. The
+    layers are unrolled as the benchmarked model's are (`scan_layers=False`): on the H100 a scan over
+    stacked weights ran 0.95-0.97 TB/s at 32 rows."""
     fill = jax.jit(lambda shape: jnp.full(shape, 1e-3, jnp.bfloat16), static_argnums=0)
     layers = [{name: fill(shape) for name, shape in gemm_shapes(config).items()} for _ in range(config.n_layers)]
     head = fill((config.d_model, config.vocab_size))
     chain = jax.jit(functools.partial(gemm_chain, attention_width=config.n_heads * config.head_dim))
     seconds = best_seconds(chain, jnp.ones((rows, config.d_model), jnp.bfloat16), layers, head, repeats=repeats)
-    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((layers, head)))
+    return seconds, sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((layers, head)))
+
+
+def chained_gemm_tb_s(config, rows: int = 32, repeats: int = 10) -> tuple[float, float]:
+    """(TB/s, GB) of `chained_gemm_seconds` at a window step's `rows`, each weight read once: the memory
+    floor of a cached step measured on the work it is made of (the speed issue's chained floor)."""
+    seconds, nbytes = chained_gemm_seconds(config, rows, repeats)
     return nbytes / seconds / 1e12, nbytes / 1e9
 
 

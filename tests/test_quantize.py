@@ -74,7 +74,7 @@ def dllm_sampler():
 def test_fp8_matmul_equals_the_gemm_of_the_dequantized_weights(rows, k, splits, transposed, dot_dtype):
     """The Pallas kernel (interpreted on CPU) against numpy's float64 GEMM of x and float(w8) * scale: equal
     up to the bf16 rounding of the output (half an ulp of the largest entry); K / block_k = 6 and 5 blocks
-        over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]; float16: these
+    over 4 splits share the contraction unevenly. transposed: the same weights given as [N, K]; float16: these
     bf16 activations are exact in float16, so the same bound holds, and the kernel is seen to multiply in it."""
     from dllm.models.fp8_gemm import fp8_matmul
 

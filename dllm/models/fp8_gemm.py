@@ -7,8 +7,8 @@ pattern `x @ (convert(w8) * scale)` into a GEMM that reads FP8: it materializes 
 runs slow Triton fusions (speed issue 25). Here each program owns `block_n` output columns and a
 share of the contraction (split-K, as `dllm.models.window_attention` splits keys): it walks its rows
 of the weight in blocks of `block_k`, loads the FP8 tile, converts it to the multiply's dtype (the
-activations', or float16) in registers, and accumulates `x_tile @ w_tile` in float32. The per-output-channel scale
-(`dllm.models.quantize`) multiplies the summed result once, which is exact algebra:
+activations', or float16) in registers, and accumulates `x_tile @ w_tile` in float32. The
+per-output-channel scale (`dllm.models.quantize`) multiplies the summed result once, which is exact algebra:
 
     x @ (w8 * scale[None, :]) = (x @ w8) * scale[None, :].
 
@@ -83,8 +83,8 @@ def fp8_matmul(x: jax.Array, w8: jax.Array, scale: jax.Array, *, block_n: int = 
     `block_n`, both powers of two. `splits` (default `default_splits`; at most K / block_k) programs
     share each column block's contraction as evenly as whole blocks allow, and their float32 partial
     sums are added afterwards. `transposed`: w8 is [N, K] (the operands swapped in the kernel; see the
-    module's docstring); a square weight's layout cannot be checked from its shape. `dot_dtype`: None (the activations' dtype) or "float16" (see the module's
-    docstring). `interpret`: run in Pallas's interpreter (default: on CPU)."""
+    module's docstring); a square weight's layout cannot be checked from its shape. `dot_dtype`: None
+    (the activations' dtype) or "float16" (see the module's docstring). `interpret`: run in Pallas's interpreter (default: on CPU)."""
     k_axis = 1 if transposed else 0
     if x.ndim != 2 or w8.ndim != 2 or x.shape[1] != w8.shape[k_axis]:
         layout = "[N, K] (transposed=True)" if transposed else "[K, N]"

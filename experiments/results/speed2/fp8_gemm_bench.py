@@ -51,9 +51,8 @@ def sweep(rows: int, repeats: int):
         x = jax.random.normal(jax.random.PRNGKey(1), (rows, k), jnp.float32).astype(jnp.bfloat16)
         w8, scale = fp8_weights(jax.random.PRNGKey(2), (k, n))
         w8t = w8.T.copy()
-        reference = jnp.dot(x, (w8.astype(jnp.float32) * scale).astype(jnp.bfloat16),
-                            preferred_element_type=jnp.float32)
         bf16 = (w8.astype(jnp.float32) * scale).astype(jnp.bfloat16)
+        reference = jnp.dot(x, bf16, preferred_element_type=jnp.float32)
         rows_out = {"xla_bf16_ms": 1e3 * best_seconds(jax.jit(jnp.dot), x, bf16, repeats=repeats)}
         for config in configs:
             label = LABEL.format(**config)
@@ -94,10 +93,8 @@ def chains(rows: int, layers: int, best: dict, repeats: int):
     stored = lambda w: (w[0].T.copy(), w[1]) if config_of(w[0].shape).get("transposed") else w
     fp8_stored = [{name: stored(w) for name, w in layer.items()} for layer in fp8]
     head8_stored = stored(head8)
-    # a [N, K] weight's config is found by its [K, N] shape
-    kernel_config = lambda w8, scale: config_of((w8.shape[1], w8.shape[0]) if w8.shape[0] == scale.shape[0]
-                                                and w8.shape[0] != w8.shape[1] else w8.shape)
-    kernel = lambda x, w: fp8_matmul(x, w[0], w[1], **kernel_config(*w))
+    # a weight's [K, N] shape in either layout: N is its scale's length
+    kernel = lambda x, w: fp8_matmul(x, w[0], w[1], **config_of((w[0].size // w[1].size, w[1].size)))
     dequantize = lambda x, w: x @ (w[0].astype(jnp.bfloat16) * w[1].astype(jnp.bfloat16))
     x = jnp.full((rows, LLADA_8B.d_model), 0.01, jnp.bfloat16)
     nbytes = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))

@@ -16,16 +16,12 @@ arguments go to `fp8_matmul` (block_n=64, transposed=1 for the [N, K] weights, d
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fp8_gemm_bench import SHAPES, fp8_weights  # noqa: E402
-
-from dllm.models.fp8_gemm import fp8_matmul  # noqa: E402
+from dllm.models.fp8_gemm import fp8_matmul
+from experiments.results.speed2.fp8_gemm_bench import SHAPES, fp8_weights
 
 
 def setting(text: str):
