@@ -31,7 +31,7 @@ from flax import nnx
 from dllm.models import hf_names
 from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, read_json, to_own_config_dict
 from dllm.models.layout import CANONICAL, LAYOUT_FIELDS, Layout
-from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups,
+from dllm.models.transformer import (JOINED_ON_HEADS, Transformer, canonical_params, fuse_params, fused_groups,
                                      layer_param_shapes, model_layer_shapes, model_param_tree)
 from dllm.tokenizer import Tokenizer
 
@@ -174,7 +174,12 @@ def load_hf_params(folder: Path, config: ModelConfig, layout: Layout = CANONICAL
 
     def read_layer(name: str, i: int) -> np.ndarray:
         arrays = [read(layer_names[part].format(i=i), part, shapes[part]) for part in parts_of[name]]
-        array = arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=1)  # fused: [d, parts, ...]
+        if len(arrays) == 1:
+            array = arrays[0]
+        elif name in JOINED_ON_HEADS:  # [d, heads of every part, head_dim]
+            array = np.concatenate(arrays, axis=1)
+        else:  # fused: [d, parts, ...]
+            array = np.stack(arrays, axis=1)
         return array.astype(dtype, copy=False)
 
     params: dict[str, jax.Array] = {}

@@ -488,12 +488,13 @@ def _transformer_param_axes() -> dict[str, tuple]:
     from dllm.models.layout import Layout
     from dllm.models.transformer import Transformer
 
-    config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, mlp_hidden=8, qkv_bias=True,
-                         tie_embeddings=False)
     axes = {}
-    for fused in (False, True):  # canonical names and fused ones (`Layout.fused_projections`)
-        model = nnx.eval_shape(lambda: Transformer(config, Layout(fused_projections=fused), rngs=nnx.Rngs(0)))
-        axes.update({_name(path): _logical_axes(path, var) for path, var in _params(model)})
+    for kv_heads in (2, 1):  # multi-head and grouped-query attention (their fused q/k/v differ)
+        config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=kv_heads, mlp_hidden=8,
+                             qkv_bias=True, tie_embeddings=False)
+        for fused in (False, True):  # canonical names and fused ones (`Layout.fused_projections`)
+            model = nnx.eval_shape(lambda: Transformer(config, Layout(fused_projections=fused), rngs=nnx.Rngs(0)))
+            axes.update({_name(path): _logical_axes(path, var) for path, var in _params(model)})
     return axes
 
 

@@ -251,9 +251,10 @@ def test_window_key_length_equals_a_key_mask(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_path, arch):
-    """fused_projections: q/k/v as one qkv_proj [d, 3, heads, head_dim] (multi-head attention
-    only; Dream's GQA keeps them apart) and gate/up as one gate_up_proj [d, 2, mlp], stacked
-    on the host at load (also when placed per layer), unfused again in checkpoints."""
+    """fused_projections: q/k/v as one qkv_proj [d, 3, heads, head_dim] (multi-head attention;
+    Dream's GQA: one gqa_qkv_proj [d, heads + 2 kv_heads, head_dim]) and gate/up as one
+    gate_up_proj [d, 2, mlp], stacked on the host at load (also when placed per layer),
+    unfused again in checkpoints."""
     from dllm.checkpoints import model_from_params
     from dllm.models.transformer import canonical_params
     from dllm.sharding import MeshConfig, Placer, make_mesh
@@ -271,13 +272,13 @@ def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_pat
                                         layout=dllm.Layout(scan_layers=scan_layers, fused_projections=True))
         layers = fused.layer_params()
         first = layers[0] if not scan_layers else jax.tree.map(lambda a: a[0], layers)
-        fused_names = {"gate_up_proj", "qkv_proj"} if arch == "llada" else {"gate_up_proj"}
-        assert fused_names <= set(first) and not {"gate_proj", "up_proj"} & set(first)
+        assert not {"gate_proj", "up_proj", "q_proj", "k_proj", "v_proj"} & set(first)
         assert first["gate_up_proj"].shape == (64, 2, 160)
         if arch == "llada":
-            assert first["qkv_proj"].shape == (64, 3, 4, 16) and "q_proj" not in first
-        else:
-            assert first["q_proj"].shape == (64, 4, 16) and first["k_proj"].shape == (64, 2, 16)
+            assert first["qkv_proj"].shape == (64, 3, 4, 16)
+        else:  # 4 query heads, then 2 key heads, then 2 value heads
+            assert first["gqa_qkv_proj"].shape == (64, 4 + 2 + 2, 16)
+            np.testing.assert_array_equal(first["gqa_qkv_proj"][:, 4:6], canonical_params(plain)["k_proj"][0])
         ours = np.asarray(fused(jnp.asarray(tokens), jnp.asarray(mask)))
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
         if arch == "llada":
@@ -295,12 +296,14 @@ def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_pat
         model_from_params(plain.config, bad, dllm.Layout(fused_projections=True))
 
 
-def test_fused_projections_decode_the_same_tokens(tmp_path):
-    """The engine with fused GEMMs (cached and uncached) commits the tokens of the unfused model."""
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_fused_projections_decode_the_same_tokens(tmp_path, arch):
+    """The engine with fused GEMMs (cached and uncached) commits the tokens of the unfused model
+    (Dream: grouped-query attention, q/k/v joined on the heads axis)."""
     import samplers
     from dllm.decoding import SpecialIds
 
-    hf_fixtures.make_llada(tmp_path)
+    (hf_fixtures.make_llada if arch == "llada" else hf_fixtures.make_dream)(tmp_path)
     plain, tokenizer = dllm.from_pretrained(tmp_path, dtype="float32")
     fused, _ = dllm.from_pretrained(tmp_path, dtype="float32", layout=dllm.Layout(scan_layers=False,
                                                                                    fused_projections=True))

@@ -33,13 +33,15 @@ def draw(batch, queries, heads, kv_heads, head_dim, length, seed=0):
 
 # (batch, queries, heads, kv_heads, head_dim, cache length, key_length, splits, block_k)
 SHAPES = [(2, 8, 4, 4, 16, 40, 30, None, 16),   # MHA, the default split plan
-          (1, 5, 4, 2, 32, 70, 70, 2, 32),      # GQA, a window padded to 16 rows, the whole cache
+          (1, 5, 4, 2, 32, 70, 70, 2, 32),      # GQA, 2 x 5 rows padded to 16, the whole cache
           (3, 8, 8, 2, 16, 100, 90, 3, 16),     # 4 query heads per KV head, 3 splits
           (1, 16, 2, 1, 16, 48, 44, 1, 16),     # one KV head, one split
-          (2, 33, 8, 2, 16, 100, 96, 2, 16)]    # 4 x 64 rows per KV head in 4 row blocks; the window crosses splits
+          (2, 33, 8, 2, 16, 100, 96, 2, 16),    # 4 x 33 rows per KV head in 3 row blocks; the window crosses splits
+          (1, 33, 14, 2, 16, 70, 66, None, 16)]  # Qwen2.5-7B's groups of 7: 231 rows, 4 blocks, the last one part padding
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits", "mqa-one-split", "row-blocks"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits", "mqa-one-split", "row-blocks",
+                                               "group-of-7"])
 @pytest.mark.parametrize("masked", [False, True], ids=["key-length", "key-mask"])
 def test_equals_xla_attention_and_write_rows(shape, masked):
     batch, queries, heads, kv_heads, head_dim, length, key_length, splits, block_k = shape
@@ -49,7 +51,7 @@ def test_equals_xla_attention_and_write_rows(shape, masked):
     np.testing.assert_allclose(out, reference(q, k, v, key_mask, key_length), atol=2e-6)
 
     # length - 2: clamped to length - queries, as write_rows does; 40: the window spans both splits of row-blocks
-    start = jnp.array([3, length - 2, 10][:batch] if queries < 33 else [40, length - 2])
+    start = jnp.array([3, length - 2, 10][:batch] if queries < 33 else [40, length - 2][:batch])
     out, new_k, new_v = window_attention(q, k, v, key_mask, new_kv, start, key_length=key_length, splits=splits,
                                          block_k=block_k)
     written_k, written_v = write_rows(k, new_kv[0], start), write_rows(v, new_kv[1], start)
@@ -58,7 +60,8 @@ def test_equals_xla_attention_and_write_rows(shape, masked):
     np.testing.assert_allclose(out, reference(q, written_k, written_v, key_mask, key_length), atol=2e-6)
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:3] + SHAPES[4:], ids=["gqa-padded", "gqa-splits", "row-blocks"])
+@pytest.mark.parametrize("shape", SHAPES[1:3] + SHAPES[4:], ids=["gqa-padded", "gqa-splits", "row-blocks",
+                                                                   "group-of-7"])
 def test_a_column_limit_per_query_equals_xla_with_the_pair_mask(shape):
     """key_limit: query q sees columns < limit[b, q] (the block-causal window), with the key mask,
     the key length and the fused write, against XLA's attention under the [B, Q, S] pair mask."""
@@ -66,7 +69,7 @@ def test_a_column_limit_per_query_equals_xla_with_the_pair_mask(shape):
     q, k, v, key_mask, new_kv = draw(batch, queries, heads, kv_heads, head_dim, length, seed=1)
     key_mask = key_mask.at[:, 0].set(1)  # every query keeps a key
     limit = jax.random.randint(jax.random.key(2), (batch, queries), 1, length + 1)
-    start = jnp.array([3, length - 2, 10][:batch] if queries < 33 else [40, length - 2])
+    start = jnp.array([3, length - 2, 10][:batch] if queries < 33 else [40, length - 2][:batch])
     out, new_k, new_v = window_attention(q, k, v, key_mask, new_kv, start, key_length=key_length, key_limit=limit,
                                          splits=splits, block_k=block_k)
     written_k, written_v = write_rows(k, new_kv[0], start), write_rows(v, new_kv[1], start)

@@ -24,10 +24,11 @@ checkpoint). Layer parameters are laid out as `Layout.scan_layers` says (as MaxT
 along a leading `layers` axis for `lax.scan` (fast compile, training), or one
 `blocks[i]` dict per layer for unrolled layers (fastest decoding on GPU: no
 per-step slice copies of stacked weights). With `fused_projections` the model
-holds q/k/v as one `qkv_proj` [d, 3, heads, head_dim] (multi-head attention
-only) and gate/up as one `gate_up_proj` [d, 2, mlp] (MaxText's `fused_qkv` and
-`fused_mlp`): one wide GEMM instead of three or two, which at 32 tokens streams
-the weights faster. Checkpoints always hold the stacked, unfused ("canonical")
+holds q/k/v as one `qkv_proj` [d, 3, heads, head_dim] (multi-head attention), or
+with grouped-query attention as one `gqa_qkv_proj` [d, heads + 2 kv_heads, head_dim]
+(q, k and v heads side by side), and gate/up as one `gate_up_proj` [d, 2, mlp]
+(MaxText's `fused_qkv` and `fused_mlp`): one wide GEMM instead of three or two,
+which at 32 tokens streams the weights faster. Checkpoints always hold the stacked, unfused ("canonical")
 layout; `canonical_params` and `model_param_tree` convert. Every parameter
 carries logical axis names in its `logical_axes` metadata; `dllm.sharding` maps
 them to mesh axes (the new "qkv"/"gate_up" axes stay whole).
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -71,11 +73,15 @@ LAYER_PARAM_AXES = {
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
     "qkv_proj": ("embed", "qkv", "heads", "head_dim"),
+    "gqa_qkv_proj": ("embed", "qkv_heads", "head_dim"),  # no sharding rule: q, k and v heads would mix
     "gate_up_proj": ("embed", "gate_up", "mlp"),
 }
 
-# Fused parameter -> the canonical parameters stacked along its second axis.
-FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Fused parameter -> the canonical parameters stacked along its second axis (a new one), or,
+# for the names in JOINED_ON_HEADS, joined along their heads axis (their head counts differ).
+FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+                "gqa_qkv_proj": ("q_proj", "k_proj", "v_proj")}
+JOINED_ON_HEADS = {"gqa_qkv_proj"}
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -102,14 +108,17 @@ def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def fused_groups(config: ModelConfig, layout: Layout) -> dict[str, tuple[str, ...]]:
     """The fused parameters a model of this config holds in this layout (see
-    `Layout.fused_projections`): gate/up always, q/k/v only with multi-head
-    attention (equal head counts)."""
+    `Layout.fused_projections`): gate/up, and q/k/v as `qkv_proj` (multi-head
+    attention) or `gqa_qkv_proj` (fewer KV heads)."""
     if not layout.fused_projections:
         return {}
-    groups = {"gate_up_proj": FUSED_PARAMS["gate_up_proj"]}
-    if config.n_kv_heads == config.n_heads:
-        groups["qkv_proj"] = FUSED_PARAMS["qkv_proj"]
-    return groups
+    qkv = "qkv_proj" if config.n_kv_heads == config.n_heads else "gqa_qkv_proj"
+    return {"gate_up_proj": FUSED_PARAMS["gate_up_proj"], qkv: FUSED_PARAMS[qkv]}
+
+
+def _joined_sizes(config: ModelConfig, parts: tuple[str, ...]) -> list[int]:
+    """Head counts of a JOINED_ON_HEADS group's parts, in order."""
+    return [layer_param_shapes(config)[part][-2] for part in parts]
 
 
 def model_layer_shapes(config: ModelConfig, layout: Layout) -> dict[str, tuple[int, ...]]:
@@ -120,7 +129,10 @@ def model_layer_shapes(config: ModelConfig, layout: Layout) -> dict[str, tuple[i
         first = shapes[parts[0]]
         for part in parts:
             del shapes[part]
-        shapes[fused] = (first[0], len(parts), *first[1:])
+        if fused in JOINED_ON_HEADS:
+            shapes[fused] = (first[0], sum(_joined_sizes(config, parts)), first[-1])
+        else:
+            shapes[fused] = (first[0], len(parts), *first[1:])
     return shapes
 
 
@@ -139,11 +151,14 @@ def fuse_params(config: ModelConfig, layout: Layout, params: dict) -> dict:
         if not all(part in params for part in parts):
             continue
         values = [params.pop(part) for part in parts]
-        axis = _stack_axis(config, parts[0])
-        if isinstance(values[0], (list, tuple)):
-            params[fused] = [jnp.stack(layer, axis=axis) for layer in zip(*values)]
+        if fused in JOINED_ON_HEADS:
+            join = functools.partial(jnp.concatenate, axis=-2)
         else:
-            params[fused] = jnp.stack(values, axis=axis)
+            join = functools.partial(jnp.stack, axis=_stack_axis(config, parts[0]))
+        if isinstance(values[0], (list, tuple)):
+            params[fused] = [join(layer) for layer in zip(*values)]
+        else:
+            params[fused] = join(values)
     return params
 
 
@@ -151,7 +166,12 @@ def split_fused(config: ModelConfig, layout: Layout, params: dict) -> dict:
     """The model's names -> canonical ones (inverse of `fuse_params`)."""
     params = dict(params)
     for fused, parts in fused_groups(config, layout).items():
-        value, axis = params.pop(fused), _stack_axis(config, parts[0])
+        value = params.pop(fused)
+        if fused in JOINED_ON_HEADS:
+            ends = list(itertools.accumulate(_joined_sizes(config, parts)))[:-1]
+            params.update(zip(parts, jnp.split(value, ends, axis=-2)))
+            continue
+        axis = _stack_axis(config, parts[0])
         for i, part in enumerate(parts):
             params[part] = jnp.take(value, i, axis=axis)
     return params
@@ -200,6 +220,9 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
     if "qkv_proj" in p:  # fused_projections: one GEMM
         qkv = jnp.einsum("bld,dchk->blchk", h, p["qkv_proj"].astype(dtype))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    elif "gqa_qkv_proj" in p:  # the same with q, k and v heads side by side
+        qkv = jnp.einsum("bld,dhk->blhk", h, p["gqa_qkv_proj"].astype(dtype))
+        q, k, v = jnp.split(qkv, [config.n_heads, config.n_heads + config.n_kv_heads], axis=2)
     else:
         q, k, v = _separate_qkv(h, p, dtype)
     if config.qkv_bias:

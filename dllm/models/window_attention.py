@@ -221,14 +221,15 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     group = heads // kv_heads
-    padded_queries = max(16, pl.next_power_of_2(queries))
-    rows = group * padded_queries
-    block_rows = min(ROWS_PER_PROGRAM, pl.next_power_of_2(rows))
+    padded_queries = max(16, pl.next_power_of_2(queries))  # the fused write's block (Triton: a power of two)
+    rows = group * queries
+    block_rows = min(ROWS_PER_PROGRAM, max(16, pl.next_power_of_2(rows)))
     row_blocks = pl.cdiv(rows, block_rows)
     if splits is None:
         splits = SPLITS or default_splits(batch * kv_heads * row_blocks)
-    # Rows of KV head g: its query heads' (padded) windows, head-major (row = j * Qp + query).
-    tiles = _pad_axis(q, 1, padded_queries).reshape(batch, padded_queries, kv_heads, group, head_dim)
+    # Rows of KV head g: its query heads' windows, head-major (row = j * Q + query), padded at the end only
+    # (a GQA group of 7 heads over 33 queries fills 4 blocks of 64 rows, not 7 of one padded window each).
+    tiles = q.reshape(batch, queries, kv_heads, group, head_dim)
     tiles = _pad_axis(tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim), 2,
                       row_blocks * block_rows)
     programs, per_split = split_plan(key_length, splits, block_k)
@@ -244,7 +245,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         in_specs.append(pl.BlockSpec((None, length), lambda b, g, i: (b, 0)))
         operands.append(key_mask.astype(jnp.int32))
     if key_limit is not None:  # per tile row (head-major, as the query tiles): its query's limit
-        row_limits = jnp.tile(_pad_axis(key_limit.astype(jnp.int32), 1, padded_queries), (1, group))
+        row_limits = jnp.tile(key_limit.astype(jnp.int32), (1, group))
         in_specs.append(pl.BlockSpec((None, block_rows), lambda b, g, i: (b, i // programs)))
         operands.append(_pad_axis(row_limits, 1, row_blocks * block_rows))
     out_specs = [pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, g, i: (b, g, i % programs, i // programs, 0)),
@@ -273,6 +274,6 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         name="window_attention",
     )(*operands)
     merged = combine_splits(outputs[0], outputs[1])[:, :, :rows].astype(q.dtype)
-    merged = merged.reshape(batch, kv_heads, group, padded_queries, head_dim)[:, :, :, :queries]
+    merged = merged.reshape(batch, kv_heads, group, queries, head_dim)
     attended = merged.transpose(0, 3, 1, 2, 4).reshape(q.shape)
     return attended if new_kv is None else (attended, outputs[2], outputs[3])
