@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 from typing import Any, Sequence
@@ -492,8 +493,9 @@ def _transformer_param_axes() -> dict[str, tuple]:
     for kv_heads in (2, 1):  # multi-head and grouped-query attention (their fused q/k/v differ)
         config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=kv_heads, mlp_hidden=8,
                              qkv_bias=True, tie_embeddings=False)
-        for fused in (False, True):  # canonical names and fused ones (`Layout.fused_projections`)
-            model = nnx.eval_shape(lambda: Transformer(config, Layout(fused_projections=fused), rngs=nnx.Rngs(0)))
+        for fused, fp8 in itertools.product((False, True), (False, True)):  # canonical and fused names, FP8 scales
+            layout = Layout(fused_projections=fused, fp8_weights=fp8)
+            model = nnx.eval_shape(lambda: Transformer(config, layout, rngs=nnx.Rngs(0)))
             axes.update({_name(path): _logical_axes(path, var) for path, var in _params(model)})
     return axes
 

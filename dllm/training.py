@@ -328,10 +328,11 @@ def check_training_layout(model_layout: Layout) -> Layout:
     any `scan_unroll`."""
     if not isinstance(model_layout, Layout):
         raise ValueError(f"training layout {model_layout!r}: expected a dllm.models.layout.Layout")
-    if not model_layout.scan_layers or model_layout.fused_projections:
+    if not model_layout.scan_layers or model_layout.fused_projections or model_layout.fp8_weights:
         raise ValueError(f"training layout scan_layers={model_layout.scan_layers}, fused_projections="
-                         f"{model_layout.fused_projections}: training runs the checkpoints' parameters "
-                         "(scan_layers=true, fused_projections=false); a training layout chooses the "
+                         f"{model_layout.fused_projections}, fp8_weights={model_layout.fp8_weights}: training "
+                         "runs the checkpoints' parameters (scan_layers=true, fused_projections=false, "
+                         "fp8_weights=false); a training layout chooses the "
                          "attention kernel (attention_impl: null, xla or cudnn) and scan_unroll only")
     return model_layout
 

@@ -69,6 +69,7 @@ def attention_impl(cfg: DictConfig, key: str = "attention_impl") -> str | None:
 def run_layout(cfg: DictConfig) -> dllm.Layout:
     return dllm.Layout(scan_layers=cfg.layout.scan_layers, scan_unroll=cfg.layout.get("scan_unroll", 1),
                        fused_projections=cfg.layout.fused_projections,
+                       fp8_weights=cfg.layout.get("fp8_weights", False),
                        attention_impl=attention_impl(cfg),
                        window_attention_impl=attention_impl(cfg, "window_attention_impl"))
 
@@ -92,8 +93,9 @@ def random_model(cfg: DictConfig) -> dllm.Transformer:
     layout = run_layout(cfg)
     # Drawn stacked (the unrolled initializer takes long to compile at 8B), then
     # laid out per layer when scan_layers is off.
-    stacked = nnx.jit(lambda: dllm.Transformer(config, layout.replace(scan_layers=True), rngs=nnx.Rngs(0)))()
-    if layout.scan_layers:
+    stacked = nnx.jit(lambda: dllm.Transformer(config, layout.replace(scan_layers=True, fp8_weights=False),
+                                               rngs=nnx.Rngs(0)))()
+    if layout == stacked.layout:
         return stacked
     params = canonical_params(stacked)
     del stacked
@@ -382,7 +384,8 @@ def main(cfg: DictConfig) -> list[dict]:
                     "over_chained_weights": round(ms / (weights / floors["chained_gemm_tb_s"] / 1e9), 3)}
                    if floors and floors.get("chained_gemm_tb_s") else {}),
                 "compile_s": round(compile_s, 1), "scan_layers": model.layout.scan_layers,
-                "fused_projections": model.layout.fused_projections, "attention_impl": model.layout.attention_impl,
+                "fused_projections": model.layout.fused_projections, "fp8_weights": model.layout.fp8_weights,
+                "attention_impl": model.layout.attention_impl,
                 "window_attention_impl": (None if cache == "none" else block_window_attention(c, model.layout, batch,
                                                                                                 cfg.block_length)
                                           if cache == "block" else "gathered columns: layout.attention_impl"

@@ -61,6 +61,74 @@ def test_fp8_rounded_model_rounds_the_gemm_weights_only_and_still_decodes():
         dllm.from_pretrained(path, weight_rounding="int4")
 
 
+@pytest.mark.parametrize("layout", [dllm.Layout(fp8_weights=True),
+                                    dllm.Layout(scan_layers=False, fused_projections=True, fp8_weights=True)],
+                         ids=["scanned", "unrolled-fused"])
+def test_fp8_weights_hold_the_fp8_bytes_and_compute_the_rounded_model(layout):
+    """Layout.fp8_weights: the GEMM weights held as float8 with float32 scales, whose logits equal those
+    of the independent route (weight_rounding="fp8": the round trip in the parameter dtype through
+    XLA's einsum) through the Pallas kernel (<= 128 rows) and through the dequantized GEMM (more rows);
+    canonical_params gives back the rounded weights; a dual-cache decode commits the same tokens."""
+    path = REPO_ROOT / "checkpoints/tiny-tasks"
+    rounded, tokenizer = dllm.from_pretrained(path, dtype="float32", weight_rounding="fp8")
+    fp8, _ = dllm.from_pretrained(path, dtype="float32", layout=layout)
+    layer = fp8.layer_params()[0] if isinstance(fp8.layer_params(), list) else fp8.layer_params()
+    gemms = [name for name in layer if name in CONTRACTION_AXES]
+    assert len(gemms) >= 3 and all(layer[name].dtype == jnp.float8_e4m3fn for name in gemms)
+    assert all(layer[name + "_scale"].dtype == jnp.float32 for name in gemms)
+    assert fp8.lm_head[...].dtype == jnp.float8_e4m3fn
+    from dllm.models.transformer import canonical_params
+
+    for name, value in canonical_params(rounded).items():
+        np.testing.assert_array_equal(canonical_params(fp8)[name], value, err_msg=name)
+    for rows in (2 * 16, 3 * 48):  # 32 rows: the kernel; 144 > fp8_gemm.MAX_ROWS: dequantized
+        tokens = jax.random.randint(jax.random.key(rows), (rows // 16 if rows < 128 else 3, min(rows, 48)), 3, 57)
+        np.testing.assert_allclose(fp8(tokens), rounded(tokens), atol=1e-4, rtol=1e-4, err_msg=str(rows))
+    prompts = [tokenizer.encode("copy : Ann Bob Cid Dan =>"), tokenizer.encode("sort : 3 1 2 =>")]
+    runs = [dllm.generate(m, prompts, dllm_sampler(), gen_length=16, block_length=8, tokenizer=tokenizer,
+                          cache="dual") for m in (rounded, fp8)]
+    np.testing.assert_array_equal(np.asarray(runs[1].tokens), np.asarray(runs[0].tokens))
+
+
+def test_fp8_weights_with_grouped_query_attention_equal_the_rounded_model(tmp_path):
+    """Dream's fixture (GQA, q/k/v biases): its fused q/k/v (`gqa_qkv_proj`) in FP8 gives the rounded
+    model's logits."""
+    from tests import hf_fixtures
+
+    hf_fixtures.make_dream(tmp_path)
+    rounded, _ = dllm.from_pretrained(tmp_path, dtype="float32", weight_rounding="fp8")
+    fp8, _ = dllm.from_pretrained(tmp_path, dtype="float32", layout=dllm.Layout(
+        scan_layers=False, fused_projections=True, fp8_weights=True))
+    assert fp8.layer_params()[0]["gqa_qkv_proj"].dtype == jnp.float8_e4m3fn
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 3, rounded.config.vocab_size)
+    np.testing.assert_allclose(fp8(tokens), rounded(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_weights_bad_input():
+    from dllm.models.quantize import fp8_einsum
+    from dllm.training import check_training_layout
+
+    with pytest.raises(ValueError, match=r"Layout.fp8_weights='yes': must be true or false"):
+        dllm.Layout(fp8_weights="yes")
+    with pytest.raises(ValueError, match=r"fp8_weights=True: training runs the checkpoints' parameters"):
+        check_training_layout(dllm.Layout(fp8_weights=True))
+    w8, scale = quantize_fp8(jnp.ones((16, 32)), (0,))
+    with pytest.raises(ValueError, match=r"fp8_einsum: spec 'bd,fd->bf'"):
+        fp8_einsum("bd,fd->bf", jnp.ones((2, 32)), w8.T, scale.T)
+    import samplers
+    from flax import nnx
+
+    from dllm.decoding import SpecialIds
+    from dllm.sharding import MeshConfig, make_mesh
+
+    config = dllm.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64)
+    model = dllm.Transformer(config, dllm.Layout(fp8_weights=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"Layout.fp8_weights decodes on one device"):
+        dllm.generate(model, [[5, 6, 7]], samplers.Threshold(), gen_length=4, block_length=4,
+                      special=SpecialIds(mask=63, eos=62, eot=62, pad=0),
+                      mesh=make_mesh(MeshConfig(), devices=jax.devices()[:1]))
+
+
 def dllm_sampler():
     import samplers
 

@@ -614,6 +614,9 @@ def place_on_mesh(model, params, mesh, rules, config: DecodeConfig, rows: int, p
     if model.layout.window_attention_impl == "pallas":
         raise ValueError("window_attention_impl='pallas' runs on one device (the kernel is not partitioned); "
                          "with a mesh use 'xla', 'cudnn' or None")
+    if model.layout.fp8_weights:
+        raise ValueError("Layout.fp8_weights decodes on one device (its FP8 GEMM kernel is not partitioned); "
+                         "pass mesh=None, or load the model without fp8_weights")
     from dllm import sharding
 
     placement = sharding.Placement.of(mesh, rules)

@@ -36,6 +36,12 @@ class Layout:
         head_dim], which stays unsharded) and gate/up as one [d, 2, mlp] parameter,
         each applied as one GEMM (MaxText's fused_qkv / fused_mlp). Faster
         decoding at few tokens per step.
+      fp8_weights: hold every GEMM weight (q/k/v, attention output, gate/up,
+        down, the untied output head) as float8 e4m3 with a float32 scale per
+        output column, quantized when the model is built or loaded
+        (`dllm.models.quantize`): a step of at most 128 rows reads the FP8
+        bytes through a Pallas kernel, larger ones dequantize. Decoding only;
+        checkpoints hold the rounded weights in the parameter dtype.
       attention_impl: passed to `jax.nn.dot_product_attention` for full
         forwards ("xla", "cudnn", or None: jax's default, XLA's attention).
       window_attention_impl: the same for cached window steps (a window of
@@ -52,11 +58,12 @@ class Layout:
     scan_layers: bool = True
     scan_unroll: int = 1
     fused_projections: bool = False
+    fp8_weights: bool = False
     attention_impl: str | None = None
     window_attention_impl: str | None = None
 
     def __post_init__(self):
-        for name in ("scan_layers", "fused_projections"):
+        for name in ("scan_layers", "fused_projections", "fp8_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Layout.{name}={getattr(self, name)!r}: must be true or false")
         if isinstance(self.scan_unroll, bool) or not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:

@@ -1,4 +1,5 @@
-"""FP8 (e4m3) weights: quantize, dequantize, and a model whose GEMM weights are rounded to FP8.
+"""FP8 (e4m3) weights: quantize, dequantize, a model whose GEMM weights are rounded to FP8, and the
+GEMM of a model that holds them in FP8 (`Layout.fp8_weights`).
 
 The format the FP8 decoding peers use (LLaDA2.1's speed mode, DiffusionGemma on vLLM): float8 e4m3
 (`float8_e4m3fn`, largest finite value 448, 3 mantissa bits) with one float32 scale per output
@@ -13,25 +14,38 @@ the parameter dtype. What FP8 weights do to a decode's tokens and a task's accur
 measured exactly (a GEMM that reads the FP8 bytes and dequantizes in registers multiplies by the same
 values, up to the order of float sums). It does not make a step faster: the weights are still read
 in the parameter dtype. The embedding (a gather) and the norms stay as they are.
+
+`Layout.fp8_weights` is the speed side: the model holds the same weights as float8 with a float32
+`<name>_scale` beside each (`quantize_weights`), and `fp8_einsum` multiplies by them. A GEMM of at
+most `fp8_gemm.MAX_ROWS` rows (a cached step's window at small batch) runs the Pallas kernel
+`dllm.models.fp8_gemm.fp8_matmul`, which reads the FP8 bytes; more rows (full forwards: compute-bound)
+dequantize the weight and run XLA's GEMM, which reads it once more in the compute dtype.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = 448.0
-# canonical GEMM weight -> its contraction axes, counted from the end (layer weights are stacked [layers, ...])
+# GEMM weight -> its contraction axes, counted from the end (layer weights are stacked [layers, ...])
 CONTRACTION_AXES = {
     "q_proj": (-3,), "k_proj": (-3,), "v_proj": (-3,),  # [d, heads, head_dim]
     "o_proj": (-3, -2),                                 # [heads, head_dim, d]
     "gate_proj": (-2,), "up_proj": (-2,),               # [d, mlp]
     "down_proj": (-2,),                                 # [mlp, d]
     "lm_head": (-2,),                                   # [d, vocab]
+    # fused (`Layout.fused_projections`): one scale per output column of every part
+    "qkv_proj": (-4,), "gqa_qkv_proj": (-3,), "gate_up_proj": (-3,),
 }
+SCALE_SUFFIX = "_scale"
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one fusion: no float32 copy of a large weight
 def quantize_fp8(w: jax.Array, contract_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """(w8 float8_e4m3fn, scale float32 broadcastable to w): per-output-channel scales, the maximum
     |w| over `contract_axes` mapped to 448 (an all-zero channel gets scale 1)."""
@@ -41,6 +55,7 @@ def quantize_fp8(w: jax.Array, contract_axes: tuple[int, ...]) -> tuple[jax.Arra
     return (w / scale).astype(FP8), scale
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize_fp8(w8: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
     return (w8.astype(jnp.float32) * scale).astype(dtype)
 
@@ -60,3 +75,71 @@ def fp8_rounded(model):
     rounded = {name: fp8_round_trip(value, CONTRACTION_AXES[name]) if name in CONTRACTION_AXES else value
                for name, value in params.items()}
     return model_from_params(model.config, rounded, model.layout)
+
+
+def quantize_weights(params: dict) -> dict:
+    """{name: weight} -> the same with every GEMM weight (`CONTRACTION_AXES`: arrays, stacked
+    [layers, ...] or per-layer lists) as float8 and its `<name>_scale` beside it; weights that are
+    float8 already, and every other parameter, pass through."""
+    params = dict(params)
+    for name, axes in CONTRACTION_AXES.items():
+        value = params.get(name)
+        if value is None or name + SCALE_SUFFIX in params:
+            continue
+        if isinstance(value, (list, tuple)):
+            pairs = [quantize_fp8(layer, axes) for layer in value]
+            params[name], params[name + SCALE_SUFFIX] = [w for w, _ in pairs], [scale for _, scale in pairs]
+        else:
+            params[name], params[name + SCALE_SUFFIX] = quantize_fp8(value, axes)
+    return params
+
+
+def dequantize_weights(params: dict, dtype) -> dict:
+    """Inverse of `quantize_weights`: each float8 weight times its scale, in `dtype`, scales dropped."""
+    params = dict(params)
+    for name in CONTRACTION_AXES:
+        scale = params.pop(name + SCALE_SUFFIX, None)
+        if scale is None:
+            continue
+        value = params[name]
+        if isinstance(value, (list, tuple)):
+            params[name] = [dequantize_fp8(w, s, dtype) for w, s in zip(value, scale)]
+        else:
+            params[name] = dequantize_fp8(value, scale, dtype)
+    return params
+
+
+def _block(size: int, largest: int) -> int | None:
+    """The largest power of two <= `largest` and >= 16 that divides `size`, or None."""
+    block = largest
+    while block >= 16 and size % block:
+        block //= 2
+    return block if block >= 16 else None
+
+
+def fp8_einsum(spec: str, x: jax.Array, w8: jax.Array, scale: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, x, dequantize(w8, scale))` in x's dtype, for the model's GEMMs: x's trailing
+    axes contract with w8's leading ones (e.g. "bld,dhk->blhk", "blhk,hkd->bld").
+
+    At most `fp8_gemm.MAX_ROWS` rows of x, and output columns and contraction that tile by powers of
+    two of at least 16: the Pallas kernel `fp8_matmul` (reads the FP8 bytes; its default tiles, each
+    shrunk to the largest power of two that divides the size). Otherwise the weight is dequantized
+    and XLA multiplies."""
+    from dllm.models import fp8_gemm
+
+    operands, out = spec.split("->")
+    x_axes, w_axes = operands.split(",")
+    contracted = len([a for a in w_axes if a in x_axes and a not in out])
+    if not contracted or w_axes[:contracted] != x_axes[len(x_axes) - contracted:] or out != (
+            x_axes[:len(x_axes) - contracted] + w_axes[contracted:]):
+        raise ValueError(f"fp8_einsum: spec {spec!r}: expected x's trailing axes to contract with the weight's "
+                         "leading ones, the output x's other axes then the weight's")
+    k = math.prod(w8.shape[:contracted])
+    n = math.prod(w8.shape[contracted:])
+    rows = math.prod(x.shape[:x.ndim - contracted])
+    block_n, block_k = _block(n, fp8_gemm.BLOCK_N), _block(k, fp8_gemm.BLOCK_K)
+    if rows > fp8_gemm.MAX_ROWS or block_n is None or block_k is None:
+        return jnp.einsum(spec, x, dequantize_fp8(w8, scale, x.dtype))
+    flat = fp8_gemm.fp8_matmul(x.reshape(rows, k), w8.reshape(k, n), scale.reshape(n).astype(jnp.float32),
+                               block_n=block_n, block_k=block_k)
+    return flat.reshape(*x.shape[:x.ndim - contracted], *w8.shape[contracted:])

@@ -52,6 +52,8 @@ from flax import nnx, struct
 
 from dllm.models.config import ModelConfig
 from dllm.models.layout import Layout
+from dllm.models.quantize import (CONTRACTION_AXES, SCALE_SUFFIX, dequantize_weights, fp8_einsum, quantize_fp8,
+                                  quantize_weights)
 from dllm.models.window_attention import window_attention
 
 # Name -> logical axes of every per-layer parameter (the leading "layers" axis
@@ -136,6 +138,32 @@ def model_layer_shapes(config: ModelConfig, layout: Layout) -> dict[str, tuple[i
     return shapes
 
 
+def model_layer_names(config: ModelConfig, layout: Layout) -> list[str]:
+    """Every per-layer parameter the model holds: `model_layer_shapes`' names, and with
+    `Layout.fp8_weights` the scale of each GEMM weight (`<name>_scale`)."""
+    names = list(model_layer_shapes(config, layout))
+    if layout.fp8_weights:
+        names += [name + SCALE_SUFFIX for name in names if name in CONTRACTION_AXES]
+    return names
+
+
+def param_axes(name: str, axes: tuple) -> tuple:
+    """Logical axes of parameter `name` whose weight has `axes`; an FP8 scale (`<weight>_scale`)
+    keeps the weight's axes but its contracted ones, which have size 1 (replicated)."""
+    if not name.endswith(SCALE_SUFFIX):
+        return axes
+    contracted = {len(axes) + a for a in CONTRACTION_AXES[name.removesuffix(SCALE_SUFFIX)]}
+    return tuple(None if i in contracted else axis for i, axis in enumerate(axes))
+
+
+def project(spec: str, x: jax.Array, p: dict, name: str, dtype) -> jax.Array:
+    """`einsum(spec, x, p[name])` in `dtype`: a weight held in FP8 (`Layout.fp8_weights`, its scale at
+    `p[name + "_scale"]`) goes through `quantize.fp8_einsum`."""
+    if name + SCALE_SUFFIX in p:
+        return fp8_einsum(spec, x.astype(dtype), p[name], p[name + SCALE_SUFFIX])
+    return jnp.einsum(spec, x, p[name].astype(dtype))
+
+
 def _stack_axis(config: ModelConfig, part: str) -> int:
     """Where a fused group's `parts` axis sits, counted from the end (right
     after the "embed" axis), so stacked [layers, ...] arrays work too."""
@@ -218,10 +246,10 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
     dtype = config.compute_dtype
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
     if "qkv_proj" in p:  # fused_projections: one GEMM
-        qkv = jnp.einsum("bld,dchk->blchk", h, p["qkv_proj"].astype(dtype))
+        qkv = project("bld,dchk->blchk", h, p, "qkv_proj", dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     elif "gqa_qkv_proj" in p:  # the same with q, k and v heads side by side
-        qkv = jnp.einsum("bld,dhk->blhk", h, p["gqa_qkv_proj"].astype(dtype))
+        qkv = project("bld,dhk->blhk", h, p, "gqa_qkv_proj", dtype)
         q, k, v = jnp.split(qkv, [config.n_heads, config.n_heads + config.n_kv_heads], axis=2)
     else:
         q, k, v = _separate_qkv(h, p, dtype)
@@ -241,24 +269,24 @@ def _separate_qkv(h, p, dtype):
     # which ran well below cuBLAS on the H100 (the full LLaDA-8B step got faster
     # with this barrier; experiments/results/benchmark/README.md).
     hq, hk, hv = jax.lax.optimization_barrier((h, h, h))
-    q = jnp.einsum("bld,dhk->blhk", hq, p["q_proj"].astype(dtype))
-    k = jnp.einsum("bld,dhk->blhk", hk, p["k_proj"].astype(dtype))
-    v = jnp.einsum("bld,dhk->blhk", hv, p["v_proj"].astype(dtype))
+    q = project("bld,dhk->blhk", hq, p, "q_proj", dtype)
+    k = project("bld,dhk->blhk", hk, p, "k_proj", dtype)
+    v = project("bld,dhk->blhk", hv, p, "v_proj", dtype)
     return q, k, v
 
 
 def attention_out_and_mlp(x, attended, p, config: ModelConfig):
     """Residual adds of the attention output and the SwiGLU MLP."""
     dtype = config.compute_dtype
-    x = x + jnp.einsum("blhk,hkd->bld", attended, p["o_proj"].astype(dtype))
+    x = x + project("blhk,hkd->bld", attended, p, "o_proj", dtype)
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     if "gate_up_proj" in p:  # fused_projections: one GEMM
-        gate_up = jnp.einsum("bld,dcf->blcf", h, p["gate_up_proj"].astype(dtype))
+        gate_up = project("bld,dcf->blcf", h, p, "gate_up_proj", dtype)
         gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     else:
-        gate = jnp.einsum("bld,df->blf", h, p["gate_proj"].astype(dtype))
-        up = jnp.einsum("bld,df->blf", h, p["up_proj"].astype(dtype))
-    return x + jnp.einsum("blf,fd->bld", jax.nn.silu(gate) * up, p["down_proj"].astype(dtype))
+        gate = project("bld,df->blf", h, p, "gate_proj", dtype)
+        up = project("bld,df->blf", h, p, "up_proj", dtype)
+    return x + project("blf,fd->bld", jax.nn.silu(gate) * up, p, "down_proj", dtype)
 
 
 SHORT_WINDOW = 64  # query rows (batch x window); at most this many, a window step's attention has its own default
@@ -556,6 +584,15 @@ class Transformer(nnx.Module):
         def param(value, axes):
             return nnx.Param(value.astype(pdt), logical_axes=axes)
 
+        def params_of(name, value, axes) -> dict:
+            """{name: Param}, or with `fp8_weights` a GEMM weight's FP8 values and scale."""
+            if not (layout.fp8_weights and name in CONTRACTION_AXES):
+                return {name: param(value, axes)}
+            w8, scale = quantize_fp8(value, CONTRACTION_AXES[name])
+            scale_name = name + SCALE_SUFFIX
+            return {name: nnx.Param(w8, logical_axes=axes),
+                    scale_name: nnx.Param(scale, logical_axes=param_axes(scale_name, axes))}
+
         self.embed = param(normal(rngs.params(), (c.vocab_size, c.d_model)), ("vocab", "embed"))
 
         def init(name, shape, key=None):
@@ -576,19 +613,24 @@ class Transformer(nnx.Module):
         if layout.scan_layers:
             for name, shape in shapes.items():
                 value = init(name, (c.n_layers, *shape), keys.get(name))
-                setattr(self, name, param(value, ("layers", *LAYER_PARAM_AXES[name])))
+                for key, value in params_of(name, value, ("layers", *LAYER_PARAM_AXES[name])).items():
+                    setattr(self, key, value)
         else:
             self.blocks = nnx.List([
-                nnx.Dict({name: param(init(name, shape, keys.get(name) if name not in keys else jax.random.fold_in(keys[name], i)), LAYER_PARAM_AXES[name])
-                          for name, shape in shapes.items()})
+                nnx.Dict({key: value for name, shape in shapes.items() for key, value in params_of(
+                    name, init(name, shape, keys.get(name) if name not in keys else jax.random.fold_in(keys[name], i)),
+                    LAYER_PARAM_AXES[name]).items()})
                 for i in range(c.n_layers)])
         self.final_norm = param(jnp.ones((c.d_model,)), ("embed",))
         if not c.tie_embeddings:
-            self.lm_head = param(normal(rngs.params(), (c.d_model, c.vocab_size)), ("embed", "vocab"))
+            head = params_of("lm_head", normal(rngs.params(), (c.d_model, c.vocab_size)), ("embed", "vocab"))
+            self.lm_head = head["lm_head"]
+            if "lm_head" + SCALE_SUFFIX in head:
+                self.lm_head_scale = head["lm_head" + SCALE_SUFFIX]
 
     def layer_params(self) -> dict[str, jax.Array] | list[dict[str, jax.Array]]:
         """Stacked {name: [layers, ...]} when scanned, else one dict per layer (see `run_layers`)."""
-        names = model_layer_shapes(self.config, self.layout)
+        names = model_layer_names(self.config, self.layout)
         if self.layout.scan_layers:
             return {name: getattr(self, name)[...] for name in names}
         return [{name: block[name][...] for name in names} for block in self.blocks]
@@ -598,7 +640,13 @@ class Transformer(nnx.Module):
         return KVCache.zeros(self.config, self.layout, batch, length)
 
     def head_weight(self) -> jax.Array:
-        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        """The output head [d, vocab] (with `Layout.fp8_weights`, its FP8 values dequantized)."""
+        if self.config.tie_embeddings:
+            return self.embed[...].T
+        if hasattr(self, "lm_head_scale"):
+            return dequantize_weights({"lm_head": self.lm_head[...], "lm_head_scale": self.lm_head_scale[...]},
+                                      self.config.weight_dtype)["lm_head"]
+        return self.lm_head[...]
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
@@ -606,7 +654,9 @@ class Transformer(nnx.Module):
     def hidden_to_logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and output head, logits in float32."""
         h = rms_norm(hidden, self.final_norm[...], self.config.rms_norm_eps)
-        logits = jnp.einsum("bld,dv->blv", h, self.head_weight().astype(self.config.compute_dtype))
+        head = ({"lm_head": self.lm_head[...], "lm_head_scale": self.lm_head_scale[...]}
+                if hasattr(self, "lm_head_scale") else {"lm_head": self.head_weight()})
+        logits = project("bld,dv->blv", h, head, "lm_head", self.config.compute_dtype)
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
@@ -869,9 +919,9 @@ def canonical_params(model: Transformer) -> dict[str, jax.Array]:
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if not layout.scan_layers:
         blocks = params.pop("blocks")
-        for name in model_layer_shapes(config, layout):
+        for name in model_layer_names(config, layout):
             params[name] = jnp.stack([blocks[i][name] for i in range(config.n_layers)])
-    return split_fused(config, layout, params)
+    return split_fused(config, layout, dequantize_weights(params, config.weight_dtype))
 
 
 def model_param_tree(config: ModelConfig, layout: Layout, params: dict) -> dict:
@@ -884,7 +934,9 @@ def model_param_tree(config: ModelConfig, layout: Layout, params: dict) -> dict:
     if "blocks" in params:
         return params
     params = fuse_params(config, layout, params)
-    names = model_layer_shapes(config, layout)
+    if layout.fp8_weights:
+        params = quantize_weights(params)
+    names = model_layer_names(config, layout)
     tree = {k: v for k, v in params.items() if k not in names}
     per_name = {n: params[n] for n in names if n in params}
     if layout.scan_layers:

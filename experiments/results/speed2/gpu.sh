@@ -14,6 +14,9 @@
 # fp8_ncu:    Nsight Compute's reading of the FP8 kernel and cuBLAS's bf16 GEMM on q/k/v's shape (fp8_ncu.py;
 #             the default kernel, then transposed=1; FP8_NCU_CONFIGS: configs
 #             separated by spaces, each keyword=value settings joined by commas, or default).
+# fp8_decode: LLaDA-8B decode steps at batch 1 (none, dual), bf16 weights then Layout.fp8_weights (the FP8
+#             Pallas GEMM in window steps, dequantized weights in full forwards), against the floors;
+#             FP8_PROFILE=1 adds a kernel profile of the FP8 dual-cache steps.
 # Timing parts run alone on the GPU; decode and fp8 are skipped when the call's time runs short.
 source experiments/results/gpu_setup.sh
 PARTS=${PARTS:-continuous train decode fp8}
@@ -78,5 +81,18 @@ if has fp8_ncu; then
     grep -E "^  [a-zA-Z_].*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issued Warp" $OUT/$name.txt | head -40
   done
   echo "== $SECONDS s"
+fi
+if has fp8_decode; then
+  for fp8 in false true; do
+    timeout 240 python3 -m experiments.benchmark batch_sizes=[1] caches=[none,dual] timed_steps=64 repeats=3 \
+      deadline_s=170 layout.fp8_weights=$fp8 out=$OUT/benchmark_llada8b_b1_fp8_weights_$fp8.json \
+      hydra.run.dir=/tmp/hydra_fp8_$fp8 2>&1 | grep "^{\|window steps" | cut -c1-1200
+    echo "== $SECONDS s"
+  done
+  if [ "${FP8_PROFILE:-0}" = 1 ]; then
+    timeout 200 python3 -m experiments.profile_decode batch_sizes=[1] caches=[dual] timed_steps=32 layout.fp8_weights=true \
+      hydra.run.dir=$OUT/profile_fp8_dual 2>&1 | grep -v INFO | tail -14
+    rm -rf $OUT/profile_fp8_dual/*.trace.json.gz $OUT/profile_fp8_dual/.hydra $OUT/profile_fp8_dual/*.log
+  fi
 fi
 echo "== $SECONDS s"
