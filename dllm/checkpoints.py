@@ -31,7 +31,7 @@ from flax import nnx
 from dllm.models import hf_names
 from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, read_json, to_own_config_dict
 from dllm.models.layout import CANONICAL, LAYOUT_FIELDS, Layout
-from dllm.models.transformer import (JOINED_ON_HEADS, Transformer, canonical_params, fuse_params, fused_groups,
+from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups, join_gqa_qkv,
                                      layer_param_shapes, model_layer_shapes, model_param_tree)
 from dllm.tokenizer import Tokenizer
 
@@ -140,8 +140,8 @@ def _abstract_model(config: ModelConfig, layout: Layout = CANONICAL):
 def load_hf_params(folder: Path, config: ModelConfig, layout: Layout = CANONICAL, place=None) -> dict[str, jax.Array]:
     """Reads HF safetensors into the parameter names of a model in `layout`, one stacked parameter
     at a time (with `scan_layers=False`, one list of per-layer tensors named
-    `blocks/{i}/{name}`; with `fused_projections`, q/k/v and gate/up stacked on
-    the host into `qkv_proj` / `gate_up_proj` before they are placed).
+    `blocks/{i}/{name}`; with `fused_projections`, q/k/v and gate/up joined on
+    the host into `qkv_proj` or `gqa_qkv_proj` / `gate_up_proj` before they are placed).
 
     Args:
       place: optional `fn(name, host_array) -> jax.Array` that puts a finished
@@ -176,8 +176,8 @@ def load_hf_params(folder: Path, config: ModelConfig, layout: Layout = CANONICAL
         arrays = [read(layer_names[part].format(i=i), part, shapes[part]) for part in parts_of[name]]
         if len(arrays) == 1:
             array = arrays[0]
-        elif name in JOINED_ON_HEADS:  # [d, heads of every part, head_dim]
-            array = np.concatenate(arrays, axis=1)
+        elif name == "gqa_qkv_proj":  # [d, kv_heads, group + 2, head_dim]
+            array = join_gqa_qkv(*arrays, xp=np)
         else:  # fused: [d, parts, ...]
             array = np.stack(arrays, axis=1)
         return array.astype(dtype, copy=False)
@@ -288,6 +288,10 @@ def from_pretrained(path, dtype=None, *, param_dtype=None, place=None, layout: L
         raise ValueError(f"from_pretrained({', '.join(f'{k}=...' for k in misplaced)}): these are Layout fields, not "
                          f"ModelConfig ones; pass layout=dllm.Layout({', '.join(f'{k}=...' for k in misplaced)})")
     layout = Layout() if layout is None else layout
+    if layout.fp8_weights and getattr(place, "layout", None) is not None:  # a Placer: its mesh
+        from dllm.sharding import refuse_fp8_on_mesh
+
+        refuse_fp8_on_mesh(layout, place.layout.mesh)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint folder does not exist")

@@ -423,12 +423,20 @@ def param_shardings(model, mesh: Mesh, rules=None) -> dict:
     return Placement.of(mesh, rules).param_shardings(model)
 
 
+def refuse_fp8_on_mesh(model_layout, mesh: Mesh) -> None:
+    """`Layout.fp8_weights` runs on one device: its FP8 GEMM kernel is one unpartitioned custom call."""
+    if model_layout.fp8_weights and mesh.size > 1:
+        raise ValueError(f"Layout.fp8_weights on a mesh of {mesh.size} devices: FP8 weights decode on one device "
+                         "(the FP8 GEMM kernel is not partitioned); use one device, or load without fp8_weights")
+
+
 def shard_model(model, mesh: Mesh, rules=None):
     """Moves every parameter of `model` to its sharding, in place; returns the model.
 
     ValueError naming the parameter, the dimension, the mesh axis and its size
     when a dimension does not divide over its mesh axes.
     """
+    refuse_fp8_on_mesh(model.layout, mesh)
     layout = Placement.of(mesh, rules)
     shardings = layout.param_shardings(model)
     for path, var in _params(model):
@@ -492,7 +500,7 @@ def _transformer_param_axes() -> dict[str, tuple]:
     axes = {}
     for kv_heads in (2, 1):  # multi-head and grouped-query attention (their fused q/k/v differ)
         config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=kv_heads, mlp_hidden=8,
-                             qkv_bias=True, tie_embeddings=False)
+                             qkv_bias=True, qk_norm=True, tie_embeddings=False)
         for fused, fp8 in itertools.product((False, True), (False, True)):  # canonical and fused names, FP8 scales
             layout = Layout(fused_projections=fused, fp8_weights=fp8)
             model = nnx.eval_shape(lambda: Transformer(config, layout, rngs=nnx.Rngs(0)))

@@ -252,7 +252,7 @@ def test_window_key_length_equals_a_key_mask(tmp_path):
 @pytest.mark.parametrize("arch", ["llada", "dream"])
 def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_path, arch):
     """fused_projections: q/k/v as one qkv_proj [d, 3, heads, head_dim] (multi-head attention;
-    Dream's GQA: one gqa_qkv_proj [d, heads + 2 kv_heads, head_dim]) and gate/up as one
+    Dream's GQA: one gqa_qkv_proj [d, kv_heads, group + 2, head_dim]) and gate/up as one
     gate_up_proj [d, 2, mlp], stacked on the host at load (also when placed per layer),
     unfused again in checkpoints."""
     from dllm.checkpoints import model_from_params
@@ -276,9 +276,13 @@ def test_fused_projections_load_from_hf_and_orbax_and_match_transformers(tmp_pat
         assert first["gate_up_proj"].shape == (64, 2, 160)
         if arch == "llada":
             assert first["qkv_proj"].shape == (64, 3, 4, 16)
-        else:  # 4 query heads, then 2 key heads, then 2 value heads
-            assert first["gqa_qkv_proj"].shape == (64, 4 + 2 + 2, 16)
-            np.testing.assert_array_equal(first["gqa_qkv_proj"][:, 4:6], canonical_params(plain)["k_proj"][0])
+        else:  # per KV head g: query heads 2g and 2g + 1, then k head g, then v head g
+            assert first["gqa_qkv_proj"].shape == (64, 2, 2 + 2, 16)
+            canonical = canonical_params(plain)
+            np.testing.assert_array_equal(first["gqa_qkv_proj"][:, 1, 1], canonical["q_proj"][0][:, 3])
+            np.testing.assert_array_equal(first["gqa_qkv_proj"][:, 1, 2], canonical["k_proj"][0][:, 1])
+            np.testing.assert_array_equal(first["gqa_qkv_proj"][:, 0, 3], canonical["v_proj"][0][:, 0])
+            assert placer.logical_axes("gqa_qkv_proj") == ("layers", "embed", "kv_heads", "qkv_group", "head_dim")
         ours = np.asarray(fused(jnp.asarray(tokens), jnp.asarray(mask)))
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
         if arch == "llada":

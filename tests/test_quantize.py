@@ -64,11 +64,18 @@ def test_fp8_rounded_model_rounds_the_gemm_weights_only_and_still_decodes():
 @pytest.mark.parametrize("layout", [dllm.Layout(fp8_weights=True),
                                     dllm.Layout(scan_layers=False, fused_projections=True, fp8_weights=True)],
                          ids=["scanned", "unrolled-fused"])
-def test_fp8_weights_hold_the_fp8_bytes_and_compute_the_rounded_model(layout):
+def test_fp8_weights_hold_the_fp8_bytes_and_compute_the_rounded_model(layout, monkeypatch):
     """Layout.fp8_weights: the GEMM weights held as float8 with float32 scales, whose logits equal those
-    of the independent route (weight_rounding="fp8": the round trip in the parameter dtype through
-    XLA's einsum) through the Pallas kernel (<= 128 rows) and through the dequantized GEMM (more rows);
-    canonical_params gives back the rounded weights; a dual-cache decode commits the same tokens."""
+    of the independent route (weight_rounding="fp8" in float32, where float(w8) * scale is exact: the
+    round trip through XLA's einsum), through the Pallas kernel (<= 128 rows; a spy counts its calls)
+    and through XLA's GEMM of the converted weight (more rows); canonical_params gives back the
+    rounded weights; a dual-cache decode commits the same tokens."""
+    from dllm.models import fp8_gemm
+    from dllm.models.transformer import canonical_params
+
+    calls = []
+    kernel = fp8_gemm.fp8_matmul
+    monkeypatch.setattr(fp8_gemm, "fp8_matmul", lambda *a, **k: calls.append(a[1].shape) or kernel(*a, **k))
     path = REPO_ROOT / "checkpoints/tiny-tasks"
     rounded, tokenizer = dllm.from_pretrained(path, dtype="float32", weight_rounding="fp8")
     fp8, _ = dllm.from_pretrained(path, dtype="float32", layout=layout)
@@ -77,17 +84,30 @@ def test_fp8_weights_hold_the_fp8_bytes_and_compute_the_rounded_model(layout):
     assert len(gemms) >= 3 and all(layer[name].dtype == jnp.float8_e4m3fn for name in gemms)
     assert all(layer[name + "_scale"].dtype == jnp.float32 for name in gemms)
     assert fp8.lm_head[...].dtype == jnp.float8_e4m3fn
-    from dllm.models.transformer import canonical_params
-
     for name, value in canonical_params(rounded).items():
         np.testing.assert_array_equal(canonical_params(fp8)[name], value, err_msg=name)
-    for rows in (2 * 16, 3 * 48):  # 32 rows: the kernel; 144 > fp8_gemm.MAX_ROWS: dequantized
-        tokens = jax.random.randint(jax.random.key(rows), (rows // 16 if rows < 128 else 3, min(rows, 48)), 3, 57)
-        np.testing.assert_allclose(fp8(tokens), rounded(tokens), atol=1e-4, rtol=1e-4, err_msg=str(rows))
+    # 2 x 16 = 32 rows: the kernel (the head's 57 columns do not tile: XLA); 3 x 48 = 144 > 128 rows: XLA
+    for shape, through_the_kernel in (((2, 16), True), ((3, 48), False)):
+        calls.clear()
+        tokens = jax.random.randint(jax.random.key(shape[0]), shape, 3, 57)
+        np.testing.assert_allclose(fp8(tokens), rounded(tokens), atol=1e-4, rtol=1e-4, err_msg=str(shape))
+        assert bool(calls) == through_the_kernel, (shape, calls)
     prompts = [tokenizer.encode("copy : Ann Bob Cid Dan =>"), tokenizer.encode("sort : 3 1 2 =>")]
     runs = [dllm.generate(m, prompts, dllm_sampler(), gen_length=16, block_length=8, tokenizer=tokenizer,
                           cache="dual") for m in (rounded, fp8)]
     np.testing.assert_array_equal(np.asarray(runs[1].tokens), np.asarray(runs[0].tokens))
+
+
+def test_fp8_kernel_and_xla_paths_agree_in_bfloat16(monkeypatch):
+    """In the checkpoint's own dtypes (bfloat16 parameters), a row computed through the kernel (a batch of
+    32 rows) and through XLA's GEMM (the same rows among 160) gives the same logits: both multiply by
+    float(w8) and scale the float32 output."""
+    path = REPO_ROOT / "checkpoints/tiny-tasks"
+    fp8, _ = dllm.from_pretrained(path, layout=dllm.Layout(fp8_weights=True))
+    assert fp8.config.weight_dtype == jnp.bfloat16
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 3, 57)
+    alone, among_many = fp8(tokens), fp8(jnp.tile(tokens, (5, 1)))[:2]
+    np.testing.assert_allclose(alone, among_many, atol=1e-3, rtol=1e-3)
 
 
 def test_fp8_weights_with_grouped_query_attention_equal_the_rounded_model(tmp_path):
@@ -121,6 +141,12 @@ def test_fp8_weights_bad_input():
     from dllm.decoding import SpecialIds
     from dllm.sharding import MeshConfig, make_mesh
 
+    from types import SimpleNamespace
+
+    eight_devices = SimpleNamespace(layout=SimpleNamespace(mesh=SimpleNamespace(size=8)))  # a Placer's mesh
+    with pytest.raises(ValueError, match=r"Layout.fp8_weights on a mesh of 8 devices"):
+        dllm.from_pretrained(REPO_ROOT / "checkpoints/tiny-tasks", place=eight_devices,
+                             layout=dllm.Layout(fp8_weights=True))
     config = dllm.ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, mlp_hidden=64)
     model = dllm.Transformer(config, dllm.Layout(fp8_weights=True), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"Layout.fp8_weights decodes on one device"):

@@ -32,8 +32,8 @@ class Layout:
         training layout's rules are unchanged; a training-speed knob (issue 25's profile: the
         scanned train step spent 15 ms of 113 in device copies).
       fused_projections: hold q/k/v as one [d, 3, heads, head_dim] parameter
-        (multi-head attention; with fewer KV heads one [d, heads + 2 kv_heads,
-        head_dim], which stays unsharded) and gate/up as one [d, 2, mlp] parameter,
+        (multi-head attention; with fewer KV heads one [d, kv_heads, group + 2,
+        head_dim]: each KV head's query heads, k and v) and gate/up as one [d, 2, mlp] parameter,
         each applied as one GEMM (MaxText's fused_qkv / fused_mlp). Faster
         decoding at few tokens per step.
       fp8_weights: hold every GEMM weight (q/k/v, attention output, gate/up,

@@ -12,14 +12,18 @@ scale| for normal values and <= scale * 2^-10 below the smallest normal (2^-6), 
 attention output, gate/up, down) and the untied output head replaced by its FP8 round trip, held in
 the parameter dtype. What FP8 weights do to a decode's tokens and a task's accuracy is then
 measured exactly (a GEMM that reads the FP8 bytes and dequantizes in registers multiplies by the same
-values, up to the order of float sums). It does not make a step faster: the weights are still read
-in the parameter dtype. The embedding (a gather) and the norms stay as they are.
+values, up to the parameter dtype's rounding of float(w8) * scale, which float32 holds exactly, and
+the order of float sums). It does not make a step faster: the weights are still read in the parameter
+dtype. The embedding (a gather) and the norms stay as they are.
 
 `Layout.fp8_weights` is the speed side: the model holds the same weights as float8 with a float32
-`<name>_scale` beside each (`quantize_weights`), and `fp8_einsum` multiplies by them. A GEMM of at
-most `fp8_gemm.MAX_ROWS` rows (a cached step's window at small batch) runs the Pallas kernel
-`dllm.models.fp8_gemm.fp8_matmul`, which reads the FP8 bytes; more rows (full forwards: compute-bound)
-dequantize the weight and run XLA's GEMM, which reads it once more in the compute dtype.
+`<name>_scale` beside each (`quantize_weights`), and `fp8_einsum` multiplies by them as
+(x @ float(w8)) * scale, the scale on the float32 output. A GEMM of at most `fp8_gemm.MAX_ROWS` rows
+(a cached step's window at small batch) whose sizes tile runs the Pallas kernel
+`dllm.models.fp8_gemm.fp8_matmul` on a GPU (or in Pallas's interpreter on CPU), which reads the FP8
+bytes; otherwise (full forwards: compute-bound; other backends) XLA converts the weight to the compute
+dtype (exact: every e4m3 value is a bfloat16 and a float16 value) and multiplies, reading it once more.
+Checkpoints (`canonical_params`) hold float(w8) * scale rounded to the parameter dtype.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ CONTRACTION_AXES = {
     "down_proj": (-2,),                                 # [mlp, d]
     "lm_head": (-2,),                                   # [d, vocab]
     # fused (`Layout.fused_projections`): one scale per output column of every part
-    "qkv_proj": (-4,), "gqa_qkv_proj": (-3,), "gate_up_proj": (-3,),
+    "qkv_proj": (-4,), "gqa_qkv_proj": (-4,), "gate_up_proj": (-3,),
 }
 SCALE_SUFFIX = "_scale"
 
@@ -79,8 +83,8 @@ def fp8_rounded(model):
 
 def quantize_weights(params: dict) -> dict:
     """{name: weight} -> the same with every GEMM weight (`CONTRACTION_AXES`: arrays, stacked
-    [layers, ...] or per-layer lists) as float8 and its `<name>_scale` beside it; weights that are
-    float8 already, and every other parameter, pass through."""
+    [layers, ...] or per-layer lists) as float8 and its `<name>_scale` beside it; a weight whose
+    scale is present already, and every other parameter, pass through."""
     params = dict(params)
     for name, axes in CONTRACTION_AXES.items():
         value = params.get(name)
@@ -121,10 +125,11 @@ def fp8_einsum(spec: str, x: jax.Array, w8: jax.Array, scale: jax.Array) -> jax.
     """`jnp.einsum(spec, x, dequantize(w8, scale))` in x's dtype, for the model's GEMMs: x's trailing
     axes contract with w8's leading ones (e.g. "bld,dhk->blhk", "blhk,hkd->bld").
 
-    At most `fp8_gemm.MAX_ROWS` rows of x, and output columns and contraction that tile by powers of
-    two of at least 16: the Pallas kernel `fp8_matmul` (reads the FP8 bytes; its default tiles, each
-    shrunk to the largest power of two that divides the size). Otherwise the weight is dequantized
-    and XLA multiplies."""
+    At most `fp8_gemm.MAX_ROWS` rows of x, output columns and contraction that tile by powers of
+    two of at least 16, on a GPU or CPU: the Pallas kernel `fp8_matmul` (reads the FP8 bytes; its
+    default tiles, each shrunk to the largest power of two that divides the size). Otherwise XLA
+    multiplies by the weight converted to x's dtype. Either way the scale multiplies the float32
+    output, so both compute (x @ float(w8)) * scale up to the order of float sums."""
     from dllm.models import fp8_gemm
 
     operands, out = spec.split("->")
@@ -138,8 +143,9 @@ def fp8_einsum(spec: str, x: jax.Array, w8: jax.Array, scale: jax.Array) -> jax.
     n = math.prod(w8.shape[contracted:])
     rows = math.prod(x.shape[:x.ndim - contracted])
     block_n, block_k = _block(n, fp8_gemm.BLOCK_N), _block(k, fp8_gemm.BLOCK_K)
-    if rows > fp8_gemm.MAX_ROWS or block_n is None or block_k is None:
-        return jnp.einsum(spec, x, dequantize_fp8(w8, scale, x.dtype))
+    if rows > fp8_gemm.MAX_ROWS or block_n is None or block_k is None or jax.default_backend() not in ("gpu", "cpu"):
+        out = jnp.einsum(spec, x, w8.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (out * scale.reshape(w8.shape[contracted:])).astype(x.dtype)
     flat = fp8_gemm.fp8_matmul(x.reshape(rows, k), w8.reshape(k, n), scale.reshape(n).astype(jnp.float32),
                                block_n=block_n, block_k=block_k)
     return flat.reshape(*x.shape[:x.ndim - contracted], *w8.shape[contracted:])

@@ -25,13 +25,13 @@ along a leading `layers` axis for `lax.scan` (fast compile, training), or one
 `blocks[i]` dict per layer for unrolled layers (fastest decoding on GPU: no
 per-step slice copies of stacked weights). With `fused_projections` the model
 holds q/k/v as one `qkv_proj` [d, 3, heads, head_dim] (multi-head attention), or
-with grouped-query attention as one `gqa_qkv_proj` [d, heads + 2 kv_heads, head_dim]
-(q, k and v heads side by side), and gate/up as one `gate_up_proj` [d, 2, mlp]
+with grouped-query attention as one `gqa_qkv_proj` [d, kv_heads, group + 2, head_dim]
+(each KV head's group of query heads, then its k and its v), and gate/up as one `gate_up_proj` [d, 2, mlp]
 (MaxText's `fused_qkv` and `fused_mlp`): one wide GEMM instead of three or two,
 which at 32 tokens streams the weights faster. Checkpoints always hold the stacked, unfused ("canonical")
 layout; `canonical_params` and `model_param_tree` convert. Every parameter
 carries logical axis names in its `logical_axes` metadata; `dllm.sharding` maps
-them to mesh axes (the new "qkv"/"gate_up" axes stay whole).
+them to mesh axes (the new "qkv"/"gate_up"/"qkv_group" axes stay whole).
 
 Padding: rows are left-padded. `attention_mask` hides padded keys, and RoPE
 positions count only real tokens (`cumsum(mask) - 1`), so a padded row
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -75,15 +74,28 @@ LAYER_PARAM_AXES = {
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
     "qkv_proj": ("embed", "qkv", "heads", "head_dim"),
-    "gqa_qkv_proj": ("embed", "qkv_heads", "head_dim"),  # no sharding rule: q, k and v heads would mix
+    "gqa_qkv_proj": ("embed", "kv_heads", "qkv_group", "head_dim"),  # split over KV heads as k_proj is
     "gate_up_proj": ("embed", "gate_up", "mlp"),
 }
 
-# Fused parameter -> the canonical parameters stacked along its second axis (a new one), or,
-# for the names in JOINED_ON_HEADS, joined along their heads axis (their head counts differ).
+# Fused parameter -> the canonical parameters stacked along its second axis (a new one);
+# gqa_qkv_proj: `join_gqa_qkv`.
 FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
                 "gqa_qkv_proj": ("q_proj", "k_proj", "v_proj")}
-JOINED_ON_HEADS = {"gqa_qkv_proj"}
+
+
+def join_gqa_qkv(q, k, v, xp=jnp):
+    """q [..., d, heads, head_dim], k, v [..., d, kv_heads, head_dim] -> [..., d, kv_heads, group + 2,
+    head_dim]: KV head g holds its query heads g * group + [0, group), then its k, then its v (`xp`:
+    jnp, or np for host arrays)."""
+    q = q.reshape(*q.shape[:-2], k.shape[-2], -1, q.shape[-1])
+    return xp.concatenate([q, k[..., None, :], v[..., None, :]], axis=-2)
+
+
+def split_gqa_qkv(w):
+    """Inverse of `join_gqa_qkv`: (q, k, v) of a [..., kv_heads, group + 2, head_dim] array."""
+    q = w[..., :-2, :]
+    return q.reshape(*q.shape[:-3], -1, q.shape[-1]), w[..., -2, :], w[..., -1, :]
 
 
 def layer_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -118,21 +130,17 @@ def fused_groups(config: ModelConfig, layout: Layout) -> dict[str, tuple[str, ..
     return {"gate_up_proj": FUSED_PARAMS["gate_up_proj"], qkv: FUSED_PARAMS[qkv]}
 
 
-def _joined_sizes(config: ModelConfig, parts: tuple[str, ...]) -> list[int]:
-    """Head counts of a JOINED_ON_HEADS group's parts, in order."""
-    return [layer_param_shapes(config)[part][-2] for part in parts]
-
-
 def model_layer_shapes(config: ModelConfig, layout: Layout) -> dict[str, tuple[int, ...]]:
     """Shape of each per-layer parameter the model holds: the canonical ones,
-    with every fused group replaced by one [d, parts, ...] parameter."""
+    with every fused group replaced by one [d, parts, ...] parameter (gqa_qkv_proj: [d, kv_heads,
+    group + 2, head_dim])."""
     shapes = layer_param_shapes(config)
     for fused, parts in fused_groups(config, layout).items():
         first = shapes[parts[0]]
         for part in parts:
             del shapes[part]
-        if fused in JOINED_ON_HEADS:
-            shapes[fused] = (first[0], sum(_joined_sizes(config, parts)), first[-1])
+        if fused == "gqa_qkv_proj":
+            shapes[fused] = (first[0], config.n_kv_heads, config.n_heads // config.n_kv_heads + 2, first[-1])
         else:
             shapes[fused] = (first[0], len(parts), *first[1:])
     return shapes
@@ -179,8 +187,8 @@ def fuse_params(config: ModelConfig, layout: Layout, params: dict) -> dict:
         if not all(part in params for part in parts):
             continue
         values = [params.pop(part) for part in parts]
-        if fused in JOINED_ON_HEADS:
-            join = functools.partial(jnp.concatenate, axis=-2)
+        if fused == "gqa_qkv_proj":
+            join = lambda parts: join_gqa_qkv(*parts)  # noqa: E731
         else:
             join = functools.partial(jnp.stack, axis=_stack_axis(config, parts[0]))
         if isinstance(values[0], (list, tuple)):
@@ -195,9 +203,8 @@ def split_fused(config: ModelConfig, layout: Layout, params: dict) -> dict:
     params = dict(params)
     for fused, parts in fused_groups(config, layout).items():
         value = params.pop(fused)
-        if fused in JOINED_ON_HEADS:
-            ends = list(itertools.accumulate(_joined_sizes(config, parts)))[:-1]
-            params.update(zip(parts, jnp.split(value, ends, axis=-2)))
+        if fused == "gqa_qkv_proj":
+            params.update(zip(parts, split_gqa_qkv(value)))
             continue
         axis = _stack_axis(config, parts[0])
         for i, part in enumerate(parts):
@@ -248,9 +255,8 @@ def attention_qkv(x, p, config: ModelConfig, cos, sin):
     if "qkv_proj" in p:  # fused_projections: one GEMM
         qkv = project("bld,dchk->blchk", h, p, "qkv_proj", dtype)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    elif "gqa_qkv_proj" in p:  # the same with q, k and v heads side by side
-        qkv = project("bld,dhk->blhk", h, p, "gqa_qkv_proj", dtype)
-        q, k, v = jnp.split(qkv, [config.n_heads, config.n_heads + config.n_kv_heads], axis=2)
+    elif "gqa_qkv_proj" in p:  # the same, grouped per KV head
+        q, k, v = split_gqa_qkv(project("bld,dgck->blgck", h, p, "gqa_qkv_proj", dtype))
     else:
         q, k, v = _separate_qkv(h, p, dtype)
     if config.qkv_bias:
@@ -588,7 +594,7 @@ class Transformer(nnx.Module):
             """{name: Param}, or with `fp8_weights` a GEMM weight's FP8 values and scale."""
             if not (layout.fp8_weights and name in CONTRACTION_AXES):
                 return {name: param(value, axes)}
-            w8, scale = quantize_fp8(value, CONTRACTION_AXES[name])
+            w8, scale = quantize_fp8(value.astype(pdt), CONTRACTION_AXES[name])
             scale_name = name + SCALE_SUFFIX
             return {name: nnx.Param(w8, logical_axes=axes),
                     scale_name: nnx.Param(scale, logical_axes=param_axes(scale_name, axes))}
@@ -623,10 +629,9 @@ class Transformer(nnx.Module):
                 for i in range(c.n_layers)])
         self.final_norm = param(jnp.ones((c.d_model,)), ("embed",))
         if not c.tie_embeddings:
-            head = params_of("lm_head", normal(rngs.params(), (c.d_model, c.vocab_size)), ("embed", "vocab"))
-            self.lm_head = head["lm_head"]
-            if "lm_head" + SCALE_SUFFIX in head:
-                self.lm_head_scale = head["lm_head" + SCALE_SUFFIX]
+            for key, value in params_of("lm_head", normal(rngs.params(), (c.d_model, c.vocab_size)),
+                                        ("embed", "vocab")).items():
+                setattr(self, key, value)
 
     def layer_params(self) -> dict[str, jax.Array] | list[dict[str, jax.Array]]:
         """Stacked {name: [layers, ...]} when scanned, else one dict per layer (see `run_layers`)."""
@@ -639,14 +644,14 @@ class Transformer(nnx.Module):
         """A zero `KVCache` of `length` positions in this model's layout."""
         return KVCache.zeros(self.config, self.layout, batch, length)
 
-    def head_weight(self) -> jax.Array:
-        """The output head [d, vocab] (with `Layout.fp8_weights`, its FP8 values dequantized)."""
+    def head_params(self) -> dict[str, jax.Array]:
+        """{"lm_head": [d, vocab]} (the embedding's transpose when tied), with `Layout.fp8_weights` in
+        FP8 with its "lm_head_scale" beside it: `project`'s operand."""
         if self.config.tie_embeddings:
-            return self.embed[...].T
-        if hasattr(self, "lm_head_scale"):
-            return dequantize_weights({"lm_head": self.lm_head[...], "lm_head_scale": self.lm_head_scale[...]},
-                                      self.config.weight_dtype)["lm_head"]
-        return self.lm_head[...]
+            return {"lm_head": self.embed[...].T}
+        if self.layout.fp8_weights:
+            return {"lm_head": self.lm_head[...], "lm_head" + SCALE_SUFFIX: self.lm_head_scale[...]}
+        return {"lm_head": self.lm_head[...]}
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.compute_dtype)
@@ -654,9 +659,7 @@ class Transformer(nnx.Module):
     def hidden_to_logits(self, hidden: jax.Array) -> jax.Array:
         """Final norm and output head, logits in float32."""
         h = rms_norm(hidden, self.final_norm[...], self.config.rms_norm_eps)
-        head = ({"lm_head": self.lm_head[...], "lm_head_scale": self.lm_head_scale[...]}
-                if hasattr(self, "lm_head_scale") else {"lm_head": self.head_weight()})
-        logits = project("bld,dv->blv", h, head, "lm_head", self.config.compute_dtype)
+        logits = project("bld,dv->blv", h, self.head_params(), "lm_head", self.config.compute_dtype)
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
