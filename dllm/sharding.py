@@ -500,7 +500,7 @@ def _transformer_param_axes() -> dict[str, tuple]:
     axes = {}
     for kv_heads in (2, 1):  # multi-head and grouped-query attention (their fused q/k/v differ)
         config = ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=kv_heads, mlp_hidden=8,
-                             qkv_bias=True, qk_norm=True, tie_embeddings=False)
+                             qkv_bias=True, qk_norm=True, arch="qwen3", tie_embeddings=False)
         for fused, fp8 in itertools.product((False, True), (False, True)):  # canonical and fused names, FP8 scales
             layout = Layout(fused_projections=fused, fp8_weights=fp8)
             model = nnx.eval_shape(lambda: Transformer(config, layout, rngs=nnx.Rngs(0)))
