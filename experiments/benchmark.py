@@ -30,7 +30,7 @@ of the generated tokens, so runs on different meshes can be checked to decode
 the same tokens. A configuration that runs out of device memory is printed
 and recorded as a `{"skipped": ..., "reason": ...}` row; the others still run.
 Layout (configs/layout/, default gpu_decode: `layout.<field>=...`): scan_layers,
-fused_projections, attention_impl, window_attention_impl; and the engine's XLA compiler_options. A block-causal model (model=fast_dllm_v2_7b) decodes
+fused_projections, fp8_weights, attention_impl, window_attention_impl; and the engine's XLA compiler_options. A block-causal model (model=fast_dllm_v2_7b) decodes
 with cache none or block (the exact block cache; `step_plan` says what each step runs).
 """
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import dllm
 from dllm.decoding import DecodeConfig
+from dllm.models.layout import LAYOUT_FIELDS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def load_model(cfg: DictConfig):
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: model.* settings do not apply when checkpoint={cfg.checkpoint} "
                              "is loaded (its config.json fixes the architecture); allowed: layout.* for how it runs "
-                             "(scan_layers, scan_unroll, fused_projections, attention_impl, window_attention_impl), or "
+                             f"({', '.join(LAYOUT_FIELDS)}), or "
                              "checkpoint=null to build a random model from model.*")
         model, tokenizer = dllm.from_pretrained(path, dtype=cfg.get("dtype"), layout=run_layout(cfg))
         tokenizer.allow_unk = bool(cfg.get("allow_unk", False))

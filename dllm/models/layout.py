@@ -39,9 +39,10 @@ class Layout:
       fp8_weights: hold every GEMM weight (q/k/v, attention output, gate/up,
         down, the untied output head) as float8 e4m3 with a float32 scale per
         output column, quantized when the model is built or loaded
-        (`dllm.models.quantize`): a step of at most 128 rows reads the FP8
-        bytes through a Pallas kernel, larger ones dequantize. Decoding only;
-        checkpoints hold the rounded weights in the parameter dtype.
+        (`dllm.models.quantize`): a GEMM of at most 128 rows whose sizes tile
+        (powers of two >= 16) reads the FP8 bytes through a Pallas kernel on a
+        GPU; others convert the weight and run XLA's GEMM. Decoding on one
+        device only; checkpoints hold the rounded weights in the parameter dtype.
       attention_impl: passed to `jax.nn.dot_product_attention` for full
         forwards ("xla", "cudnn", or None: jax's default, XLA's attention).
       window_attention_impl: the same for cached window steps (a window of
