@@ -31,7 +31,7 @@ from flax import nnx
 from dllm.models import hf_names
 from dllm.models.config import DTYPES, ModelConfig, from_hf_config, read_hf_config, read_json, to_own_config_dict
 from dllm.models.layout import CANONICAL, LAYOUT_FIELDS, Layout
-from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups, join_gqa_qkv,
+from dllm.models.transformer import (Transformer, canonical_params, fuse_params, fused_groups, join_parts,
                                      layer_param_shapes, model_layer_shapes, model_param_tree)
 from dllm.tokenizer import Tokenizer
 
@@ -174,12 +174,7 @@ def load_hf_params(folder: Path, config: ModelConfig, layout: Layout = CANONICAL
 
     def read_layer(name: str, i: int) -> np.ndarray:
         arrays = [read(layer_names[part].format(i=i), part, shapes[part]) for part in parts_of[name]]
-        if len(arrays) == 1:
-            array = arrays[0]
-        elif name == "gqa_qkv_proj":  # [d, kv_heads, group + 2, head_dim]
-            array = join_gqa_qkv(*arrays, xp=np)
-        else:  # fused: [d, parts, ...]
-            array = np.stack(arrays, axis=1)
+        array = arrays[0] if len(arrays) == 1 else join_parts(config, name, arrays, xp=np)
         return array.astype(dtype, copy=False)
 
     params: dict[str, jax.Array] = {}

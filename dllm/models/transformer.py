@@ -78,8 +78,7 @@ LAYER_PARAM_AXES = {
     "gate_up_proj": ("embed", "gate_up", "mlp"),
 }
 
-# Fused parameter -> the canonical parameters stacked along its second axis (a new one);
-# gqa_qkv_proj: `join_gqa_qkv`.
+# Fused parameter -> the canonical parameters it joins (`join_parts`).
 FUSED_PARAMS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
                 "gqa_qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
@@ -136,14 +135,17 @@ def model_layer_shapes(config: ModelConfig, layout: Layout) -> dict[str, tuple[i
     group + 2, head_dim])."""
     shapes = layer_param_shapes(config)
     for fused, parts in fused_groups(config, layout).items():
-        first = shapes[parts[0]]
         for part in parts:
             del shapes[part]
-        if fused == "gqa_qkv_proj":
-            shapes[fused] = (first[0], config.n_kv_heads, config.n_heads // config.n_kv_heads + 2, first[-1])
-        else:
-            shapes[fused] = (first[0], len(parts), *first[1:])
+        shapes[fused] = _fused_shape(config, fused)
     return shapes
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_shape(config: ModelConfig, fused: str) -> tuple[int, ...]:
+    """One layer's shape of the fused parameter `fused` (`join_parts` of its parts' shapes)."""
+    parts = [jax.ShapeDtypeStruct(layer_param_shapes(config)[part], jnp.float32) for part in FUSED_PARAMS[fused]]
+    return tuple(jax.eval_shape(lambda arrays: join_parts(config, fused, arrays), parts).shape)
 
 
 def model_layer_names(config: ModelConfig, layout: Layout) -> list[str]:
@@ -178,6 +180,23 @@ def _stack_axis(config: ModelConfig, part: str) -> int:
     return -len(layer_param_shapes(config)[part])
 
 
+def join_parts(config: ModelConfig, fused: str, arrays, xp=jnp):
+    """The fused parameter `fused` from its parts' arrays (one layer or stacked [layers, ...]; `xp`:
+    jnp, or np for host arrays): stacked on a new axis after "embed" (`qkv_proj`, `gate_up_proj`) or
+    grouped per KV head (`join_gqa_qkv`)."""
+    if fused == "gqa_qkv_proj":
+        return join_gqa_qkv(*arrays, xp=xp)
+    return xp.stack(arrays, axis=_stack_axis(config, FUSED_PARAMS[fused][0]))
+
+
+def split_parts(config: ModelConfig, fused: str, value) -> list:
+    """Inverse of `join_parts`: the parts' arrays, in `FUSED_PARAMS` order."""
+    if fused == "gqa_qkv_proj":
+        return list(split_gqa_qkv(value))
+    axis = _stack_axis(config, FUSED_PARAMS[fused][0])
+    return [jnp.take(value, i, axis=axis) for i in range(len(FUSED_PARAMS[fused]))]
+
+
 def fuse_params(config: ModelConfig, layout: Layout, params: dict) -> dict:
     """Canonical names -> the model's: stacks each fused group whose parts are
     all present (so already fused params pass through). Values may be arrays
@@ -187,14 +206,10 @@ def fuse_params(config: ModelConfig, layout: Layout, params: dict) -> dict:
         if not all(part in params for part in parts):
             continue
         values = [params.pop(part) for part in parts]
-        if fused == "gqa_qkv_proj":
-            join = lambda parts: join_gqa_qkv(*parts)  # noqa: E731
-        else:
-            join = functools.partial(jnp.stack, axis=_stack_axis(config, parts[0]))
         if isinstance(values[0], (list, tuple)):
-            params[fused] = [join(layer) for layer in zip(*values)]
+            params[fused] = [join_parts(config, fused, layer) for layer in zip(*values)]
         else:
-            params[fused] = join(values)
+            params[fused] = join_parts(config, fused, values)
     return params
 
 
@@ -202,13 +217,7 @@ def split_fused(config: ModelConfig, layout: Layout, params: dict) -> dict:
     """The model's names -> canonical ones (inverse of `fuse_params`)."""
     params = dict(params)
     for fused, parts in fused_groups(config, layout).items():
-        value = params.pop(fused)
-        if fused == "gqa_qkv_proj":
-            params.update(zip(parts, split_gqa_qkv(value)))
-            continue
-        axis = _stack_axis(config, parts[0])
-        for i, part in enumerate(parts):
-            params[part] = jnp.take(value, i, axis=axis)
+        params.update(zip(parts, split_parts(config, fused, params.pop(fused))))
     return params
 
 
