@@ -114,6 +114,11 @@ def test_combine_splits_is_the_softmax_over_all_keys():
     lse = jax.nn.logsumexp(scores, -1).T  # [splits, R]
     whole = jnp.einsum("rk,kd->rd", jax.nn.softmax(scores.reshape(3, 20), -1), values.reshape(20, 4))
     np.testing.assert_allclose(combine_splits(per_split, lse), whole, atol=1e-6)
+    # a split that saw no key (the kernel writes zeros and lse HIDDEN) weighs nothing, first or last
+    from dllm.models.window_attention import HIDDEN
+    for at in (0, 2):
+        padded = jnp.insert(per_split, at, 0.0, axis=0)
+        np.testing.assert_allclose(combine_splits(padded, jnp.insert(lse, at, HIDDEN, axis=0)), whole, atol=1e-6)
 
 
 def test_bad_arguments_name_the_value():

@@ -19,6 +19,10 @@ partial output and log-sum-exp; `combine_splits` merges the splits exactly:
 
     out = sum_s exp(lse_s - lse) * out_s,   lse = logsumexp_s(lse_s).
 
+A KV head's query rows and, with the fused write, the window's fresh k and v
+travel as one packed operand [B, KV, rows, D] (one XLA fusion builds it from
+the projections: a small kernel launch per layer saved per operand).
+
 Keys are hidden by a [B, S] key mask and/or a static key length (the
 canvas; the cache's tail past it is never read), and per query by an optional
 column limit [B, Q] (query q attends columns < limit[b, q]): a block-causal
@@ -133,9 +137,25 @@ def _split_kernel(q_ref, k_ref, v_ref, *refs, key_length: int, split_length: int
 
 def combine_splits(out, lse):
     """Merges per-split attention: out [..., splits, R, D] normalised within
-    each split, lse [..., splits, R] -> [..., R, D] float32 (exact)."""
-    weights = jax.nn.softmax(lse, axis=-2)
-    return jnp.sum(out.astype(jnp.float32) * weights[..., None], axis=-3)
+    each split, lse [..., splits, R] -> [..., R, D] float32 (exact up to rounding).
+
+    One variadic `lax.reduce` over the splits whose step merges two partial softmaxes
+    (FlashAttention-2's rescaling, Dao 2023, arXiv 2307.08691, Alg. 1):
+    (lse_a, out_a) + (lse_b, out_b) = (lse, exp(lse_a - lse) out_a + exp(lse_b - lse) out_b),
+    lse = logaddexp(lse_a, lse_b): one XLA kernel, where a softmax over the splits, then a
+    weighted sum, took two per layer. A split that saw no key (lse `HIDDEN`) weighs nothing."""
+
+    def merge(a, b):
+        (lse_a, out_a), (lse_b, out_b) = a, b
+        top = jnp.maximum(lse_a, lse_b)
+        weight_a, weight_b = jnp.exp(lse_a - top), jnp.exp(lse_b - top)
+        total = weight_a + weight_b
+        return top + jnp.log(total), (out_a * weight_a + out_b * weight_b) / total
+
+    out = out.astype(jnp.float32)
+    lse = jnp.broadcast_to(lse[..., None], out.shape)
+    init = (jnp.array(HIDDEN, jnp.float32), jnp.array(0.0, jnp.float32))
+    return jax.lax.reduce((lse, out), init, merge, (out.ndim - 3,))[1]
 
 
 def split_plan(key_length: int, splits: int, block_k: int) -> tuple[int, int]:
@@ -186,7 +206,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
       num_warps, num_stages: Triton launch parameters.
       interpret: run in Pallas's interpreter (default: on CPU).
 
-    Returns attention [B, Q, H, D] in q's dtype, scaled by 1/sqrt(D) as
+    q is read in the cache's dtype (the packed operand's). Returns attention [B, Q, H, D] in q's dtype,
+    scaled by 1/sqrt(D) as
     `jax.nn.dot_product_attention`; with `new_kv`, (attention, k, v) with the
     window written into the cache (in place when the cache is donated).
     """
@@ -228,10 +249,16 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if splits is None:
         splits = SPLITS or default_splits(batch * kv_heads * row_blocks)
     # Rows of KV head g: its query heads' windows, head-major (row = j * Q + query), padded at the end only
-    # (a GQA group of 7 heads over 33 queries fills 4 blocks of 64 rows, not 7 of one padded window each).
-    tiles = q.reshape(batch, queries, kv_heads, group, head_dim)
-    tiles = _pad_axis(tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim), 2,
-                      row_blocks * block_rows)
+    # (a GQA group of 7 heads over 33 queries fills 4 blocks of 64 rows, not 7 of one padded window each);
+    # with the fused write its fresh k, then v, follow as two more blocks of `padded_queries` rows. One
+    # operand, built by one XLA fusion (three separate ones cost a kernel launch apiece per layer).
+    tiles = q.astype(k.dtype).reshape(batch, queries, kv_heads, group, head_dim)
+    tiles = tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim)
+    query_rows = row_blocks * block_rows if new_kv is None else pl.cdiv(row_blocks * block_rows, padded_queries) * padded_queries
+    packed = [_pad_axis(tiles, 2, query_rows)]
+    if new_kv is not None:
+        packed += [_pad_axis(fresh.astype(k.dtype).transpose(0, 2, 1, 3), 2, padded_queries) for fresh in new_kv]
+    packed = jnp.concatenate(packed, axis=2) if len(packed) > 1 else packed[0]
     programs, per_split = split_plan(key_length, splits, block_k)
     kernel = functools.partial(
         _split_kernel, key_length=key_length, split_length=per_split, block_k=block_k,
@@ -240,7 +267,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     cache_spec = pl.BlockSpec((None, length, None, head_dim), lambda b, g, i: (b, 0, g, 0))
     in_specs = [pl.BlockSpec((None, None, block_rows, head_dim), lambda b, g, i: (b, g, i // programs, 0)),
                 cache_spec, cache_spec]
-    operands = [tiles, k, v]
+    operands = [packed, k, v]
     if key_mask is not None:
         in_specs.append(pl.BlockSpec((None, length), lambda b, g, i: (b, 0)))
         operands.append(key_mask.astype(jnp.int32))
@@ -253,12 +280,12 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows, head_dim), jnp.float32),
                  jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows), jnp.float32)]
     aliases = {}
-    if new_kv is not None:
-        new_spec = pl.BlockSpec((None, padded_queries, None, head_dim), lambda b, g, i: (b, 0, g, 0))
-        start = jnp.clip(start.astype(jnp.int32), 0, length - queries)[:, None]
-        in_specs += [new_spec, new_spec, pl.BlockSpec((None, 1), lambda b, g, i: (b, 0))]
-        operands += [_pad_axis(new_kv[0].astype(k.dtype), 1, padded_queries),
-                     _pad_axis(new_kv[1].astype(v.dtype), 1, padded_queries), start]
+    if new_kv is not None:  # the fresh k and v blocks of the packed operand
+        fresh_block = query_rows // padded_queries
+        in_specs += [pl.BlockSpec((None, None, padded_queries, head_dim), lambda b, g, i: (b, g, fresh_block, 0)),
+                     pl.BlockSpec((None, None, padded_queries, head_dim), lambda b, g, i: (b, g, fresh_block + 1, 0)),
+                     pl.BlockSpec((None, 1), lambda b, g, i: (b, 0))]
+        operands += [packed, packed, jnp.clip(start.astype(jnp.int32), 0, length - queries)[:, None]]
         aliases = {1: 2, 2: 3}  # the cache k, v operands are the outputs 2, 3
         out_specs += [cache_spec, cache_spec]
         out_shape += [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
