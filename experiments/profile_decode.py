@@ -9,6 +9,12 @@ the profiler, and writes `profile_<batch>_<cache>.trace.json.gz` (open it in
 ui.perfetto.dev) and `profile_<batch>_<cache>.json` into the Hydra run directory: GPU busy time per step and
 the kernels that take it (name, ms per step, launches per step, share), which
 is how `experiments/results/benchmark/README.md` was written.
+
+    python -m experiments.profile_decode ... profile_hlo=true
+
+also says what each XLA fusion kernel computes (the profile names them `loop_pad_fusion_338` and the
+like): the run dumps XLA's optimized HLO (`--xla_dump_to`, set before the backend starts) and each
+kernel found there gets an `hlo` entry, its fusion kind, output shape and ops (`hlo_fusions`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import collections
 import glob
 import gzip
 import json
+import os
+import re
 import shutil
 import tempfile
 
@@ -51,8 +59,49 @@ def kernel_summary(trace_file: str, steps: int, top: int = 60) -> dict:
     }
 
 
+HLO_SKIPPED = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
+
+
+def hlo_fusions(dump_files) -> dict[str, str]:
+    """Kernel name -> what its fusion computes, from XLA's dump files (`--xla_dump_to` with
+    `--xla_dump_hlo_as_text`): for every fusion instruction of the largest optimized module among them
+    (the decoding loop), "<kind> -> <shape>: <op> xN, ..." over the ops of its fused computation
+    (parameters, constants, bitcasts and tuples left out). Names as the profiler gives them:
+    `loop_pad_fusion.338` is the kernel `loop_pad_fusion_338`."""
+    dumps = [f for f in dump_files if f.endswith("after_optimizations.txt")]
+    if not dumps:
+        return {}
+    with open(max(dumps, key=os.path.getsize)) as f:
+        text = f.read()
+    instruction = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(")
+    computations, body = {}, None
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if header and not line.startswith(" "):
+            body = computations.setdefault(header.group(1), [])
+        elif line.startswith("}"):
+            body = None
+        elif body is not None and (found := instruction.match(line)):
+            body.append((found.group(1), found.group(2), found.group(3), line))
+    described = {}
+    for instructions in computations.values():
+        for name, shape, op, line in instructions:
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            if op != "fusion" or not called:
+                continue
+            kind = re.search(r"kind=(\w+)", line)
+            ops = collections.Counter(o for _, _, o, _ in computations.get(called.group(1), []) if o not in HLO_SKIPPED)
+            summary = ", ".join(o if n == 1 else f"{o} x{n}" for o, n in ops.most_common())
+            described[re.sub(r"[.\-]", "_", name)] = f"{kind.group(1) if kind else 'fusion'} -> {shape[:80]}: {summary}"
+    return described
+
+
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> dict:
+    dump_dir = None
+    if cfg.get("profile_hlo"):  # before the backend starts: XLA reads its flags once
+        dump_dir = tempfile.mkdtemp(prefix="dllm-hlo-")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
     model = random_model(cfg)
     c = model.config
     out = {}
@@ -60,6 +109,7 @@ def main(cfg: DictConfig) -> dict:
         prompts = random_prompts(cfg, c, batch)
         for cache in cfg.caches:
             kwargs = timed_decode_args(cfg, c, cache)
+            dumped_before = set(glob.glob(f"{dump_dir}/*")) if dump_dir else set()
             jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)  # compile
             folder = tempfile.mkdtemp(prefix="dllm-profile-")
             with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -70,6 +120,11 @@ def main(cfg: DictConfig) -> dict:
                 raise RuntimeError(f"the profiler wrote no perfetto trace under {folder}")
             steps = int(np.asarray(result.nfe).max())
             summary = {"batch": batch, "cache": cache, "steps": steps, **kernel_summary(found[0], steps)}
+            if dump_dir is not None:
+                described = hlo_fusions(sorted(set(glob.glob(f"{dump_dir}/*")) - dumped_before))
+                for kernel in summary["kernels"]:
+                    if kernel["name"] in described:
+                        kernel["hlo"] = described[kernel["name"]]
             name = f"profile_{batch}_{cache}"
             run_dir = HydraConfig.get().runtime.output_dir
             shutil.copy(found[0], f"{run_dir}/{name}.trace.json.gz")
@@ -81,6 +136,8 @@ def main(cfg: DictConfig) -> dict:
             for k in summary["kernels"][:12]:
                 print(f"  {k['ms_per_step']:9.3f} ms  x{k['launches_per_step']:6.1f}  {100 * k['share']:5.1f}%  {k['name']}")
             out[name] = summary
+    if dump_dir is not None:
+        shutil.rmtree(dump_dir, ignore_errors=True)
     return out
 
 

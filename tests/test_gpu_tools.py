@@ -102,11 +102,29 @@ def test_elastic_cache_benchmark_rows_and_step_plan(tmp_path):
 
 
 def test_profile_decode_writes_trace_and_summary(tmp_path):
-    stdout = run("experiments.profile_decode", "batch_sizes=[1]", "caches=[dual]", f"hydra.run.dir={tmp_path}")
+    stdout = run("experiments.profile_decode", "batch_sizes=[1]", "caches=[dual]", f"hydra.run.dir={tmp_path}",
+                 "profile_hlo=true")
     summary = json.loads((tmp_path / "profile_1_dual.json").read_text())
     assert summary["steps"] == 6 and summary["cache"] == "dual"
     assert (tmp_path / "profile_1_dual.trace.json.gz").stat().st_size > 0
     assert "device busy" in stdout
+
+
+def test_hlo_fusions_names_each_fusion_kernel_and_its_ops(tmp_path):
+    """`profile_decode.hlo_fusions` reads a real XLA dump (CPU here): the loop fusion of a pad of a
+    transposed tanh, named as the profiler names kernels (no dots)."""
+    snippet = ("import glob, json, jax, jax.numpy as jnp\n"
+               "from experiments.profile_decode import hlo_fusions\n"
+               "f = jax.jit(lambda x, w: jnp.pad(jnp.tanh(x @ w).T, ((0, 3), (0, 0))) * 2)\n"
+               "f(jnp.ones((4, 8)), jnp.ones((8, 8))).block_until_ready()\n"
+               f"print(json.dumps(hlo_fusions(glob.glob('{tmp_path}/*'))))\n")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", snippet], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    described = json.loads(done.stdout.splitlines()[-1])
+    loops = [text for name, text in described.items() if text.startswith("kLoop") and "." not in name]
+    assert any(all(op in text for op in ("pad", "tanh", "transpose")) for text in loops), described
 
 
 def test_window_attention_benchmark_runs_every_variant_against_xla(tmp_path):

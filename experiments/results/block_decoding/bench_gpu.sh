@@ -6,7 +6,10 @@
 # by default (the Pallas kernel with a column limit per query); batch 32 and 128: the block cache.
 # One token per step (LowConfidence), prompt 256, gen 256, block 32, all 256 steps timed.
 # PARTS (default "b1 b32_b128") picks the runs; "profile" adds a kernel profile of 64 batch-1 block-cache
-# steps (experiments.profile_decode: the kernels' ms per step, written to $OUT/profile_block/profile_1_block.json).
+# steps (experiments.profile_decode: the kernels' ms per step and what each XLA fusion computes, written to
+# $OUT/profile_block/profile_1_block.json); "pallas" runs batch 1 and 32 with the Pallas window kernel at
+# every window step (a block's 65-row first step and batch 32's 1056 rows too, which by default take XLA's
+# attention under the pair mask).
 set -u
 OUT=${OUT:-/tmp/out}
 PARTS=${PARTS:-b1 b32_b128}
@@ -23,10 +26,13 @@ for part in $PARTS; do
     b32_b128)
       python3 -m experiments.benchmark $common batch_sizes=[32,128] caches=[block] out=$OUT/bench_b32_b128.json \
         hydra.run.dir=/tmp/hydra2 2>&1 | grep -v INFO | tee $OUT/bench_b32_b128.log ;;
+    pallas)
+      python3 -m experiments.benchmark $common batch_sizes=[1,32] caches=[block] layout.window_attention_impl=pallas \
+        out=$OUT/bench_pallas.json hydra.run.dir=/tmp/hydra3 2>&1 | grep -v INFO | tee $OUT/bench_pallas.log ;;
     profile)
-      python3 -m experiments.profile_decode ${common/timed_steps=256/timed_steps=64} batch_sizes=[1] caches=[block] \
+      python3 -m experiments.profile_decode ${common/timed_steps=256/timed_steps=64} batch_sizes=[1] caches=[block] profile_hlo=true \
         hydra.run.dir=$OUT/profile_block 2>&1 | grep -v INFO | tee $OUT/profile_block.log
       rm -f $OUT/profile_block/*.trace.json.gz ;;
-    *) echo "unknown part $part: allowed b1 b32_b128 profile"; exit 2 ;;
+    *) echo "unknown part $part: allowed b1 b32_b128 pallas profile"; exit 2 ;;
   esac
 done
