@@ -30,7 +30,8 @@ of the generated tokens, so runs on different meshes can be checked to decode
 the same tokens. A configuration that runs out of device memory is printed
 and recorded as a `{"skipped": ..., "reason": ...}` row; the others still run.
 Layout (configs/layout/, default gpu_decode: `layout.<field>=...`): scan_layers,
-fused_projections, fp8_weights, attention_impl, window_attention_impl; and the engine's XLA compiler_options. A block-causal model (model=fast_dllm_v2_7b) decodes
+fused_projections, fp8_weights, attention_impl, window_attention_impl; the Pallas window kernel's plan
+(pallas_splits, pallas_block_k, pallas_rows_per_program); and the engine's XLA compiler_options. A block-causal model (model=fast_dllm_v2_7b) decodes
 with cache none or block (the exact block cache; `step_plan` says what each step runs).
 """
 
@@ -85,6 +86,23 @@ def block_window_attention(config, layout: dllm.Layout, batch: int, block_length
         config, layout, batch * (blocks * block_length + shift)) == "pallas" else "pairs mask: XLA")
     inside, first = name(pipeline_blocks), name(pipeline_blocks + 1)
     return inside if inside == first else f"{inside} inside a block; {first} at a block's first step"
+
+
+def set_window_kernel_plan(cfg: DictConfig) -> None:
+    """The Pallas window kernel's launch plan for this run: `pallas_splits`, `pallas_block_k` and
+    `pallas_rows_per_program` set `window_attention.SPLITS`, `BLOCK_K` and `ROWS_PER_PROGRAM`
+    (null keeps the module's default; rows record what ran)."""
+    for key, name in (("pallas_splits", "SPLITS"), ("pallas_block_k", "BLOCK_K"),
+                      ("pallas_rows_per_program", "ROWS_PER_PROGRAM")):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        power_of_two = isinstance(value, int) and value >= 16 and not value & (value - 1)
+        if key == "pallas_splits" and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{key}={value!r}: must be an int >= 1 (programs per query tile over the keys) or null")
+        if key != "pallas_splits" and not power_of_two:
+            raise ValueError(f"{key}={value!r}: must be a power of two >= 16 (a Triton block) or null")
+        setattr(window_kernel, name, value)
 
 
 def random_model(cfg: DictConfig) -> dllm.Transformer:
@@ -315,6 +333,7 @@ def weight_bytes(model) -> int:
 
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> list[dict]:
+    set_window_kernel_plan(cfg)
     fixed = cfg.peak_tflops and cfg.peak_tb_s  # (one device's floors, also for mesh rows)
     floors = None if fixed else measure_floors(cfg.floor_matmul_sizes, cfg.floor_copy_mib,
                                                config=model_config(cfg) if cfg.floor_chained_gemm else None)
@@ -394,6 +413,7 @@ def main(cfg: DictConfig) -> list[dict]:
                                               c, model.layout, batch * (cfg.gen_length if cache == "prefix"
                                                                         else cfg.block_length))),
                 "pallas_block_k": window_kernel.BLOCK_K, "pallas_splits": window_kernel.SPLITS,  # None: default_splits
+                "pallas_rows_per_program": window_kernel.ROWS_PER_PROGRAM,
                 "mesh": mesh_axes,
                 "compiler_options": engine.COMPILER_OPTIONS if kwargs["compiler_options"] is None
                 else kwargs["compiler_options"],

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 import dllm
 from dllm.evaluation import write_json_atomic
-from experiments.benchmark import random_model, random_prompts, timed_decode_args
+from experiments.benchmark import random_model, random_prompts, set_window_kernel_plan, timed_decode_args
 
 
 def kernel_summary(trace_file: str, steps: int, top: int = 60) -> dict:
@@ -102,6 +102,7 @@ def main(cfg: DictConfig) -> dict:
     if cfg.get("profile_hlo"):  # before the backend starts: XLA reads its flags once
         dump_dir = tempfile.mkdtemp(prefix="dllm-hlo-")
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+    set_window_kernel_plan(cfg)
     model = random_model(cfg)
     c = model.config
     out = {}

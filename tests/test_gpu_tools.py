@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import dllm
+import pytest
 import jax
 from experiments.benchmark import block_window_attention, cache_bytes, roofline_ms, step_flops, step_plan
 from omegaconf import OmegaConf
@@ -99,6 +100,21 @@ def test_elastic_cache_benchmark_rows_and_step_plan(tmp_path):
     cfg = OmegaConf.create({"prompt_length": 16, "gen_length": 32, "block_length": 8, "sliding_window": 4})
     plan = step_plan(cfg, dllm.ModelConfig(n_layers=2), "elastic", 9)
     assert plan[0] == (48, 48, None) and plan[1] == plan[8] == (10, 86, 86)
+
+
+def test_benchmark_sets_and_records_the_window_kernels_plan(tmp_path):
+    """pallas_splits / pallas_block_k / pallas_rows_per_program reach the kernel's module (the row
+    records them); a value Triton cannot take is refused by name."""
+    from experiments.benchmark import set_window_kernel_plan
+
+    out = tmp_path / "plan.json"
+    run("experiments.benchmark", "layout.window_attention_impl=pallas", "batch_sizes=[1]", "caches=[dual]",
+        "pallas_splits=2", "pallas_block_k=16", "pallas_rows_per_program=16", f"out={out}", f"hydra.run.dir={tmp_path}")
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["pallas_splits"], row["pallas_block_k"], row["pallas_rows_per_program"]) == (2, 16, 16), row
+    for key, value in (("pallas_rows_per_program", 24), ("pallas_block_k", 8), ("pallas_splits", 0)):
+        with pytest.raises(ValueError, match=f"{key}={value}: must be"):
+            set_window_kernel_plan(OmegaConf.create({key: value}))
 
 
 def test_profile_decode_writes_trace_and_summary(tmp_path):
