@@ -9,7 +9,8 @@
 # steps (experiments.profile_decode: the kernels' ms per step and what each XLA fusion computes, written to
 # $OUT/profile_block/profile_1_block.json); "pallas" runs batch 1 and 32 with the Pallas window kernel at
 # every window step (a block's 65-row first step and batch 32's 1056 rows too, which by default take XLA's
-# attention under the pair mask).
+# attention under the pair mask); "plans" runs batch 1 under three other launch plans of the kernel
+# (pallas_splits x pallas_rows_per_program: 1 x 16, 2 x 32, default x 32).
 set -u
 OUT=${OUT:-/tmp/out}
 PARTS=${PARTS:-b1 b32_b128}
@@ -29,10 +30,15 @@ for part in $PARTS; do
     pallas)
       python3 -m experiments.benchmark $common batch_sizes=[1,32] caches=[block] layout.window_attention_impl=pallas \
         out=$OUT/bench_pallas.json hydra.run.dir=/tmp/hydra3 2>&1 | grep -v INFO | tee $OUT/bench_pallas.log ;;
+    plans)
+      for plan in "1 16" "2 32" "null 32"; do set -- $plan
+        python3 -m experiments.benchmark $common batch_sizes=[1] caches=[block] pallas_splits=$1 pallas_rows_per_program=$2 \
+          out=$OUT/bench_b1_plan_$1_$2.json hydra.run.dir=/tmp/hydra_plan 2>&1 | grep -v INFO | tee -a $OUT/bench_plans.log
+      done ;;
     profile)
       python3 -m experiments.profile_decode ${common/timed_steps=256/timed_steps=64} batch_sizes=[1] caches=[block] profile_hlo=true \
         hydra.run.dir=$OUT/profile_block 2>&1 | grep -v INFO | tee $OUT/profile_block.log
       rm -f $OUT/profile_block/*.trace.json.gz ;;
-    *) echo "unknown part $part: allowed b1 b32_b128 pallas profile"; exit 2 ;;
+    *) echo "unknown part $part: allowed b1 b32_b128 pallas plans profile"; exit 2 ;;
   esac
 done
