@@ -91,7 +91,8 @@ def block_window_attention(config, layout: dllm.Layout, batch: int, block_length
 def set_window_kernel_plan(cfg: DictConfig) -> None:
     """The Pallas window kernel's launch plan for this run: `pallas_splits`, `pallas_block_k` and
     `pallas_rows_per_program` set `window_attention.SPLITS`, `BLOCK_K` and `ROWS_PER_PROGRAM`
-    (null keeps the module's default; rows record what ran)."""
+    (null keeps the module's default; rows record what ran). Once per process, before the first decode:
+    the kernel's jit cache does not see the module's constants."""
     for key, name in (("pallas_splits", "SPLITS"), ("pallas_block_k", "BLOCK_K"),
                       ("pallas_rows_per_program", "ROWS_PER_PROGRAM")):
         value = cfg.get(key)

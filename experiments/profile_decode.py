@@ -31,6 +31,7 @@ import tempfile
 import hydra
 import jax
 import numpy as np
+from jax._src import xla_bridge
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -67,7 +68,9 @@ def hlo_fusions(dump_files) -> dict[str, str]:
     `--xla_dump_hlo_as_text`): for every fusion instruction of the largest optimized module among them
     (the decoding loop), "<kind> -> <shape>: <op> xN, ..." over the ops of its fused computation
     (parameters, constants, bitcasts and tuples left out). Names as the profiler gives them:
-    `loop_pad_fusion.338` is the kernel `loop_pad_fusion_338`."""
+    `loop_pad_fusion.338` is the kernel `loop_pad_fusion_338`, cut to `kernel_summary`'s 100 characters.
+    A kernel of a smaller module run in the same trace under a name the decoding loop also uses
+    (`kernel_summary` merges kernels by name) gets the loop's description."""
     dumps = [f for f in dump_files if f.endswith("after_optimizations.txt")]
     if not dumps:
         return {}
@@ -92,7 +95,7 @@ def hlo_fusions(dump_files) -> dict[str, str]:
             kind = re.search(r"kind=(\w+)", line)
             ops = collections.Counter(o for _, _, o, _ in computations.get(called.group(1), []) if o not in HLO_SKIPPED)
             summary = ", ".join(o if n == 1 else f"{o} x{n}" for o, n in ops.most_common())
-            described[re.sub(r"[.\-]", "_", name)] = f"{kind.group(1) if kind else 'fusion'} -> {shape[:80]}: {summary}"
+            described[re.sub(r"[.\-]", "_", name)[:100]] = f"{kind.group(1) if kind else 'fusion'} -> {shape[:80]}: {summary}"
     return described
 
 
@@ -100,45 +103,52 @@ def hlo_fusions(dump_files) -> dict[str, str]:
 def main(cfg: DictConfig) -> dict:
     dump_dir = None
     if cfg.get("profile_hlo"):  # before the backend starts: XLA reads its flags once
+        if xla_bridge.backends_are_initialized():  # (jax-internal; present in jax 0.10 and 0.11)
+            raise RuntimeError("profile_hlo=true needs XLA_FLAGS set before the backend starts, and it has started")
         dump_dir = tempfile.mkdtemp(prefix="dllm-hlo-")
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
     set_window_kernel_plan(cfg)
     model = random_model(cfg)
     c = model.config
     out = {}
-    for batch in cfg.batch_sizes:
-        prompts = random_prompts(cfg, c, batch)
-        for cache in cfg.caches:
-            kwargs = timed_decode_args(cfg, c, cache)
-            dumped_before = set(glob.glob(f"{dump_dir}/*")) if dump_dir else set()
-            jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)  # compile
-            folder = tempfile.mkdtemp(prefix="dllm-profile-")
-            with jax.profiler.trace(folder, create_perfetto_trace=True):
-                result = dllm.generate(model, prompts, **kwargs)
-                jax.block_until_ready(result.tokens)
-            found = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)
-            if not found:
-                raise RuntimeError(f"the profiler wrote no perfetto trace under {folder}")
-            steps = int(np.asarray(result.nfe).max())
-            summary = {"batch": batch, "cache": cache, "steps": steps, **kernel_summary(found[0], steps)}
-            if dump_dir is not None:
-                described = hlo_fusions(sorted(set(glob.glob(f"{dump_dir}/*")) - dumped_before))
-                for kernel in summary["kernels"]:
-                    if kernel["name"] in described:
-                        kernel["hlo"] = described[kernel["name"]]
-            name = f"profile_{batch}_{cache}"
-            run_dir = HydraConfig.get().runtime.output_dir
-            shutil.copy(found[0], f"{run_dir}/{name}.trace.json.gz")
-            write_json_atomic(f"{run_dir}/{name}.json", summary)
-            shutil.rmtree(folder, ignore_errors=True)
-            print(f"batch {batch}, cache {cache}: device busy {summary['device_busy_ms_per_step']} ms per step"
-                  + ("" if summary["kernels"] else " (no device kernels in the trace: profile on a GPU or TPU)")
-                  + f"; wrote {run_dir}/{name}.json")
-            for k in summary["kernels"][:12]:
-                print(f"  {k['ms_per_step']:9.3f} ms  x{k['launches_per_step']:6.1f}  {100 * k['share']:5.1f}%  {k['name']}")
-            out[name] = summary
-    if dump_dir is not None:
-        shutil.rmtree(dump_dir, ignore_errors=True)
+    try:
+        for batch in cfg.batch_sizes:
+            prompts = random_prompts(cfg, c, batch)
+            for cache in cfg.caches:
+                kwargs = timed_decode_args(cfg, c, cache)
+                dumped_before = set(glob.glob(f"{dump_dir}/*")) if dump_dir else set()
+                jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)  # compile
+                folder = tempfile.mkdtemp(prefix="dllm-profile-")
+                with jax.profiler.trace(folder, create_perfetto_trace=True):
+                    result = dllm.generate(model, prompts, **kwargs)
+                    jax.block_until_ready(result.tokens)
+                found = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)
+                if not found:
+                    raise RuntimeError(f"the profiler wrote no perfetto trace under {folder}")
+                steps = int(np.asarray(result.nfe).max())
+                summary = {"batch": batch, "cache": cache, "steps": steps, **kernel_summary(found[0], steps)}
+                if dump_dir is not None:
+                    described = hlo_fusions(sorted(set(glob.glob(f"{dump_dir}/*")) - dumped_before))
+                    if summary["kernels"] and not described:
+                        print(f"profile_hlo: no optimized HLO was dumped under {dump_dir}; kernels stay unnamed")
+                    for kernel in summary["kernels"]:
+                        if kernel["name"] in described:
+                            kernel["hlo"] = described[kernel["name"]]
+                name = f"profile_{batch}_{cache}"
+                run_dir = HydraConfig.get().runtime.output_dir
+                shutil.copy(found[0], f"{run_dir}/{name}.trace.json.gz")
+                write_json_atomic(f"{run_dir}/{name}.json", summary)
+                shutil.rmtree(folder, ignore_errors=True)
+                print(f"batch {batch}, cache {cache}: device busy {summary['device_busy_ms_per_step']} ms per step"
+                      + ("" if summary["kernels"] else " (no device kernels in the trace: profile on a GPU or TPU)")
+                      + f"; wrote {run_dir}/{name}.json")
+                for k in summary["kernels"][:12]:
+                    print(f"  {k['ms_per_step']:9.3f} ms  x{k['launches_per_step']:6.1f}  {100 * k['share']:5.1f}%  {k['name']}"
+                          + (f"  [{k['hlo'][:120]}]" if "hlo" in k else ""))
+                out[name] = summary
+    finally:  # a whole decode's HLO dump is large
+        if dump_dir is not None:
+            shutil.rmtree(dump_dir, ignore_errors=True)
     return out
 
 

@@ -37,11 +37,12 @@ SHAPES = [(2, 8, 4, 4, 16, 40, 30, None, 16),   # MHA, the default split plan
           (3, 8, 8, 2, 16, 100, 90, 3, 16),     # 4 query heads per KV head, 3 splits
           (1, 16, 2, 1, 16, 48, 44, 1, 16),     # one KV head, one split
           (2, 33, 8, 2, 16, 100, 96, 2, 16),    # 4 x 33 rows per KV head in 3 row blocks; the window crosses splits
-          (1, 33, 14, 2, 16, 70, 66, None, 16)]  # Qwen2.5-7B's groups of 7: 231 rows, 4 blocks, the last one part padding
+          (1, 33, 14, 2, 16, 70, 66, None, 16),  # Qwen2.5-7B's groups of 7: 231 rows, 4 blocks, the last one part padding
+          (1, 65, 14, 2, 16, 160, 150, 2, 16)]  # a block's first step: 455 query rows, the window's block (128) past them
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa-padded", "gqa-splits", "mqa-one-split", "row-blocks",
-                                               "group-of-7"])
+                                               "group-of-7", "window-of-65"])
 @pytest.mark.parametrize("masked", [False, True], ids=["key-length", "key-mask"])
 def test_equals_xla_attention_and_write_rows(shape, masked):
     batch, queries, heads, kv_heads, head_dim, length, key_length, splits, block_k = shape
@@ -61,7 +62,7 @@ def test_equals_xla_attention_and_write_rows(shape, masked):
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:3] + SHAPES[4:], ids=["gqa-padded", "gqa-splits", "row-blocks",
-                                                                   "group-of-7"])
+                                                                   "group-of-7", "window-of-65"])
 def test_a_column_limit_per_query_equals_xla_with_the_pair_mask(shape):
     """key_limit: query q sees columns < limit[b, q] (the block-causal window), with the key mask,
     the key length and the fused write, against XLA's attention under the [B, Q, S] pair mask."""
@@ -141,6 +142,8 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="head_dim=48"):
         window_attention(q48, k48, v48)
     _, k3, v3, _, _ = draw(1, 8, 4, 3, 16, 40)
+    with pytest.raises(ValueError, match="k cache float32 and v cache bfloat16: expected one dtype"):
+        window_attention(q, k, v.astype(jnp.bfloat16), key_mask)
     with pytest.raises(ValueError, match="H a multiple of KV"):
         window_attention(q, k3, v3)
     with pytest.raises(ValueError, match=r"new_kv \(1, 7, 4, 16\)"):
@@ -179,8 +182,8 @@ def test_engine_decodes_the_xla_tokens_through_the_kernel():
                 np.testing.assert_array_equal(runs[1][1], runs[0][1])
 
 
-@pytest.mark.parametrize("geometry", [(32, 32, 32, False), (33, 28, 4, False), (33, 28, 4, True)],
-                         ids=["llada-8b", "dream-7b", "fast-dllm-v2-7b-block-causal"])
+@pytest.mark.parametrize("geometry", [(32, 32, 32, False), (33, 28, 4, False), (33, 28, 4, True), (65, 28, 4, True)],
+                         ids=["llada-8b", "dream-7b", "fast-dllm-v2-7b-block-causal", "fast-dllm-v2-7b-first-step"])
 def test_lowers_to_triton_for_cuda(geometry):
     """CI has no GPU: lowering for CUDA (jax.export, no device needed) runs the
     Pallas-to-Triton lowering of the kernel at the real decode shapes (bf16,

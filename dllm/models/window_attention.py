@@ -15,13 +15,16 @@ over `splits` programs per head (split-K "Flash-Decoding", Dao et al. 2023;
 the online softmax of FlashAttention-2, Dao 2023, arXiv 2307.08691, Alg. 1).
 Each program walks its keys in blocks of `block_k`, reading the cache where
 it lies (no copy, no transposed cache), and writes its rows' normalised
-partial output and log-sum-exp; `combine_splits` merges the splits exactly:
+partial output and log-sum-exp; `combine_splits` merges the splits (exact up to
+float rounding):
 
     out = sum_s exp(lse_s - lse) * out_s,   lse = logsumexp_s(lse_s).
 
 A KV head's query rows and, with the fused write, the window's fresh k and v
-travel as one packed operand [B, KV, rows, D] (one XLA fusion builds it from
-the projections: a small kernel launch per layer saved per operand).
+travel as one packed operand [B, KV, rows, D], which one XLA fusion builds
+from the projections. Where the three differ in shape (grouped-query heads,
+a window that is not a power of two), XLA built them as three fusions, a
+kernel launch apiece per layer.
 
 Keys are hidden by a [B, S] key mask and/or a static key length (the
 canvas; the cache's tail past it is never read), and per query by an optional
@@ -206,8 +209,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
       num_warps, num_stages: Triton launch parameters.
       interpret: run in Pallas's interpreter (default: on CPU).
 
-    q is read in the cache's dtype (the packed operand's). Returns attention [B, Q, H, D] in q's dtype,
-    scaled by 1/sqrt(D) as
+    q is read in the cache's dtype (the packed operand's). Returns attention
+    [B, Q, H, D] in q's dtype, scaled by 1/sqrt(D) as
     `jax.nn.dot_product_attention`; with `new_kv`, (attention, k, v) with the
     window written into the cache (in place when the cache is donated).
     """
@@ -224,6 +227,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
                          "use window_attention_impl='xla' or 'cudnn'")
     if (new_kv is None) != (start is None):
         raise ValueError("new_kv and start go together (the fused cache write)")
+    if v.dtype != k.dtype:
+        raise ValueError(f"k cache {k.dtype} and v cache {v.dtype}: expected one dtype (the fresh k/v are packed in it)")
     if heads % kv_heads or k.shape[-1] != head_dim or v.shape != k.shape or k.shape[0] != batch:
         raise ValueError(f"q {q.shape} and k/v {k.shape}/{v.shape}: expected q [B, Q, H, D] and k, v [B, S, KV, D] "
                          "with H a multiple of KV")
@@ -250,8 +255,8 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
         splits = SPLITS or default_splits(batch * kv_heads * row_blocks)
     # Rows of KV head g: its query heads' windows, head-major (row = j * Q + query), padded at the end only
     # (a GQA group of 7 heads over 33 queries fills 4 blocks of 64 rows, not 7 of one padded window each);
-    # with the fused write its fresh k, then v, follow as two more blocks of `padded_queries` rows. One
-    # operand, built by one XLA fusion (three separate ones cost a kernel launch apiece per layer).
+    # with the fused write the query rows are padded to `query_rows`, a multiple of `padded_queries`, and
+    # the fresh k, then v, follow as one block of `padded_queries` rows each (the packed operand).
     tiles = q.astype(k.dtype).reshape(batch, queries, kv_heads, group, head_dim)
     tiles = tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim)
     query_rows = row_blocks * block_rows if new_kv is None else pl.cdiv(row_blocks * block_rows, padded_queries) * padded_queries
