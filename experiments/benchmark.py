@@ -93,16 +93,15 @@ def set_window_kernel_plan(cfg: DictConfig) -> None:
     `pallas_rows_per_program` set `window_attention.SPLITS`, `BLOCK_K` and `ROWS_PER_PROGRAM`
     (null keeps the module's default; rows record what ran). Once per process, before the first decode:
     the kernel's jit cache does not see the module's constants."""
-    for key, name in (("pallas_splits", "SPLITS"), ("pallas_block_k", "BLOCK_K"),
-                      ("pallas_rows_per_program", "ROWS_PER_PROGRAM")):
+    plans = (("pallas_splits", "SPLITS", 1, "an int >= 1 (programs per query tile over the keys)"),
+             ("pallas_block_k", "BLOCK_K", 16, "a power of two >= 16 (a Triton block)"),
+             ("pallas_rows_per_program", "ROWS_PER_PROGRAM", 16, "a power of two >= 16 (a Triton block)"))
+    for key, name, least, allowed in plans:
         value = cfg.get(key)
         if value is None:
             continue
-        power_of_two = isinstance(value, int) and value >= 16 and not value & (value - 1)
-        if key == "pallas_splits" and not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{key}={value!r}: must be an int >= 1 (programs per query tile over the keys) or null")
-        if key != "pallas_splits" and not power_of_two:
-            raise ValueError(f"{key}={value!r}: must be a power of two >= 16 (a Triton block) or null")
+        if not isinstance(value, int) or value < least or (least == 16 and value & (value - 1)):
+            raise ValueError(f"{key}={value!r}: must be {allowed} or null")
         setattr(window_kernel, name, value)
 
 

@@ -99,6 +99,43 @@ def hlo_fusions(dump_files) -> dict[str, str]:
     return described
 
 
+def profile_run(model, prompts, cfg: DictConfig, cache: str, dump_dir: str | None) -> tuple[str, dict]:
+    """Compiles, then profiles one decode of `prompts` with `cache`; writes its trace and summary into the
+    Hydra run directory and prints the top kernels. Returns (name, summary)."""
+    batch = len(prompts)
+    kwargs = timed_decode_args(cfg, model.config, cache)
+    dumped_before = set(glob.glob(f"{dump_dir}/*")) if dump_dir else set()
+    jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)  # compile
+    folder = tempfile.mkdtemp(prefix="dllm-profile-")
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        result = dllm.generate(model, prompts, **kwargs)
+        jax.block_until_ready(result.tokens)
+    found = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)
+    if not found:
+        raise RuntimeError(f"the profiler wrote no perfetto trace under {folder}")
+    steps = int(np.asarray(result.nfe).max())
+    summary = {"batch": batch, "cache": cache, "steps": steps, **kernel_summary(found[0], steps)}
+    if dump_dir is not None:
+        described = hlo_fusions(sorted(set(glob.glob(f"{dump_dir}/*")) - dumped_before))
+        if summary["kernels"] and not described:
+            print(f"profile_hlo: no optimized HLO was dumped under {dump_dir}; kernels stay unnamed")
+        for kernel in summary["kernels"]:
+            if kernel["name"] in described:
+                kernel["hlo"] = described[kernel["name"]]
+    name = f"profile_{batch}_{cache}"
+    run_dir = HydraConfig.get().runtime.output_dir
+    shutil.copy(found[0], f"{run_dir}/{name}.trace.json.gz")
+    write_json_atomic(f"{run_dir}/{name}.json", summary)
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"batch {batch}, cache {cache}: device busy {summary['device_busy_ms_per_step']} ms per step"
+          + ("" if summary["kernels"] else " (no device kernels in the trace: profile on a GPU or TPU)")
+          + f"; wrote {run_dir}/{name}.json")
+    for k in summary["kernels"][:12]:
+        print(f"  {k['ms_per_step']:9.3f} ms  x{k['launches_per_step']:6.1f}  {100 * k['share']:5.1f}%  {k['name']}"
+              + (f"  [{k['hlo'][:120]}]" if "hlo" in k else ""))
+    return name, summary
+
+
 @hydra.main(config_path="../configs", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> dict:
     dump_dir = None
@@ -115,36 +152,7 @@ def main(cfg: DictConfig) -> dict:
         for batch in cfg.batch_sizes:
             prompts = random_prompts(cfg, c, batch)
             for cache in cfg.caches:
-                kwargs = timed_decode_args(cfg, c, cache)
-                dumped_before = set(glob.glob(f"{dump_dir}/*")) if dump_dir else set()
-                jax.block_until_ready(dllm.generate(model, prompts, **kwargs).tokens)  # compile
-                folder = tempfile.mkdtemp(prefix="dllm-profile-")
-                with jax.profiler.trace(folder, create_perfetto_trace=True):
-                    result = dllm.generate(model, prompts, **kwargs)
-                    jax.block_until_ready(result.tokens)
-                found = glob.glob(f"{folder}/**/*perfetto_trace.json.gz", recursive=True)
-                if not found:
-                    raise RuntimeError(f"the profiler wrote no perfetto trace under {folder}")
-                steps = int(np.asarray(result.nfe).max())
-                summary = {"batch": batch, "cache": cache, "steps": steps, **kernel_summary(found[0], steps)}
-                if dump_dir is not None:
-                    described = hlo_fusions(sorted(set(glob.glob(f"{dump_dir}/*")) - dumped_before))
-                    if summary["kernels"] and not described:
-                        print(f"profile_hlo: no optimized HLO was dumped under {dump_dir}; kernels stay unnamed")
-                    for kernel in summary["kernels"]:
-                        if kernel["name"] in described:
-                            kernel["hlo"] = described[kernel["name"]]
-                name = f"profile_{batch}_{cache}"
-                run_dir = HydraConfig.get().runtime.output_dir
-                shutil.copy(found[0], f"{run_dir}/{name}.trace.json.gz")
-                write_json_atomic(f"{run_dir}/{name}.json", summary)
-                shutil.rmtree(folder, ignore_errors=True)
-                print(f"batch {batch}, cache {cache}: device busy {summary['device_busy_ms_per_step']} ms per step"
-                      + ("" if summary["kernels"] else " (no device kernels in the trace: profile on a GPU or TPU)")
-                      + f"; wrote {run_dir}/{name}.json")
-                for k in summary["kernels"][:12]:
-                    print(f"  {k['ms_per_step']:9.3f} ms  x{k['launches_per_step']:6.1f}  {100 * k['share']:5.1f}%  {k['name']}"
-                          + (f"  [{k['hlo'][:120]}]" if "hlo" in k else ""))
+                name, summary = profile_run(model, prompts, cfg, cache, dump_dir)
                 out[name] = summary
     finally:  # a whole decode's HLO dump is large
         if dump_dir is not None:

@@ -259,11 +259,12 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     # the fresh k, then v, follow as one block of `padded_queries` rows each (the packed operand).
     tiles = q.astype(k.dtype).reshape(batch, queries, kv_heads, group, head_dim)
     tiles = tiles.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, head_dim)
-    query_rows = row_blocks * block_rows if new_kv is None else pl.cdiv(row_blocks * block_rows, padded_queries) * padded_queries
-    packed = [_pad_axis(tiles, 2, query_rows)]
+    query_rows = row_blocks * block_rows
     if new_kv is not None:
-        packed += [_pad_axis(fresh.astype(k.dtype).transpose(0, 2, 1, 3), 2, padded_queries) for fresh in new_kv]
-    packed = jnp.concatenate(packed, axis=2) if len(packed) > 1 else packed[0]
+        query_rows = pl.cdiv(query_rows, padded_queries) * padded_queries
+    fresh = [] if new_kv is None else [x.astype(k.dtype).transpose(0, 2, 1, 3) for x in new_kv]
+    packed = jnp.concatenate([_pad_axis(tiles, 2, query_rows)] + [_pad_axis(x, 2, padded_queries) for x in fresh],
+                             axis=2)
     programs, per_split = split_plan(key_length, splits, block_k)
     kernel = functools.partial(
         _split_kernel, key_length=key_length, split_length=per_split, block_k=block_k,
