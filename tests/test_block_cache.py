@@ -8,7 +8,10 @@ different offsets inside their model block (the prompt's tail shares the first g
 
 from __future__ import annotations
 
+import math
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ import dllm
 import samplers
 from dllm import evaluation
 from dllm.decoding import DecodeConfig, SpecialIds, engine, steps
+from dllm.models.transformer import aligned_rows
 from experiments.common import REPO_ROOT
 from tests.helpers import GRID_PROMPTS, grid_sampler_specs
 
@@ -94,6 +98,38 @@ def test_block_cache_logits_equal_full_forwards(token_shift, block_size, block_l
     assert has.sum(-1).max() <= block_length * pipeline_blocks
     if pipeline_blocks > 1:  # several blocks were open at once
         assert max(np.asarray(step.state.has_logits).sum(-1).max() for step in cached) > block_length
+
+
+def all_equations(jaxpr):
+    """The equations of a jaxpr and of every jaxpr nested in it (jitted helpers, einsums)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from all_equations(sub)
+
+
+def test_window_gemm_rows_are_what_xla_would_not_pad():
+    """XLA pads each bf16 GEMM operand to a multiple of 8 rows on Ampere and later GPUs
+    (cublas_padding_requirements.h): a pad kernel before the GEMM and a slice after, every layer.
+    A window step pads its rows once instead, to `aligned_rows` (hand-worked below: a token-shifted
+    block of 32 is 33 rows), and every GEMM (a dot without batch dimensions: the projections and the
+    head, not attention) then has batch x rows a multiple of 8; the logits are unchanged (the
+    cached-against-full tests above)."""
+    assert [aligned_rows(b, 33) for b in (1, 2, 3, 4, 8, 32)] == [40, 36, 40, 34, 33, 33]
+    assert aligned_rows(1, 32) == 32 and aligned_rows(2, 5) == 8
+    model, special = block_model(token_shift=True), SpecialIds(mask=39, eos=38, eot=37, pad=0)
+    graphdef, state = nnx.split(model)
+    for batch in (1, 2, 8):  # a block of 4 queries: 5 rows
+        tokens, positions = jnp.zeros((batch, 16), jnp.int32), jnp.broadcast_to(jnp.arange(16), (batch, 16))
+        window = lambda state, tokens: nnx.merge(graphdef, state).forward_window(
+            tokens, positions, model.empty_cache(batch, 16), None, start=jnp.full((batch,), 8), queries=4,
+            logits_count=4, key_length=12)
+        gemm_rows = [math.prod(size for axis, size in enumerate(eqn.invars[0].aval.shape) if axis not in contracted)
+                     for eqn in all_equations(jax.make_jaxpr(window)(state, tokens).jaxpr)
+                     if eqn.primitive.name == "dot_general" and eqn.invars[0].aval.ndim >= 3
+                     for (contracted, _), (batched, _) in [eqn.params["dimension_numbers"]] if not batched]
+        # the scanned layer's q, k, v, output, gate, up and down projections, then the head
+        assert len(gemm_rows) == 8 and all(rows % 8 == 0 for rows in gemm_rows), gemm_rows
 
 
 def test_block_cache_refuses_bidirectional_models_adaptive_blocks_and_early_commit(tiny_block):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -476,6 +477,24 @@ def written_before_next_layer(x, cache_k, cache_v):
     return x, (cache_k, cache_v)
 
 
+GEMM_ROW_MULTIPLE = 8  # XLA pads a bf16 GEMM's dimensions to multiples of 8 on Ampere and later GPUs
+
+
+def aligned_rows(batch: int, rows: int) -> int:
+    """The fewest rows >= `rows` per canvas row for which batch x rows is a multiple of
+    `GEMM_ROW_MULTIPLE`. XLA's GPU compiler pads every bf16 GEMM operand to such a multiple
+    (`CublasPadForGemms`, XLA's cublas_padding_requirements.h): a token-shifted block step's 33 rows
+    at batch 1 cost a pad kernel before each GEMM and a slice after it, every layer. A window whose
+    rows are padded once, before the first layer, runs its GEMMs unpadded."""
+    step = GEMM_ROW_MULTIPLE // math.gcd(batch, GEMM_ROW_MULTIPLE)
+    return -(-rows // step) * step
+
+
+def pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """x [B, L, ...] zero-padded at the end of axis 1 to `rows` rows."""
+    return jnp.pad(x, [(0, 0), (0, rows - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
 def take_positions(hidden, start: int, length: int, offsets=None):
     """hidden[:, start:start + length], shifted per row by `offsets` [B] when given."""
     if offsets is None:
@@ -758,18 +777,21 @@ class Transformer(nnx.Module):
         refuse_window_steps(c)
         shift = 1 if c.token_shift else 0  # position i is predicted from hidden i - 1
         first = start - shift
-        take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, queries + shift))
+        rows = queries + shift
+        take = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, rows))
         window_positions = take(positions, first)
         pairs = window_pairs(c, window_positions, positions, key_mask, key_length)
         tokens = take(tokens, first)
-        cos, sin = rope_tables(window_positions, c.head_dim, c.rope_theta)
+        # the GEMMs run on `gemm_rows` rows per canvas row: the window's, then zero rows that nothing reads
+        gemm_rows = aligned_rows(tokens.shape[0], rows)
+        cos, sin = (pad_rows(table, gemm_rows) for table in rope_tables(window_positions, c.head_dim, c.rope_theta))
 
-        fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * tokens.shape[1]) == "pallas"
+        fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * rows) == "pallas"
         key_limit = None if pairs is None or not fused_write else block_causal_key_limit(pairs)
 
         def block(x, p, layer_cache):
             cache_k, cache_v = layer_cache
-            q, k, v = attention_qkv(x, p, c, cos, sin)
+            q, k, v = (a[:, :rows] for a in attention_qkv(x, p, c, cos, sin))
             if fused_write:  # one kernel attends and writes the window's K/V into the cache
                 attended, cache_k, cache_v = window_attention(q, cache_k, cache_v, key_mask, (k, v), first,
                                                               key_length=key_length, key_limit=key_limit)
@@ -777,12 +799,13 @@ class Transformer(nnx.Module):
                 cache_k, cache_v = write_rows(cache_k, k, first), write_rows(cache_v, v, first)
                 attended = attend(q, cache_k, cache_v, key_mask, c, self.layout, key_length, window=True,
                                   pairs=pairs)
-            x = attention_out_and_mlp(x, attended, p, c)
+            x = attention_out_and_mlp(x, pad_rows(attended, gemm_rows), p, c)
             return written_before_next_layer(x, cache_k, cache_v)
 
-        hidden, kv = run_layers(block, self.embed_tokens(tokens), self.layer_params(), self.layout,
-                                cache.per_layer(self.layout))
-        return self.hidden_to_logits(hidden[:, :logits_count]), KVCache.from_layers(kv, self.layout)
+        hidden, kv = run_layers(block, pad_rows(self.embed_tokens(tokens), gemm_rows), self.layer_params(),
+                                self.layout, cache.per_layer(self.layout))
+        logits = self.hidden_to_logits(hidden[:, :aligned_rows(tokens.shape[0], logits_count)])
+        return logits[:, :logits_count], KVCache.from_layers(kv, self.layout)
 
 
     def forward_columns(self, tokens, positions, cache: KVCache, key_mask, *, columns, logits_at=None):
