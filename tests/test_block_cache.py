@@ -114,10 +114,11 @@ def test_window_gemm_rows_are_what_xla_would_not_pad():
     A window step pads its rows once instead, to `aligned_rows` (hand-worked below: a token-shifted
     block of 32 is 33 rows), and every GEMM (a dot without batch dimensions: the projections and the
     head, not attention) then has batch x rows a multiple of 8; the logits are unchanged (the
-    cached-against-full tests above)."""
+    cached-against-full tests above). More logits than window positions are refused: they would be
+    padding rows."""
     assert [aligned_rows(b, 33) for b in (1, 2, 3, 4, 8, 32)] == [40, 36, 40, 34, 33, 33]
     assert aligned_rows(1, 32) == 32 and aligned_rows(2, 5) == 8
-    model, special = block_model(token_shift=True), SpecialIds(mask=39, eos=38, eot=37, pad=0)
+    model = block_model(token_shift=True)
     graphdef, state = nnx.split(model)
     for batch in (1, 2, 8):  # a block of 4 queries: 5 rows
         tokens, positions = jnp.zeros((batch, 16), jnp.int32), jnp.broadcast_to(jnp.arange(16), (batch, 16))
@@ -130,6 +131,9 @@ def test_window_gemm_rows_are_what_xla_would_not_pad():
                      for (contracted, _), (batched, _) in [eqn.params["dimension_numbers"]] if not batched]
         # the scanned layer's q, k, v, output, gate, up and down projections, then the head
         assert len(gemm_rows) == 8 and all(rows % 8 == 0 for rows in gemm_rows), gemm_rows
+    with pytest.raises(ValueError, match="logits_count=5: must lie in"):  # more logits than window positions
+        model.forward_window(tokens, positions, model.empty_cache(8, 16), None, start=jnp.full((8,), 8), queries=4,
+                             logits_count=5, key_length=12)
 
 
 def test_block_cache_refuses_bidirectional_models_adaptive_blocks_and_early_commit(tiny_block):

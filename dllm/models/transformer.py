@@ -477,7 +477,7 @@ def written_before_next_layer(x, cache_k, cache_v):
     return x, (cache_k, cache_v)
 
 
-GEMM_ROW_MULTIPLE = 8  # XLA pads a bf16 GEMM's dimensions to multiples of 8 on Ampere and later GPUs
+GEMM_ROW_MULTIPLE = 8  # XLA pads bf16 (and f16) GEMM dimensions to multiples of 8 on Ampere and later GPUs
 
 
 def aligned_rows(batch: int, rows: int) -> int:
@@ -485,7 +485,8 @@ def aligned_rows(batch: int, rows: int) -> int:
     `GEMM_ROW_MULTIPLE`. XLA's GPU compiler pads every bf16 GEMM operand to such a multiple
     (`CublasPadForGemms`, XLA's cublas_padding_requirements.h): a token-shifted block step's 33 rows
     at batch 1 cost a pad kernel before each GEMM and a slice after it, every layer. A window whose
-    rows are padded once, before the first layer, runs its GEMMs unpadded."""
+    rows are padded once, before the first layer, runs its GEMMs unpadded. `batch` is the whole
+    batch: with the batch sharded over a mesh, a device's share may still be padded by XLA."""
     step = GEMM_ROW_MULTIPLE // math.gcd(batch, GEMM_ROW_MULTIPLE)
     return -(-rows // step) * step
 
@@ -775,6 +776,8 @@ class Transformer(nnx.Module):
         """
         c = self.config
         refuse_window_steps(c)
+        if not 0 < logits_count <= queries:
+            raise ValueError(f"logits_count={logits_count}: must lie in [1, queries={queries}] (the window's positions)")
         shift = 1 if c.token_shift else 0  # position i is predicted from hidden i - 1
         first = start - shift
         rows = queries + shift
@@ -782,8 +785,9 @@ class Transformer(nnx.Module):
         window_positions = take(positions, first)
         pairs = window_pairs(c, window_positions, positions, key_mask, key_length)
         tokens = take(tokens, first)
-        # the GEMMs run on `gemm_rows` rows per canvas row: the window's, then zero rows that nothing reads
-        gemm_rows = aligned_rows(tokens.shape[0], rows)
+        # the GEMMs run on `gemm_rows` rows per canvas row: the window's, then zero rows whose outputs are
+        # dropped (FP8 weights: their Pallas GEMM pads its rows itself)
+        gemm_rows = rows if self.layout.fp8_weights else aligned_rows(tokens.shape[0], rows)
         cos, sin = (pad_rows(table, gemm_rows) for table in rope_tables(window_positions, c.head_dim, c.rope_theta))
 
         fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * rows) == "pallas"
@@ -804,7 +808,7 @@ class Transformer(nnx.Module):
 
         hidden, kv = run_layers(block, pad_rows(self.embed_tokens(tokens), gemm_rows), self.layer_params(),
                                 self.layout, cache.per_layer(self.layout))
-        logits = self.hidden_to_logits(hidden[:, :aligned_rows(tokens.shape[0], logits_count)])
+        logits = self.hidden_to_logits(hidden[:, :min(gemm_rows, aligned_rows(tokens.shape[0], logits_count))])
         return logits[:, :logits_count], KVCache.from_layers(kv, self.layout)
 
 
