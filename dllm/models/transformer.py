@@ -54,7 +54,7 @@ from dllm.models.config import ModelConfig
 from dllm.models.layout import Layout
 from dllm.models.quantize import (CONTRACTION_AXES, SCALE_SUFFIX, dequantize_weights, fp8_einsum, quantize_fp8,
                                   quantize_weights)
-from dllm.models.window_attention import window_attention
+from dllm.models.window_attention import pad_axis, window_attention
 
 # Name -> logical axes of every per-layer parameter (the leading "layers" axis
 # is added when stacked). One table: the HF weight maps and the sharding rules
@@ -491,11 +491,6 @@ def aligned_rows(batch: int, rows: int) -> int:
     return -(-rows // step) * step
 
 
-def pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    """x [B, L, ...] zero-padded at the end of axis 1 to `rows` rows."""
-    return jnp.pad(x, [(0, 0), (0, rows - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-
-
 def take_positions(hidden, start: int, length: int, offsets=None):
     """hidden[:, start:start + length], shifted per row by `offsets` [B] when given."""
     if offsets is None:
@@ -777,7 +772,8 @@ class Transformer(nnx.Module):
         c = self.config
         refuse_window_steps(c)
         if not 0 < logits_count <= queries:
-            raise ValueError(f"logits_count={logits_count}: must lie in [1, queries={queries}] (the window's positions)")
+            raise ValueError(f"logits_count={logits_count}: must lie in [1, queries={queries}] "
+                             "(the window's positions)")
         shift = 1 if c.token_shift else 0  # position i is predicted from hidden i - 1
         first = start - shift
         rows = queries + shift
@@ -787,8 +783,9 @@ class Transformer(nnx.Module):
         tokens = take(tokens, first)
         # the GEMMs run on `gemm_rows` rows per canvas row: the window's, then zero rows whose outputs are
         # dropped (FP8 weights: their Pallas GEMM pads its rows itself)
-        gemm_rows = rows if self.layout.fp8_weights else aligned_rows(tokens.shape[0], rows)
-        cos, sin = (pad_rows(table, gemm_rows) for table in rope_tables(window_positions, c.head_dim, c.rope_theta))
+        aligned = (lambda n: n) if self.layout.fp8_weights else functools.partial(aligned_rows, tokens.shape[0])
+        gemm_rows = aligned(rows)
+        cos, sin = (pad_axis(table, 1, gemm_rows) for table in rope_tables(window_positions, c.head_dim, c.rope_theta))
 
         fused_write = window_attention_impl(c, self.layout, tokens.shape[0] * rows) == "pallas"
         key_limit = None if pairs is None or not fused_write else block_causal_key_limit(pairs)
@@ -803,12 +800,12 @@ class Transformer(nnx.Module):
                 cache_k, cache_v = write_rows(cache_k, k, first), write_rows(cache_v, v, first)
                 attended = attend(q, cache_k, cache_v, key_mask, c, self.layout, key_length, window=True,
                                   pairs=pairs)
-            x = attention_out_and_mlp(x, pad_rows(attended, gemm_rows), p, c)
+            x = attention_out_and_mlp(x, pad_axis(attended, 1, gemm_rows), p, c)
             return written_before_next_layer(x, cache_k, cache_v)
 
-        hidden, kv = run_layers(block, pad_rows(self.embed_tokens(tokens), gemm_rows), self.layer_params(),
+        hidden, kv = run_layers(block, pad_axis(self.embed_tokens(tokens), 1, gemm_rows), self.layer_params(),
                                 self.layout, cache.per_layer(self.layout))
-        logits = self.hidden_to_logits(hidden[:, :min(gemm_rows, aligned_rows(tokens.shape[0], logits_count))])
+        logits = self.hidden_to_logits(hidden[:, :aligned(logits_count)])  # <= gemm_rows: logits_count <= rows
         return logits[:, :logits_count], KVCache.from_layers(kv, self.layout)
 
 

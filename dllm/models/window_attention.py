@@ -179,7 +179,7 @@ def default_splits(tiles: int) -> int:
     return max(1, min(MAX_SPLITS, pl.next_power_of_2(TARGET_PROGRAMS // tiles + 1) // 2))
 
 
-def _pad_axis(x, axis: int, size: int):
+def pad_axis(x, axis: int, size: int):
     """x zero-padded at the end of `axis` to `size`."""
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
@@ -263,7 +263,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if new_kv is not None:
         query_rows = pl.cdiv(query_rows, padded_queries) * padded_queries
     fresh = [] if new_kv is None else [x.astype(k.dtype).transpose(0, 2, 1, 3) for x in new_kv]
-    packed = jnp.concatenate([_pad_axis(tiles, 2, query_rows)] + [_pad_axis(x, 2, padded_queries) for x in fresh],
+    packed = jnp.concatenate([pad_axis(tiles, 2, query_rows)] + [pad_axis(x, 2, padded_queries) for x in fresh],
                              axis=2)
     programs, per_split = split_plan(key_length, splits, block_k)
     kernel = functools.partial(
@@ -280,7 +280,7 @@ def window_attention(q, k, v, key_mask=None, new_kv=None, start=None, *, key_len
     if key_limit is not None:  # per tile row (head-major, as the query tiles): its query's limit
         row_limits = jnp.tile(key_limit.astype(jnp.int32), (1, group))
         in_specs.append(pl.BlockSpec((None, block_rows), lambda b, g, i: (b, i // programs)))
-        operands.append(_pad_axis(row_limits, 1, row_blocks * block_rows))
+        operands.append(pad_axis(row_limits, 1, row_blocks * block_rows))
     out_specs = [pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, g, i: (b, g, i % programs, i // programs, 0)),
                  pl.BlockSpec((None, None, None, block_rows), lambda b, g, i: (b, g, i % programs, i // programs))]
     out_shape = [jax.ShapeDtypeStruct((batch, kv_heads, programs, row_blocks * block_rows, head_dim), jnp.float32),
